@@ -1,0 +1,106 @@
+"""Command line: ``engine migrate``, ``engine incoming``, ``engine load``.
+
+Options follow qemu-system and QMP where they overlap: ``--cap NAME=on|off``
+and ``--param NAME=VALUE`` take QEMU's capability and parameter names, URIs
+are QEMU's (tcp:, unix:, file:, exec:, fd:), sizes take QEMU's suffixes.
+Everything is validated before any process or segment is created, so a bad
+option costs nothing to undo.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from engine.errors import ConfigError, EngineError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MISMATCH = 0, 1, 2, 3
+
+
+def _size(text: str) -> int:
+    from engine.options import parse_size
+    try:
+        return parse_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_guest_options(p: argparse.ArgumentParser, *, ram_default: str | None) -> None:
+    p.add_argument("--ram", type=_size, default=_size(ram_default) if ram_default else None,
+                   metavar="SIZE", help="guest RAM size (QEMU suffixes: 512M, 1G)"
+                   + ("" if ram_default else "; default: accept the stream's block list"))
+    p.add_argument("--mem-path", metavar="PATH",
+                   help="file-backed RAM (like memory-backend-file,share=on); "
+                        "its content is the guest memory")
+    p.add_argument("--ram-id", metavar="NAME",
+                   help="RAM block name (default: the machine's, 'm0' for -M none)")
+    p.add_argument("--machine", default="engine", help="machine profile: engine or none")
+    p.add_argument("--vcpus", type=int, default=1, metavar="N")
+    p.add_argument("--workload", default=None, choices=("none", "ab", "random"))
+    p.add_argument("--dirty-rate", type=float, default=64.0, metavar="MB/s",
+                   help="random workload: target dirty rate")
+    p.add_argument("--hot-set", type=float, default=1.0, metavar="FRACTION",
+                   help="random workload: fraction of pages taking 90%% of writes")
+    p.add_argument("--cap", action="append", default=[], metavar="NAME=on|off")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--json", metavar="FILE", help="write the final report as JSON")
+    p.add_argument("--quiet", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="engine", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("migrate", help="migrate a live guest (to a local destination by default)")
+    _add_guest_options(m, ram_default="1G")
+    m.add_argument("--dst-mem-path", metavar="PATH", help="file-backed RAM for the local destination")
+    m.add_argument("--to", metavar="URI", help="migrate to a destination already listening "
+                   "(engine or QEMU) instead of starting a local one")
+    m.add_argument("--uri", metavar="URI", help="transport for the local destination "
+                   "(default: unix socket in a private directory)")
+    m.add_argument("--no-verify", action="store_true", help="skip the memory comparison")
+
+    i = sub.add_parser("incoming", help="wait for one incoming migration")
+    i.add_argument("uri")
+    _add_guest_options(i, ram_default=None)
+    i.add_argument("--verify", action="store_true",
+                   help="hash memory and run the ab check before the guest resumes")
+    i.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait for the source to connect")
+
+    ld = sub.add_parser("load", help="load a migration stream file and report its sections")
+    ld.add_argument("file")
+    ld.add_argument("--machine", default=None, help="machine profile (default: from the stream)")
+    ld.add_argument("--vcpus", type=int, default=1)
+    ld.add_argument("--mem-path", metavar="PATH", help="also write the RAM image to PATH")
+    ld.add_argument("--json", metavar="FILE")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "migrate":
+            from engine.commands.migrate import run_migrate
+            return run_migrate(args)
+        if args.command == "incoming":
+            from engine.commands.incoming import run_incoming
+            return run_incoming(args)
+        from engine.commands.load import run_load
+        return run_load(args)
+    except ConfigError as exc:
+        print(f"engine: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except EngineError as exc:
+        print(f"engine: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("engine: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,68 @@
+"""``engine incoming URI``: a destination that loads one migration."""
+from __future__ import annotations
+
+import sys
+
+from engine.cli import EXIT_FAILED, EXIT_MISMATCH, EXIT_OK
+from engine.commands.common import (ab_summary, options_from, profile_and_ram_id,
+                                    workload_spec, write_json)
+from engine.errors import ConfigError
+
+
+def run_incoming(args) -> int:
+    from engine.migration.destination import DestinationMigration
+    from engine.ram.guest import Guest
+    from engine.stats import format_info_migrate
+    from engine.transport import listen, parse_uri
+
+    options = options_from(args)
+    profile, ram_id = profile_and_ram_id(args)
+    workload = workload_spec(args, "none")
+    address = parse_uri(args.uri)
+    if args.vcpus < 0:
+        raise ConfigError("--vcpus must be >= 0")
+    guest = None
+    made: list = []
+
+    def factory(announced):
+        blocks = [(b.idstr, b.used_length, args.mem_path if i == 0 else None)
+                  for i, b in enumerate(announced.blocks)]
+        g = Guest.create(blocks, vcpus=args.vcpus, workload=workload, start=False)
+        made.append(g)
+        return g
+
+    try:
+        if args.ram is not None:
+            guest = Guest.create([(ram_id, args.ram, args.mem_path)], vcpus=args.vcpus,
+                                 workload=workload, start=False)
+            made.append(guest)
+        with listen(address) as listener:
+            print(f"listening on {listener.uri}", flush=True)
+            channel = listener.accept(timeout=args.timeout)
+        mig = DestinationMigration(profile, options, guest=guest,
+                                   guest_factory=None if guest else factory,
+                                   vcpus=args.vcpus, verify=args.verify)
+        with channel:
+            info = mig.run(channel)
+        if not args.quiet:
+            print(format_info_migrate(info))
+            for name, values in mig.devices_loaded.items():
+                print(f"device {name}: {values}")
+            if info.status == "failed":
+                print(f"error: {info.error_desc}", file=sys.stderr)
+        report = {
+            "migration": info.to_qmp(),
+            "configuration": {"machine": mig.configuration.machine} if mig.configuration else None,
+            "devices": mig.devices_loaded,
+            "pages": mig.pages, "zero_pages": mig.zero_pages,
+            "verification": {"digests": mig.digests, "ab": ab_summary(mig.ab_result)},
+        }
+        write_json(args.json, report)
+        if info.status != "completed":
+            return EXIT_FAILED
+        if mig.ab_result is not None and not mig.ab_result.ok:
+            return EXIT_MISMATCH
+        return EXIT_OK
+    finally:
+        for g in made:
+            g.close()

@@ -1,0 +1,209 @@
+"""``engine migrate``: a live guest to a local destination (or to ``--to URI``).
+
+With no ``--to`` this starts a destination process (``engine incoming``) on
+this host, migrates the source guest to it, and checks the result: the
+destination hashes its memory the moment loading ends (before its vCPUs run)
+and the source hashes its own at switchover (vCPUs stopped); the two must be
+equal, and on an `ab` guest the destination's pattern must pass QEMU's check.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from engine.cli import EXIT_FAILED, EXIT_MISMATCH, EXIT_OK
+from engine.commands.common import (Progress, ab_summary, options_from,
+                                    profile_and_ram_id, workload_spec, write_json)
+from engine.errors import ChannelError, ConfigError, MigrationError
+
+#: how long to wait for the local destination to start listening
+DESTINATION_START_SECONDS = 60
+
+
+class LocalDestination:
+    """An ``engine incoming`` child process and what it reports."""
+
+    def __init__(self, args, uri: str, workdir: str, pass_fds=()):
+        self.report_path = os.path.join(workdir, "destination.json")
+        cmd = [sys.executable, "-m", "engine", "incoming", uri,
+               "--machine", args.machine, "--ram", str(args.ram),
+               "--vcpus", str(args.vcpus), "--workload", args.workload or "ab",
+               "--dirty-rate", str(args.dirty_rate), "--hot-set", str(args.hot_set),
+               "--json", self.report_path, "--verify", "--quiet"]
+        if args.ram_id:
+            cmd += ["--ram-id", args.ram_id]
+        if args.dst_mem_path:
+            cmd += ["--mem-path", args.dst_mem_path]
+        for c in args.cap:
+            cmd += ["--cap", c]
+        for p in args.param:
+            cmd += ["--param", p]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, pass_fds=pass_fds,
+                                     start_new_session=True)
+        self.uri: str | None = None
+        self._ready = threading.Event()
+        self._out: list[str] = []
+        self._err: list[str] = []
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _read_stdout(self):
+        for line in self.proc.stdout:
+            self._out.append(line)
+            if line.startswith("listening on "):
+                self.uri = line.split(" ", 2)[2].strip()
+                self._ready.set()
+        self._ready.set()
+
+    def _read_stderr(self):
+        for line in self.proc.stderr:
+            self._err.append(line)
+
+    def wait_listening(self) -> str:
+        if not self._ready.wait(DESTINATION_START_SECONDS) or self.uri is None:
+            self.kill()
+            raise MigrationError("local destination did not start: " + self.stderr())
+        return self.uri
+
+    def stderr(self) -> str:
+        return "".join(self._err).strip()
+
+    def finish(self, timeout: float = 120) -> tuple[int, dict | None]:
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            rc = self.proc.returncode
+        try:
+            with open(self.report_path) as f:
+                return rc, json.load(f)
+        except (OSError, ValueError):
+            return rc, None
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _connect_retry(uri: str, deadline: float):
+    from engine.transport import connect
+    while True:
+        try:
+            return connect(uri)
+        except ChannelError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def run_migrate(args) -> int:
+    from engine.migration.source import SourceMigration
+    from engine.migration.verify import compare_digests
+    from engine.ram.guest import Guest
+    from engine.stats import format_info_migrate
+    from engine.transport import FdAddress, FileAddress, parse_uri
+
+    # Everything that can be refused is refused before anything starts.
+    options = options_from(args)
+    profile, ram_id = profile_and_ram_id(args)
+    workload = workload_spec(args, "ab")
+    args.workload = workload.name
+    if args.vcpus < 0:
+        raise ConfigError("--vcpus must be >= 0")
+    if args.to and args.uri:
+        raise ConfigError("--to and --uri exclude each other")
+    target = parse_uri(args.to) if args.to else None
+    local = parse_uri(args.uri) if args.uri else None
+    if local is not None and not isinstance(local, (FileAddress,)) and \
+            local.uri.split(":", 1)[0] not in ("tcp", "unix"):
+        raise ConfigError(f"--uri {args.uri}: a local destination takes tcp:, unix: or file:")
+
+    workdir = tempfile.mkdtemp(prefix="engine-migrate-")
+    guest = dest = None
+    try:
+        guest = Guest.create([(ram_id, args.ram, args.mem_path)], vcpus=args.vcpus,
+                             workload=workload, start=workload.name != "none")
+        mig = SourceMigration(guest, profile, options, vcpus=args.vcpus)
+        mig.compute_digests = target is None and not args.no_verify
+        if target is not None:
+            channel = _connect_retry(target.uri, time.monotonic() + 10)
+        elif isinstance(local, FileAddress):
+            from engine.transport import connect
+            channel = connect(local)
+        else:
+            uri = args.uri or f"unix:{os.path.join(workdir, 'migration.sock')}"
+            dest = LocalDestination(args, uri, workdir)
+            channel = _connect_retry(dest.wait_listening(), time.monotonic() + 10)
+        with channel, Progress(mig.info, args.quiet):
+            info = mig.run(channel)
+        if isinstance(local, FileAddress) and info.status == "completed":
+            dest = LocalDestination(args, local.uri, workdir)
+        dest_rc, dest_report = dest.finish() if dest else (None, None)
+        verification = _verify(mig, dest_rc, dest_report, ab=workload.name == "ab")
+        if not args.quiet:
+            print(format_info_migrate(info))
+            for line in verification["messages"]:
+                print(line)
+        write_json(args.json, {"migration": info.to_qmp(), "verification": verification,
+                               "destination": dest_report})
+        if info.status != "completed":
+            if not args.quiet or True:
+                print(f"engine: migration {info.status}: {info.error_desc}", file=sys.stderr)
+            if dest is not None and dest.stderr():
+                print("destination: " + dest.stderr(), file=sys.stderr)
+            return EXIT_FAILED
+        if verification["ok"] is False:
+            return EXIT_MISMATCH
+        return EXIT_OK
+    finally:
+        if dest is not None:
+            dest.kill()
+        if guest is not None:
+            guest.close()
+        for p in Path(workdir).glob("*"):
+            p.unlink()
+        os.rmdir(workdir)
+
+
+def _verify(mig, dest_rc, dest_report, ab: bool) -> dict:
+    """Compare source memory at switchover with the destination's on arrival."""
+    from engine.migration.verify import compare_digests
+    out: dict = {"ok": None, "memory_equal": None, "ab": None, "messages": []}
+    if dest_report is None:
+        if dest_rc is not None:
+            out["ok"] = False
+            out["messages"].append(f"destination exited {dest_rc} without a report")
+        return out
+    if dest_report["migration"].get("status") != "completed":
+        out["ok"] = False
+        out["messages"].append("destination: " + str(dest_report["migration"].get("error-desc")))
+        return out
+    ver = dest_report.get("verification") or {}
+    if mig.switchover_digests is not None and ver.get("digests"):
+        problems = compare_digests(mig.switchover_digests, ver["digests"])
+        out["memory_equal"] = not problems
+        out["messages"] += problems or ["memory: destination equals source at switchover "
+                                        f"({len(ver['digests'])} block(s), sha256)"]
+    if ab and ver.get("ab") is not None:
+        out["ab"] = ver["ab"]
+        out["messages"].append("ab check: " + ("passed" if ver["ab"]["ok"] else
+                                               f"FAILED, {ver['ab']['bad_pages']} bad pages"))
+    checks = [v for v in (out["memory_equal"], (out["ab"] or {}).get("ok")) if v is not None]
+    out["ok"] = all(checks) if checks else None
+    if dest_rc not in (0, None) and out["ok"]:
+        out["ok"] = False
+        out["messages"].append(f"destination exited {dest_rc}")
+    return out

@@ -1,0 +1,262 @@
+"""Suite-wide fixtures and the leak checks every test runs under.
+
+The engine's resources outlive a crashed test unless someone notices: shared
+memory segments stay in /dev/shm (RAM that only a reboot returns) and child
+processes keep running.  So every test is checked, and the session once more
+at the end (for session-scoped fixtures):
+
+* no ``engine-*`` entry appeared in /dev/shm that is still there afterwards;
+* no process started below pytest is still alive after a 2 s grace period.
+
+Orphans would escape the second check (the kernel hands them to init), so
+pytest makes itself a *child subreaper* (``prctl(PR_SET_CHILD_SUBREAPER)``):
+a grandchild whose parent died is re-parented to pytest, shows up in
+``psutil.Process().children()``, and gets reported.
+
+A test that leaks fails (at teardown) with the leftovers listed; the leftovers
+are then removed, so the next test starts clean and is not blamed.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "engine-"
+CHILD_GRACE_S = 2.0
+
+# Long-lived helpers the standard library starts once per interpreter and that
+# exit with it; they are not leaks.
+_STDLIB_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "interop: needs a real QEMU (qemu-system-x86_64)")
+    config.addinivalue_line("markers", "netns: needs network namespaces (ip netns, root)")
+    _become_subreaper()
+
+
+def _become_subreaper() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # best effort: without it only orphans go unnoticed
+
+
+# ---------------------------------------------------------------------------
+# Shared memory
+
+def _shm_names() -> set[str]:
+    try:
+        return {n for n in os.listdir(SHM_DIR) if n.startswith(SHM_PREFIX)}
+    except FileNotFoundError:
+        return set()
+
+
+def _our_pids() -> set[int]:
+    me = psutil.Process()
+    pids = {me.pid}
+    for p in me.children(recursive=True):
+        pids.add(p.pid)
+    return pids
+
+
+def _used_by_others(names: set[str]) -> set[str]:
+    """Those of ``names`` that a process outside this pytest's tree maps or opens.
+
+    Other test sessions may run on the same machine; their live segments are
+    not our leaks.
+    """
+    if not names:
+        return set()
+    ours = _our_pids()
+    paths = {str(SHM_DIR / n): n for n in names}
+    found: set[str] = set()
+    for pid in psutil.pids():
+        if pid in ours:
+            continue
+        proc_dir = f"/proc/{pid}"
+        try:
+            with open(f"{proc_dir}/maps") as f:
+                for line in f:
+                    i = line.find(str(SHM_DIR) + "/" + SHM_PREFIX)
+                    if i >= 0:
+                        n = paths.get(line[i:].rstrip("\n"))
+                        if n:
+                            found.add(n)
+            for fd in os.listdir(f"{proc_dir}/fd"):
+                with contextlib.suppress(OSError):
+                    n = paths.get(os.readlink(f"{proc_dir}/fd/{fd}"))
+                    if n:
+                        found.add(n)
+        except OSError:
+            continue  # gone, or not ours to read
+        if found == names:
+            break
+    return found
+
+
+def _leaked_shm(before: set[str]) -> list[str]:
+    new = _shm_names() - before
+    return sorted(new - _used_by_others(new))
+
+
+def _remove_shm(names: list[str]) -> None:
+    for n in names:
+        try:
+            (SHM_DIR / n).unlink()
+        except FileNotFoundError:
+            pass
+
+
+# ---------------------------------------------------------------------------
+# Child processes
+
+def _describe(p: psutil.Process) -> str:
+    try:
+        cmd = " ".join(p.cmdline()) or p.name()
+        return f"pid {p.pid} [{p.status()}]: {cmd}"
+    except psutil.Error:
+        return f"pid {p.pid} (gone)"
+
+
+def _is_stdlib_helper(p: psutil.Process) -> bool:
+    try:
+        cmd = " ".join(p.cmdline())
+    except psutil.Error:
+        return False
+    return any(h in cmd for h in _STDLIB_HELPERS)
+
+
+def _reap_zombies(exclude: set[int]) -> None:
+    """Collect exited children nobody waited for (orphans adopted as subreaper).
+
+    A ``Popen`` whose zombie is collected here later reports status 0; only
+    processes the test never waited for are affected, never those in
+    ``exclude`` (which belong to longer-lived fixtures).
+    """
+    for p in psutil.Process().children():
+        if p.pid in exclude:
+            continue
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(p.pid, os.WNOHANG)
+        except (psutil.Error, ChildProcessError):
+            pass
+
+
+def _children(exclude: set[int]) -> list[psutil.Process]:
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        if p.pid in exclude or _is_stdlib_helper(p):
+            continue
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue  # exited; reaped by _reap_zombies or its owner
+        except psutil.Error:
+            continue
+        out.append(p)
+    return out
+
+
+def _leftover_children(exclude: set[int], grace: float) -> list[psutil.Process]:
+    """Children not in ``exclude`` still alive after up to ``grace`` seconds."""
+    deadline = time.monotonic() + grace
+    while True:
+        _reap_zombies(exclude)
+        left = _children(exclude)
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.05)
+
+
+def _kill(procs: list[psutil.Process], exclude: set[int]) -> None:
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+    _reap_zombies(exclude)
+
+
+def _child_pids() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _leak_report(shm: list[str], procs: list[psutil.Process], where: str) -> str:
+    lines = [f"{where} leaked resources:"]
+    if shm:
+        lines.append(f"  shared memory left in {SHM_DIR}: {', '.join(shm)}")
+    if procs:
+        lines.append(f"  child processes still running after {CHILD_GRACE_S} s:")
+        lines += [f"    {_describe(p)}" for p in procs]
+    return "\n".join(lines)
+
+
+def _check_leaks(shm_before: set[str], pids_before: set[int], where: str) -> None:
+    procs = _leftover_children(pids_before, CHILD_GRACE_S)
+    shm = _leaked_shm(shm_before)  # after the children: they may unlink on exit
+    if not shm and not procs:
+        return
+    report = _leak_report(shm, procs, where)
+    _kill(procs, pids_before)
+    _remove_shm(shm)
+    pytest.fail(report, pytrace=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_leak_check():
+    """At the end of the session: nothing new in /dev/shm, no children left."""
+    shm_before, pids_before = _shm_names(), _child_pids()
+    yield
+    _check_leaks(shm_before, pids_before, "The test session")
+
+
+@pytest.fixture(autouse=True)
+def _test_leak_check(_session_leak_check):
+    """After each test (and its fixtures): nothing new in /dev/shm, no children."""
+    shm_before, pids_before = _shm_names(), _child_pids()
+    yield
+    _check_leaks(shm_before, pids_before, "This test")
+
+
+# ---------------------------------------------------------------------------
+# Helpers for tests
+
+@pytest.fixture
+def tmp_shm_path():
+    """A fresh path ``/dev/shm/engine-test-<random>`` (not created), removed afterwards.
+
+    For file-backed guest RAM (ours or QEMU's ``memory-backend-file``).
+    """
+    path = SHM_DIR / f"{SHM_PREFIX}test-{secrets.token_hex(6)}"
+    try:
+        yield path
+    finally:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+ENGINE_CMD = (sys.executable, "-m", "engine")
+
+
+@pytest.fixture
+def engine_cmd() -> list[str]:
+    """The argv prefix that runs the engine CLI: ``[python, "-m", "engine"]``."""
+    return list(ENGINE_CMD)
