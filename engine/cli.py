@@ -45,7 +45,7 @@ def _add_guest_options(p: argparse.ArgumentParser, *, ram_default: str | None) -
     p.add_argument("--vcpus", type=int, default=1, metavar="N")
     p.add_argument("--workload", default=None, choices=("none", "ab", "random"))
     p.add_argument("--dirty-rate", type=float, default=64.0, metavar="MB/s",
-                   help="random workload: target dirty rate")
+                   help="ab and random workloads: guest dirty rate in MiB/s (0: as fast as the vCPUs go)")
     p.add_argument("--hot-set", type=float, default=1.0, metavar="FRACTION",
                    help="random workload: fraction of pages taking 90%% of writes")
     p.add_argument("--cap", action="append", default=[], metavar="NAME=on|off")

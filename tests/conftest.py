@@ -41,8 +41,11 @@ _PR_SET_CHILD_SUBREAPER = 36
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "interop: needs a real QEMU (qemu-system-x86_64)")
-    config.addinivalue_line("markers", "netns: needs network namespaces (ip netns, root)")
+    known = {line.split(":")[0].strip() for line in config.getini("markers")}
+    for name, doc in (("interop", "needs a real QEMU (qemu-system-x86_64)"),
+                      ("netns", "needs network namespaces (ip netns, root)")):
+        if name not in known:  # setup.cfg may already have it
+            config.addinivalue_line("markers", f"{name}: {doc}")
     _become_subreaper()
 
 

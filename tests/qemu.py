@@ -29,10 +29,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, Mapping, Sequence
+from typing import IO, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -221,17 +222,21 @@ def stop_process(proc: subprocess.Popen, *, term_timeout: float = 5.0,
     """Make sure ``proc`` has exited and is reaped; return its exit status.
 
     SIGTERM first, SIGKILL after ``term_timeout`` seconds.  With ``group``
-    (a process started with ``start_new_session=True``) the SIGKILL goes to
-    its whole process group, so helpers it spawned do not outlive it.
+    (a process started with ``start_new_session=True``) that had to be
+    stopped, the SIGKILL goes to its whole process group, so helpers it
+    spawned do not outlive it.  A process that already exited by itself is
+    only reaped: whatever it left running is its own leak, for the suite's
+    leak check to report.
     """
-    if proc.poll() is None:
+    was_running = proc.poll() is None
+    if was_running:
         with contextlib.suppress(ProcessLookupError):
             proc.terminate()
         try:
             proc.wait(timeout=term_timeout)
         except subprocess.TimeoutExpired:
             pass
-    if group:
+    if group and was_running:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
     if proc.poll() is None:
@@ -255,8 +260,9 @@ class ManagedProcess:
     """A child process whose stdout/stderr go to files, always reaped on exit.
 
     Use as a context manager; leaving it (normally or by an exception) stops
-    the whole process group the child leads.  ``describe()`` renders the exit
-    status and both logs for an assertion message.
+    the whole process group the child leads, and leaving it by an exception
+    also prints :meth:`describe` to stderr, which pytest shows with the
+    failure.  ``describe()`` renders the exit status and both logs.
     """
 
     def __init__(self, argv: Sequence[str], log_dir: str | os.PathLike, name: str,
@@ -304,8 +310,10 @@ class ManagedProcess:
     def __enter__(self) -> ManagedProcess:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
         self.close()
+        if exc_type is not None:
+            print(self.describe(), file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------
@@ -320,7 +328,8 @@ class QemuVM:
     ``"defer"`` to call :meth:`migrate_incoming` later).  ``size`` is QEMU's
     ``-m`` (bytes or a string like ``"64M"``).
 
-    Use it as a context manager, or call :meth:`close`.
+    Use it as a context manager (leaving it by an exception also prints
+    QEMU's log to stderr for pytest to show), or call :meth:`close`.
     """
 
     def __init__(self, mem_path: str | os.PathLike, size: int | str = "64M", *,
@@ -426,8 +435,12 @@ class QemuVM:
     def __enter__(self) -> QemuVM:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: object, *exc_info: object) -> None:
         self.close()
+        if exc_type is not None:
+            print(f"{self.name}: {' '.join(self.argv)}\n  exit status: "
+                  f"{self.proc.returncode}\n  --- log ---\n{self.log_tail()}",
+                  file=sys.stderr)
 
     # -- QMP ---------------------------------------------------------------
 
@@ -453,6 +466,10 @@ class QemuVM:
             self._check_alive(f"during QMP {name}")
             raise QemuError(f"{self.name}: QMP {name} {full} failed: {exc!r}") from exc
 
+    def log_tail(self, limit: int = 4000) -> str:
+        """The end of QEMU's stdout/stderr so far (for assertion messages)."""
+        return self.log[-limit:] if self._closed else log_tail(self.log_path, limit)
+
     @property
     def events(self) -> list[dict]:
         """Every QMP event received so far (oldest first), as plain dicts."""
@@ -477,6 +494,29 @@ class QemuVM:
     def migrate(self, uri: str) -> None:
         """Start an outgoing migration to ``uri``; returns once it started."""
         self.cmd("migrate", uri=uri)
+
+    def migrate_when_listening(self, uri: str, *, timeout: float = 30.0,
+                               listener_alive: Callable[[], bool] = lambda: True,
+                               retry_every: float = 0.1) -> dict:
+        """:meth:`migrate` to a destination that may not listen yet.
+
+        While the connection is refused (and ``listener_alive()`` holds),
+        the migration is started again, up to ``timeout`` seconds.  Returns the
+        ``query-migrate`` reply once the migration is ``active`` (or already
+        ``completed``); raises :class:`QemuMigrationFailed` for any other
+        failure, or once the listener died.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            self.migrate(uri)
+            try:
+                return self.wait_for_status("active", "completed",
+                                            timeout=max(1.0, deadline - time.monotonic()))
+            except QemuMigrationFailed as exc:
+                refused = "refused" in str(exc.info.get("error-desc", "")).lower()
+                if not refused or not listener_alive() or time.monotonic() > deadline:
+                    raise
+            time.sleep(retry_every)
 
     def migrate_incoming(self, uri: str) -> None:
         """Start listening on ``uri`` (needs ``-incoming defer``)."""

@@ -32,6 +32,20 @@ def write_json(path: str | None, obj: dict) -> None:
             f.write("\n")
 
 
+def json_values(values: dict) -> dict:
+    """Device values for a JSON report: C strings as text, arrays as lists."""
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, (bytes, bytearray, memoryview)):
+            v = bytes(v).split(b"\0", 1)[0].decode(errors="replace")
+        elif isinstance(v, dict):
+            v = json_values(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[k] = v
+    return out
+
+
 def ab_summary(result) -> dict | None:
     if result is None:
         return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from engine.cli import EXIT_FAILED, EXIT_MISMATCH, EXIT_OK
-from engine.commands.common import (ab_summary, options_from, profile_and_ram_id,
+from engine.commands.common import (ab_summary, json_values, options_from, profile_and_ram_id,
                                     workload_spec, write_json)
 from engine.errors import ConfigError
 
@@ -41,7 +41,8 @@ def run_incoming(args) -> int:
             channel = listener.accept(timeout=args.timeout)
         mig = DestinationMigration(profile, options, guest=guest,
                                    guest_factory=None if guest else factory,
-                                   vcpus=args.vcpus, verify=args.verify)
+                                   vcpus=args.vcpus, verify=args.verify,
+                                   ab_check=args.verify and workload.name == "ab")
         with channel:
             info = mig.run(channel)
         if not args.quiet:
@@ -53,7 +54,7 @@ def run_incoming(args) -> int:
         report = {
             "migration": info.to_qmp(),
             "configuration": {"machine": mig.configuration.machine} if mig.configuration else None,
-            "devices": mig.devices_loaded,
+            "devices": {k: json_values(v) for k, v in mig.devices_loaded.items()},
             "pages": mig.pages, "zero_pages": mig.zero_pages,
             "verification": {"digests": mig.digests, "ab": ab_summary(mig.ab_result)},
         }

@@ -11,7 +11,7 @@ import mmap
 import os
 
 from engine.cli import EXIT_FAILED, EXIT_OK
-from engine.commands.common import write_json
+from engine.commands.common import json_values, write_json
 from engine.errors import ChannelClosedError, EngineError
 
 
@@ -69,10 +69,7 @@ def analyze_stream(path: str, *, vcpus: int = 1, mem_path: str | None = None) ->
                                 "instance_id": e.instance_id, "version_id": e.version_id})
                         if isinstance(e, ev.DeviceState):
                             name = e.idstr if e.instance_id == 0 else f"{e.idstr}/{e.instance_id}"
-                            report["devices"][name] = {
-                                k: (v.rstrip(b"\0").decode(errors="replace")
-                                    if isinstance(v, (bytes, bytearray)) else v)
-                                for k, v in e.values.items()}
+                            report["devices"][name] = json_values(e.values)
                     elif isinstance(e, ev.RamBlockList):
                         report["ram"]["blocks"] = [
                             {"idstr": b.idstr, "used_length": b.used_length} for b in e.blocks]

@@ -114,13 +114,8 @@ def _scatter(data: np.ndarray, out: Pages) -> None:
     if isinstance(out, np.ndarray):
         np.copyto(out, data)
         return
-    page_size = data.shape[1]
     for row, dest in zip(data, out):
-        view = _flat_bytes(dest)
-        if view.nbytes != page_size:
-            raise CodecError(
-                f"destination page has {view.nbytes} bytes, expected {page_size}")
-        view[:] = row.data
+        _flat_bytes(dest)[:] = row.data
 
 
 def _out_geometry(out: Pages) -> tuple[int, int]:
@@ -132,7 +127,13 @@ def _out_geometry(out: Pages) -> tuple[int, int]:
         return out.shape[0], out.shape[1]
     if len(out) == 0:
         return 0, 0
-    return len(out), memoryview(out[0]).nbytes
+    page_size = memoryview(out[0]).nbytes
+    for i, page in enumerate(out):
+        size = memoryview(page).nbytes
+        if size != page_size:
+            raise CodecError(
+                f"destination page {i} has {size} bytes, expected {page_size}")
+    return len(out), page_size
 
 
 class PageEncoder(ABC):
@@ -291,6 +292,9 @@ class StreamPageEncoder(PageEncoder):
 class StreamPageDecoder(PageDecoder):
     """Base for decoders of one long-lived stream per channel."""
 
+    #: Codec name that prefixes error messages.
+    _what: ClassVar[str] = "codec"
+
     def decode(self, payload: Payload, out: Pages) -> None:
         n, page_size = _out_geometry(out)
         data = self._decompress_checked(payload, n * page_size)
@@ -321,8 +325,6 @@ class StreamPageDecoder(PageDecoder):
                 f"{self._what}: packet decompressed to {len(data)} bytes, "
                 f"expected {expected}")
         return data
-
-    _what: ClassVar[str] = "codec"
 
     @abstractmethod
     def _decompress(self, payload: Buffer, expected: int) -> bytes:

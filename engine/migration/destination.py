@@ -58,7 +58,7 @@ class DestinationMigration:
 
     def __init__(self, machine: MachineProfile, options: MigrationOptions, *,
                  guest=None, guest_factory: Callable[[ev.RamBlockList], object] | None = None,
-                 vcpus: int = 0, verify: bool = False,
+                 vcpus: int = 0, verify: bool = False, ab_check: bool = False,
                  on_status: Callable[[S, S], None] | None = None,
                  resume: bool = True):
         if guest is None and guest_factory is None:
@@ -69,6 +69,7 @@ class DestinationMigration:
         self.guest_factory = guest_factory
         self.vcpus = vcpus
         self.verify = verify
+        self.ab_check = ab_check
         self.resume = resume
         self.state = MigrationState("destination", on_change=on_status)
         self.state.transition(S.SETUP)
@@ -204,9 +205,6 @@ class DestinationMigration:
         if self.guest is None:
             self.guest = self.guest_factory(announced)
             self.guest_state.guest = self.guest
-            fresh = True
-        else:
-            fresh = False
         check_block_list(announced, self.guest.blocks)
         total = sum(b.used_length for b in self.guest.blocks)
         with self._lock:
@@ -215,7 +213,7 @@ class DestinationMigration:
         self._bufs = {b.idstr: b.buf for b in self.guest.blocks}
         self._u64 = {b.idstr: b.pages.view(np.uint64) for b in self.guest.blocks}
         self._received = {b.idstr: np.zeros(b.npages, dtype=bool) for b in self.guest.blocks}
-        self._fresh = {b.idstr: getattr(b, "fresh", fresh) for b in self.guest.blocks}
+        self._fresh = {b.idstr: b.fresh for b in self.guest.blocks}
 
     def _load_device(self, event: ev.DeviceState) -> None:
         for dev in self.machine.devices(self.vcpus):
@@ -240,9 +238,7 @@ class DestinationMigration:
             raise RemoteProtocolError("stream ended without a RAM section", channel="main")
         if self.verify:
             self.digests = memory_digests(self.guest.blocks)
-            from engine.ram.abcheck import check_ab
-            if self.vcpus:
-                first = self.guest.blocks[0]
-                self.ab_result = check_ab(first.pages, self.page_size, slices=self.vcpus)
+            if self.ab_check:
+                self.ab_result = self.guest.check_ab(slices=max(1, self.vcpus))
         if self.resume and self.guest_state.runstate == "running" and self.vcpus:
             self.guest.start()

@@ -38,6 +38,7 @@ __all__ = [
     "create_segment",
     "attach_segment",
     "unlink_segment",
+    "close_segment",
     "reserve",
 ]
 
@@ -170,3 +171,26 @@ def unlink_segment(shm: SharedMemory) -> None:
         pass
     if tracked:
         resource_tracker.unregister(shm._name, "shared_memory")
+
+
+def close_segment(shm: SharedMemory) -> bool:
+    """Close *shm* in this process, even while views of it are alive.
+
+    ``SharedMemory.close`` raises ``BufferError`` when numpy arrays or
+    memoryviews still point into the mapping.  Then the mapping is left to
+    those views: it stays valid (no dangling pointer) and is unmapped when the
+    last of them is gone; the descriptor is closed now.  Returns whether the
+    mapping was unmapped immediately.
+    """
+    try:
+        shm.close()
+        return True
+    except BufferError:
+        # close() released the buffer and stopped at the mmap; the views keep
+        # the mmap object alive, so forgetting it here frees it with them (and
+        # spares SharedMemory.__del__ from failing again later).
+        shm._mmap = None
+        if shm._fd >= 0:
+            os.close(shm._fd)
+            shm._fd = -1
+        return False

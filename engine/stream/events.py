@@ -2,7 +2,9 @@
 
 Events are small immutable records.  Offsets are bytes inside a RAMBlock,
 lengths are bytes, ids are QEMU's.  ``NEED_DATA`` is returned (never raised)
-when the decoder cannot finish the next element with the bytes it has.
+when the decoder cannot finish the next element with the bytes it has - and
+also, after ``feed_eof()``, once a stream has ended where it may end
+(``decoder.finished`` then says so); where it may not, the decoder raises.
 """
 from __future__ import annotations
 
@@ -94,14 +96,6 @@ class Eof(Event):
 class VMDescription(Event):
     """The JSON trailer after EOF, parsed."""
     data: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class StreamClosed(Event):
-    """The input ended (``feed_eof()``) where the format allows it to.
-
-    Returned again on every later ``next_event()`` call.
-    """
 
 
 # -- RAM -------------------------------------------------------------------------
@@ -236,7 +230,7 @@ class SwitchoverStart(Command):
 
 __all__ = [
     "NEED_DATA", "Event", "FileHeader", "Configuration", "SectionStart", "SectionPart",
-    "SectionEnd", "SectionFooter", "DeviceState", "Eof", "VMDescription", "StreamClosed",
+    "SectionEnd", "SectionFooter", "DeviceState", "Eof", "VMDescription",
     "RamBlockInfo", "RamBlockList", "RamPage", "RamZero", "RamFlush", "RamEOS",
     "Command", "OpenReturnPath", "Ping", "PostcopyAdvise", "PostcopyListen",
     "PostcopyRun", "PostcopyRamDiscard", "Packaged", "EnableColo", "PostcopyResume",

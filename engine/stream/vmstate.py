@@ -54,15 +54,17 @@ class NeedData(RemoteProtocolError):
     missing item, ``offset`` is where it starts in the buffer given.
     """
 
-    def __init__(self, what: str, offset: int):
+    def __init__(self, what: str, offset: int, end: int | None = None):
         self.what = what
+        #: buffer length that would at least let parsing get past this item
+        self.end = offset + 1 if end is None else end
         super().__init__(f"truncated: expected {what}", offset=offset)
 
 
 def need(buf, pos: int, n: int, what: str) -> None:
     """Raise :class:`NeedData` unless ``buf`` holds ``n`` bytes from ``pos``."""
     if len(buf) - pos < n:
-        raise NeedData(what, pos)
+        raise NeedData(what, pos, pos + n)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.qemu import (QEVM_HEADER, QemuVM, QMPCommandError, fill_image,
-                        image_differences, parse_size, qemu_available)
+from tests.qemu import (QEVM_HEADER, QemuMigrationFailed, QemuVM, QMPCommandError,
+                        fill_image, free_tcp_port, image_differences, parse_size,
+                        qemu_available)
 
 _OK, _WHY = qemu_available()
 pytestmark = [pytest.mark.interop, pytest.mark.skipif(not _OK, reason=_WHY)]
@@ -50,6 +51,40 @@ def test_tcp_migration_copies_ram_exactly(tmp_shm_path, tmp_path):
             assert info["ram"]["duplicate"] == stats.zero_pages
             assert info["ram"]["normal"] == stats.pages - stats.zero_pages
             assert image_differences(src_ram, dst_ram) is None
+    finally:
+        dst_ram.unlink(missing_ok=True)
+
+
+def test_failed_migration_raises_with_error_desc(tmp_shm_path):
+    with QemuVM(tmp_shm_path, SIZE) as vm:
+        vm.migrate(f"tcp:127.0.0.1:{free_tcp_port()}")  # nobody listens
+        with pytest.raises(QemuMigrationFailed, match="refused") as info:
+            vm.wait_for_status("completed", timeout=30)
+        assert info.value.info["status"] == "failed"
+
+
+def test_migrate_retries_until_destination_listens(tmp_shm_path):
+    dst_ram = tmp_shm_path.with_name(tmp_shm_path.name + "-dst")
+    fill_image(tmp_shm_path, SIZE, SEED)
+    uri = f"tcp:127.0.0.1:{free_tcp_port()}"
+    try:
+        with QemuVM(tmp_shm_path, SIZE, name="src") as src, \
+                QemuVM(dst_ram, SIZE, incoming="defer", name="dst") as dst:
+            calls = []
+
+            def start_listening_late() -> bool:
+                # Called after a refused attempt: only now open the port.
+                if not calls:
+                    dst.migrate_incoming(uri)
+                calls.append(1)
+                return True
+
+            src.set_params({"max-bandwidth": 1_000_000_000})
+            src.migrate_when_listening(uri, timeout=60, listener_alive=start_listening_late)
+            src.wait_for_status("completed", timeout=120)
+            dst.wait_for_status("completed", timeout=120)
+            assert calls, "the first attempt should have been refused"
+            assert image_differences(tmp_shm_path, dst_ram) is None
     finally:
         dst_ram.unlink(missing_ok=True)
 
