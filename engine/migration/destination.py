@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from engine.errors import (BlockMismatchError, ChannelError, EngineError,
+from engine.errors import (BlockMismatchError, ChannelClosedError, ChannelError, EngineError,
                            MigrationError, RemoteProtocolError)
 from engine.machine import GuestState, MachineProfile
 from engine.migration.verify import memory_digests
@@ -154,6 +154,9 @@ class DestinationMigration:
                     return
                 else:
                     self._handle(event)
+            if n == 0 and not seen_eof:
+                raise ChannelClosedError(
+                    f"{self.channel.name}: source closed the stream before its EOF section")
 
     def _handle(self, event) -> None:
         if isinstance(event, ev.RamPage):
