@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
-import fractions
 import ipaddress
 import os
 import re
@@ -41,6 +40,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Callable, Union
 
+from engine.options import parse_size
 from engine.errors import BadURIError, ChannelBrokenError, ChannelClosedError
 
 __all__ = [
@@ -66,7 +66,6 @@ EXEC_EXIT_GRACE = 10.0
 EXEC_KILL_GRACE = 1.0
 
 _OFF_T_MAX = 2**63 - 1
-_U64_MAX = 2**64 - 1
 
 
 class ChannelTimeoutError(ChannelBrokenError):
@@ -190,37 +189,6 @@ _UNSUPPORTED_SCHEMES = {
     "rdma": "the rdma transport is not supported",
     "vsock": "the vsock transport is not supported",
 }
-
-_SIZE_SUFFIXES = {"B": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
-_DECIMAL_SIZE = re.compile(r"(?P<int>[0-9]*)(?:\.(?P<frac>[0-9]*))?(?P<suffix>[BKMGTPE]?)",
-                           re.IGNORECASE)
-_HEX_SIZE = re.compile(r"0[xX][0-9a-fA-F]+")
-
-
-def parse_size(text: str) -> int:
-    """A byte count in QEMU's size syntax (``qemu_strtosz``), as an int.
-
-    Decimal with an optional fraction and an optional binary suffix ``B K M G T P E``
-    (any case; ``1.5K`` is 1536, a fraction of a byte is dropped), or plain hex
-    (``0x1000``).  Hex takes neither suffix nor fraction, so ``0x20M`` is refused,
-    as are signs, exponents and values above 2**64-1.  Raises ``ValueError``.
-    """
-    if _HEX_SIZE.fullmatch(text):
-        value = int(text, 16)
-    elif text[:2] in ("0x", "0X"):
-        raise ValueError(f"{text!r}: a hex size takes no suffix or fraction")
-    else:
-        m = _DECIMAL_SIZE.fullmatch(text)
-        if m is None or not (m["int"] or m["frac"]):
-            raise ValueError(f"{text!r} is not a size")
-        scale = 1 << _SIZE_SUFFIXES[m["suffix"].upper() or "B"]
-        whole = int(m["int"] or "0")
-        frac = fractions.Fraction(int(m["frac"]), 10 ** len(m["frac"])) if m["frac"] else 0
-        value = whole * scale + int(frac * scale)
-    if value > _U64_MAX:
-        raise ValueError(f"{text!r} is too large")
-    return value
-
 
 def parse_uri(uri: str) -> Address:
     """Parse a migration URI into its address, with QEMU's syntax (see the module doc).

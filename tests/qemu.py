@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import os
 import re
@@ -38,6 +37,7 @@ from typing import IO, Callable, Mapping, Sequence
 import numpy as np
 
 from engine.errors import EngineError, MigrationError
+from engine.ram.image import ImageStats, write_mixed_image
 
 QEMU_BINARY = "qemu-system-x86_64"
 PAGE_SIZE = 4096
@@ -127,64 +127,18 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
 # ---------------------------------------------------------------------------
 # Guest RAM images
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ImageStats:
-    """What :func:`fill_image` wrote, in pages of :data:`PAGE_SIZE` bytes."""
-    pages: int
-    zero_pages: int
-    text_pages: int
-    random_pages: int
-
-
-# Pages are generated this many at a time so a 1 GiB image never needs 1 GiB
-# of scratch memory.  Part of the seed -> bytes mapping: changing it changes
-# every image.
-_FILL_CHUNK_PAGES = 4096
-
-
 def fill_image(path: str | os.PathLike, size: int | str, seed: int) -> ImageStats:
     """Write ``size`` bytes of guest-like RAM to ``path``, deterministic by ``seed``.
 
     Each 4 KiB page is, at random: all zero (about 50%), lowercase letters
     (about 40%, compressible like text) or uniformly random bytes (about 10%),
-    the mix QEMU's 7.2 captures were made from.  An existing file is
-    overwritten in place (not truncated first, so a process mapping it never
-    sees it shrink) and then cut or extended to ``size``.
+    the mix QEMU's 7.2 captures were made from.  The generator is
+    :func:`engine.ram.image.write_mixed_image`, so the tests and the benchmark
+    use the same images.  An existing file is overwritten in place (not
+    truncated first, so a process mapping it never sees it shrink) and then
+    cut or extended to ``size``.
     """
-    size = parse_size(size)
-    if size % PAGE_SIZE:
-        raise ValueError(f"size {size} is not a multiple of {PAGE_SIZE}")
-    rng = np.random.default_rng(seed)
-    zero = text = rand = 0
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        npages = size // PAGE_SIZE
-        for first in range(0, npages, _FILL_CHUNK_PAGES):
-            n = min(_FILL_CHUNK_PAGES, npages - first)
-            kind = rng.random(n)
-            is_text = (kind >= 0.5) & (kind < 0.9)
-            is_rand = kind >= 0.9
-            pages = np.zeros((n, PAGE_SIZE), dtype=np.uint8)
-            pages[is_text] = rng.integers(ord("a"), ord("z") + 1,
-                                          size=(int(is_text.sum()), PAGE_SIZE),
-                                          dtype=np.uint8)
-            pages[is_rand] = rng.integers(0, 256, size=(int(is_rand.sum()), PAGE_SIZE),
-                                          dtype=np.uint8)
-            text += int(is_text.sum())
-            rand += int(is_rand.sum())
-            zero += n - int(is_text.sum()) - int(is_rand.sum())
-            _pwrite_all(fd, memoryview(pages).cast("B"), first * PAGE_SIZE)
-        os.ftruncate(fd, size)
-    finally:
-        os.close(fd)
-    return ImageStats(pages=size // PAGE_SIZE, zero_pages=zero,
-                      text_pages=text, random_pages=rand)
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
+    return write_mixed_image(path, parse_size(size), seed)
 
 
 def image_differences(a: str | os.PathLike, b: str | os.PathLike) -> str | None:

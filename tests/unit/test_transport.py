@@ -19,7 +19,7 @@ from engine.errors import (BadURIError, ChannelBrokenError, ChannelClosedError,
                            ChannelError, ConfigError)
 from engine.transport import (IOV_MAX, Channel, ChannelTimeoutError, ExecAddress,
                               FdAddress, FileAddress, TcpAddress, UnixAddress, connect,
-                              listen, parse_size, parse_uri)
+                              listen, parse_uri)
 
 try:
     from tests.netns import netns_available, netns_pair
@@ -164,23 +164,6 @@ def test_parse_uri_refuses(uri, why):
     assert repr(uri) in str(info.value)
     assert why in str(info.value)
     assert isinstance(info.value, ConfigError)
-
-
-@pytest.mark.parametrize("text, value", [
-    ("0", 0), ("4096", 4096), ("0x1000", 4096), ("0X1e", 0x1E), ("4k", 4096),
-    ("4K", 4096), ("1.5M", 3 << 19), ("1.M", 1 << 20), (".5K", 512), ("7B", 7),
-    ("1T", 1 << 40), ("1E", 1 << 60), ("15E", 15 << 60), ("18446744073709551615", 2**64 - 1),
-    ("010", 10),
-])
-def test_parse_size(text, value):
-    assert parse_size(text) == value
-
-
-@pytest.mark.parametrize("text", ["", "0x", "0x20M", "0x1.8", "-1", "+1", "1e3", " 1",
-                                  "1 ", "1KB", "16E", "18446744073709551616", "."])
-def test_parse_size_refuses(text):
-    with pytest.raises(ValueError):
-        parse_size(text)
 
 
 def test_address_dataclasses_validate_and_render():
