@@ -1,0 +1,93 @@
+"""Source and destination coordinators in one process, over a real socket.
+
+Guests are real (shared memory, vCPU processes); only the two coordinators
+share a process, which lets the test look at both sides' internals.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from engine.library import make_options
+from engine.machine import get_profile
+from engine.migration.destination import DestinationMigration
+from engine.migration.source import SourceMigration
+from engine.migration.verify import memory_digests
+from engine.ram.guest import Guest
+from engine.ram.workloads import REG_PASSES, WorkloadSpec
+from engine.transport import connect, listen
+
+
+def migrate_pair(src_guest, dst_guest, options, vcpus, machine="engine"):
+    profile = get_profile(machine)
+    listener = listen("tcp:127.0.0.1:0")
+    dst = DestinationMigration(profile, options, guest=dst_guest, vcpus=vcpus, verify=True)
+    result = {}
+
+    def serve():
+        with listener.accept(timeout=30) as ch:
+            result["dst"] = dst.run(ch)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    src = SourceMigration(src_guest, profile, options, vcpus=vcpus)
+    src.compute_digests = True
+    with connect(listener.uri) as ch:
+        info = src.run(ch)
+    t.join(60)
+    listener.close()
+    return src, dst, info, result["dst"]
+
+
+def test_live_multi_block_guest_with_return_path(tmp_shm_path):
+    blocks = [("pc.ram", 32 << 20, None), ("vga.vram", 8 << 20, str(tmp_shm_path)),
+              ("rom", 4096, None)]
+    opts = make_options({"return-path": True}, {"downtime-limit": 1000})
+    wl = WorkloadSpec("ab", dirty_rate_mbps=64)
+    with Guest.create(blocks, vcpus=2, workload=wl) as sg, \
+            Guest.create([(b[0], b[1]) for b in blocks], vcpus=2, workload=wl,
+                         start=False) as dg:
+        sg.block("vga.vram").array[:] = 0x5A
+        sg.block("rom").array[:16] = np.arange(16, dtype=np.uint8)
+        time.sleep(0.2)
+        src, dst, info, dinfo = migrate_pair(sg, dg, opts, vcpus=2)
+        assert info.status == "completed", info.error_desc
+        assert dinfo.status == "completed", dinfo.error_desc
+        assert src.pongs == [1]                      # PING(1) after OPEN_RETURN_PATH
+        assert src.switchover_digests == dst.digests
+        assert dst.ab_result is None or dst.ab_result.ok
+        assert not sg.running                       # QEMU leaves the source stopped
+        # device state moved: registers and counter equal at switchover
+        src_regs = sg.registers.copy()
+        assert dst.devices_loaded["counter"]["value"] == sg.counter
+        assert [list(map(int, r)) for r in src_regs] == \
+            [dst.devices_loaded[f"cpu/{i}"]["regs"] for i in range(2)]
+        # and the destination's vCPUs resumed from them
+        assert dg.running
+        deadline = time.monotonic() + 20
+        while dg.registers[:, REG_PASSES].min() <= src_regs[:, REG_PASSES].min():
+            assert time.monotonic() < deadline, "destination guest did not run on"
+            time.sleep(0.01)
+        dg.stop()
+        assert dg.check_ab(slices=2).ok
+        q = info.to_qmp()
+        assert q["ram"]["total"] == sum(b[1] for b in blocks)
+        assert q["ram"]["remaining"] == 0 and q["downtime"] >= 0
+        assert q["ram"]["precopy-bytes"] > 0 and q["ram"]["downtime-bytes"] > 0
+
+
+def test_paused_guest_stays_paused_on_destination():
+    opts = make_options()
+    with Guest.create([("m0", 4 << 20)], vcpus=1, workload=WorkloadSpec("ab"),
+                      start=False) as sg, \
+            Guest.create([("m0", 4 << 20)], vcpus=1, workload=WorkloadSpec("ab"),
+                         start=False) as dg:
+        sg.block("m0").array[::4096] = 3
+        src, dst, info, dinfo = migrate_pair(sg, dg, opts, vcpus=1)
+        assert info.status == dinfo.status == "completed"
+        assert dst.devices_loaded["globalstate"]["runstate"].rstrip(b"\0") == b"prelaunch"
+        assert not dg.running
+        assert memory_digests(sg.blocks) == memory_digests(dg.blocks)

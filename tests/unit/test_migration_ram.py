@@ -1,0 +1,131 @@
+"""The RAM save side and the switchover pieces, in one process."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.errors import BlockMismatchError
+from engine.migration.destination import check_block_list
+from engine.migration.ramsave import BlockBitmap, encode_batch
+from engine.migration.source import RateLimiter
+from engine.stream import events as ev
+from engine.stream.decoder import StreamDecoder
+from engine.stream import encoder as enc
+
+PS = 4096
+
+
+def decode_records(data: bytes, blocks):
+    """Wrap records in a RAM section and decode them with the real decoder."""
+    stream = (enc.file_header() + enc.configuration("none")
+              + enc.section_start(2, "ram", 0, 4) + enc.ram_block_list(blocks)
+              + enc.ram_eos() + enc.section_footer(2)
+              + enc.section_part(2) + data + enc.ram_eos() + enc.section_footer(2))
+    dec = StreamDecoder(lambda *_: None)
+    dec.feed(stream)
+    out = []
+    while (e := dec.next_event()) is not ev.NEED_DATA:
+        if isinstance(e, ev.RamPage):
+            out.append(("page", e.block, e.offset, bytes(e.data)))
+        elif isinstance(e, ev.RamZero):
+            out.append(("zero", e.block, e.offset))
+    return out
+
+
+@pytest.mark.parametrize("detect_zero", [True, False])
+def test_encode_batch_round_trips_through_the_decoder(detect_zero):
+    rng = np.random.default_rng(1)
+    pages = rng.integers(0, 256, size=(64, PS), dtype=np.uint8)
+    pages[[3, 4, 10, 63]] = 0
+    idx = np.array([0, 3, 4, 5, 10, 20, 63])
+    staging = np.empty((256, 8 + PS), np.uint8)
+    res = encode_batch("blk", pages, idx, PS, detect_zero, staging)
+    data = b"".join(bytes(b) for b in res.buffers)
+    assert res.wire_bytes == len(data)
+    got = decode_records(data, [("blk", 64 * PS)])
+    zero_idx = {3, 4, 10, 63} if detect_zero else set()
+    assert res.zero == len(zero_idx) and res.normal == len(idx) - len(zero_idx)
+    seen = {}
+    for rec in got:
+        assert rec[1] == "blk"
+        seen[rec[2] // PS] = rec
+    assert set(seen) == set(idx.tolist())
+    for i, rec in seen.items():
+        if i in zero_idx:
+            assert rec[0] == "zero"
+        else:
+            assert rec[0] == "page" and rec[3] == pages[i].tobytes()
+
+
+def test_encode_batch_all_zero_names_its_block_once():
+    pages = np.zeros((8, PS), np.uint8)
+    res = encode_batch("m0", pages, np.arange(8), PS, True)
+    got = decode_records(b"".join(bytes(b) for b in res.buffers), [("m0", 8 * PS)])
+    assert [r[0] for r in got] == ["zero"] * 8
+    # 8-byte address word + fill byte each, plus the name once
+    assert res.wire_bytes == 8 * 9 + 1 + len("m0")
+
+
+def test_encode_batch_snapshot_does_not_follow_later_writes():
+    pages = np.full((4, PS), 7, np.uint8)
+    res = encode_batch("b", pages, np.arange(4), PS, True, np.empty((4, 8 + PS), np.uint8))
+    pages[:] = 9
+    got = decode_records(b"".join(bytes(b) for b in res.buffers), [("b", 4 * PS)])
+    assert all(r[3] == bytes([7]) * PS for r in got)
+
+
+class FakeLog:
+    def __init__(self):
+        self.pending = np.array([], dtype=np.int64)
+
+    def harvest(self):
+        out, self.pending = self.pending, np.array([], dtype=np.int64)
+        return out
+
+
+class FakeBlock:
+    def __init__(self, npages):
+        self.npages = npages
+
+
+def test_block_bitmap_rounds_and_sync():
+    log = FakeLog()
+    bm = BlockBitmap(FakeBlock(1000), log)
+    assert bm.pending() == 1000                     # first round: everything
+    taken = np.concatenate([bm.take(256) for _ in range(4)])
+    assert sorted(taken.tolist()) == list(range(1000))
+    assert bm.pending() == 0 and len(bm.take(256)) == 0
+    log.pending = np.array([5, 500, 999])          # harvest: unique, ascending
+    bm.cursor = 0
+    assert bm.sync() == 3
+    assert bm.take(256).tolist() == [5, 500, 999]
+    log.pending = np.array([7])
+    bm.sync()
+    bm.cursor = 0
+    log.pending = np.array([7, 8])                  # 7 already pending: only 8 is new
+    assert bm.sync() == 1
+
+
+def test_rate_limiter_budget_per_window():
+    now = [0.0]
+    lim = RateLimiter(1000, clock=lambda: now[0])   # 100 bytes per 100 ms window
+    assert not lim.exceeded()
+    lim.account(99)
+    assert not lim.exceeded()
+    lim.account(1)
+    assert lim.exceeded()
+    now[0] = 0.1                                    # a new window starts fresh
+    assert not lim.exceeded()
+    assert not RateLimiter(0).exceeded()            # 0 = unlimited, as in QEMU
+
+
+def test_check_block_list_names_block_and_lengths():
+    class B:
+        def __init__(self, idstr, n):
+            self.idstr, self.used_length = idstr, n
+    announced = ev.RamBlockList(32 << 20, (ev.RamBlockInfo("pc.ram", 32 << 20, None),))
+    check_block_list(announced, [B("pc.ram", 32 << 20)])
+    with pytest.raises(BlockMismatchError, match=r"pc\.ram: 0x2000000 .* 0x1000000"):
+        check_block_list(announced, [B("pc.ram", 16 << 20)])
+    with pytest.raises(BlockMismatchError, match='Unknown ramblock "pc.ram"'):
+        check_block_list(announced, [B("m0", 32 << 20)])
