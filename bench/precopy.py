@@ -371,6 +371,8 @@ def print_table(results: dict, out=sys.stdout) -> None:
           f"({'/'.join(f'{int(p * 100)}' for p in MIXED)}% zero/text/random pages), "
           f"{results['transport']} socket, paused guest, median of {results['repeat']}",
           file=out)
+    load = results["host"]["loadavg_at_start"][0]
+    print(f"host: {results['host']['cpus']} CPUs, load average {load:.2f} at start", file=out)
     head = (f"{'':<16}{'total-time':>11}{'wall':>8}{'downtime':>10}"
             f"{'transferred':>13}{'guest':>8}{'wire':>8}")
     units = f"{'':<16}{'ms':>11}{'s':>8}{'ms':>10}{'MB':>13}{'GB/s':>8}{'GB/s':>8}"
@@ -449,7 +451,9 @@ def main(argv: list[str] | None = None) -> int:
                      "host": {"cpus": os.cpu_count(), "machine": platform.machine(),
                               "kernel": platform.release(),
                               "python": platform.python_version(),
-                              "numpy": np.__version__},
+                              "numpy": np.__version__,
+                              # other work on the host skews every figure
+                              "loadavg_at_start": os.getloadavg()},
                      "runs": []}
     if args.no_qemu:
         qemu_ok, why = False, "--no-qemu"

@@ -11,7 +11,16 @@ from engine.options import MigrationOptions, options_from_args
 
 
 def options_from(args) -> MigrationOptions:
-    return options_from_args(args.cap, args.param)
+    """Validated options; refuses what a command-line run cannot honour."""
+    from engine.errors import InvalidCapabilityError
+    from engine.migration import check_implemented
+    options = options_from_args(args.cap, args.param)
+    check_implemented(options)
+    if options.cap("pause-before-switchover"):
+        raise InvalidCapabilityError(
+            "pause-before-switchover", "needs a monitor to send migrate-continue; "
+            "use the library (SourceMigration.migrate_continue)")
+    return options
 
 
 def workload_spec(args, default: str):

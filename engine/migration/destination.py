@@ -23,6 +23,7 @@ import numpy as np
 from engine.errors import (BlockMismatchError, ChannelClosedError, ChannelError, EngineError,
                            MigrationError, RemoteProtocolError)
 from engine.machine import GuestState, MachineProfile
+from engine.migration import check_implemented
 from engine.migration.verify import memory_digests
 from engine.options import MigrationOptions
 from engine.state import MigrationState, MigrationStatus as S
@@ -71,6 +72,7 @@ class DestinationMigration:
         self.verify = verify
         self.ab_check = ab_check
         self.resume = resume
+        check_implemented(options)
         self.state = MigrationState("destination", on_change=on_status)
         self.state.transition(S.SETUP)
         self.guest_state = GuestState(guest)
@@ -194,6 +196,10 @@ class DestinationMigration:
                     f"source asked for a return path but {self.channel.name} is one-way",
                     channel="main")
             self._rp_open = True
+            if self.options.cap("switchover-ack"):
+                # No device here needs to approve the switchover, so the ACK
+                # goes at once, as QEMU's does in that case.
+                self.channel.sendall(rp.rp_switchover_ack())
         elif isinstance(event, ev.Ping):
             if not self._rp_open:
                 raise RemoteProtocolError("PING received without a return path", channel="main")

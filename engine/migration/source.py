@@ -32,6 +32,7 @@ from typing import Callable
 from engine.errors import (ChannelError, EngineError, MigrationCancelled,
                            MigrationError, RemoteProtocolError)
 from engine.machine import RAM_SECTION_ID, GuestState, MachineProfile
+from engine.migration import check_implemented
 from engine.migration.ramsave import RamSaver
 from engine.migration.verify import memory_digests
 from engine.options import MigrationOptions
@@ -99,6 +100,9 @@ class SourceMigration:
         self.stats = StatsAccumulator(self.ram.total_bytes, self.page_size)
         self.error: EngineError | None = None
         self._cancel = threading.Event()
+        self._continue = threading.Event()
+        self._switchover_acked = threading.Event()
+        check_implemented(options)
         self._lock = threading.Lock()
         self._rp_thread: threading.Thread | None = None
         self._rp_shut: threading.Event = threading.Event()
@@ -115,6 +119,11 @@ class SourceMigration:
     def cancel(self) -> None:
         """migrate_cancel: stop at the next batch boundary."""
         self._cancel.set()
+
+    def migrate_continue(self, expected: str = "pre-switchover") -> None:
+        """QMP migrate-continue: leave pre-switchover (guarded by the state)."""
+        self.state.expect(S(expected))
+        self._continue.set()
 
     def info(self) -> MigrationInfo:
         with self._lock:
@@ -139,15 +148,19 @@ class SourceMigration:
             self.stats.setup_done()
             self.state.transition(S.ACTIVE)
             self._iterate()
-            if self.options.cap("pause-before-switchover"):
-                raise MigrationError("pause-before-switchover needs a monitor "
-                                     "to issue migrate-continue")
-            self.state.transition(S.DEVICE)
+            # QEMU's migration_completion: stop the VM first, then (with
+            # pause-before-switchover) wait in pre-switchover for
+            # migrate-continue, then serialise devices in 'device'.
             if was_running:
                 self.guest.stop()
                 self.guest_state.note_stopped()
                 stopped_by_us = True
             self.stats.vm_stopped()
+            if self.options.cap("pause-before-switchover"):
+                self.state.transition(S.PRE_SWITCHOVER)
+                while not self._continue.wait(0.05):
+                    self._check_cancel()
+            self.state.transition(S.DEVICE)
             self._complete()
             self._await_return_path()
             with self._lock:
@@ -235,10 +248,15 @@ class SourceMigration:
                     self.stats.dirty_sync(new, pending // self.page_size)
                 if self.on_pass:
                     self.on_pass(passes)
-                if pending <= threshold:
+                if pending <= threshold and self._switchover_allowed():
                     return
             self._send_section(enc.section_part(RAM_SECTION_ID), limiter,
                                deadline=time.monotonic() + ITERATION_SECONDS)
+
+    def _switchover_allowed(self) -> bool:
+        """QEMU: with switchover-ack, a running guest waits for the destination's ACK."""
+        return (not self.options.cap("switchover-ack") or not self.guest.running
+                or self._switchover_acked.is_set())
 
     def _send_section(self, header: bytes, limiter: RateLimiter | None,
                       deadline: float | None) -> None:
@@ -312,6 +330,8 @@ class SourceMigration:
                         break
                     if isinstance(ev, rp.Pong):
                         self.pongs.append(ev.value)
+                    elif isinstance(ev, rp.SwitchoverAck):
+                        self._switchover_acked.set()
                     elif isinstance(ev, rp.Shut):
                         self._rp_status = ev.status
                         self._rp_shut.set()

@@ -91,3 +91,39 @@ def test_paused_guest_stays_paused_on_destination():
         assert dst.devices_loaded["globalstate"]["runstate"].rstrip(b"\0") == b"prelaunch"
         assert not dg.running
         assert memory_digests(sg.blocks) == memory_digests(dg.blocks)
+
+
+def test_pause_before_switchover_waits_for_migrate_continue():
+    opts = make_options({"pause-before-switchover": True, "return-path": True,
+                         "switchover-ack": True})
+    profile = get_profile("engine")
+    seen = []
+    with Guest.create([("m0", 4 << 20)], vcpus=1, workload=WorkloadSpec("ab", 16)) as sg, \
+            Guest.create([("m0", 4 << 20)], vcpus=1, workload=WorkloadSpec("ab", 16),
+                         start=False) as dg:
+        listener = listen("tcp:127.0.0.1:0")
+        dst = DestinationMigration(profile, opts, guest=dg, vcpus=1, verify=True)
+        t = threading.Thread(target=lambda: dst.run(listener.accept(timeout=30)))
+        t.start()
+        src = SourceMigration(sg, profile, opts, vcpus=1,
+                              on_status=lambda old, new: seen.append(new.value))
+        result = {}
+        runner = threading.Thread(target=lambda: result.setdefault(
+            "info", src.run(connect(listener.uri))))
+        runner.start()
+        deadline = time.monotonic() + 30
+        while src.state.status.value != "pre-switchover":
+            assert time.monotonic() < deadline and runner.is_alive()
+            time.sleep(0.01)
+        assert not sg.running                        # stopped before pre-switchover
+        time.sleep(0.2)
+        assert src.state.status.value == "pre-switchover"
+        with pytest.raises(Exception):
+            src.migrate_continue("active")            # guarded by the expected state
+        src.migrate_continue("pre-switchover")
+        runner.join(30)
+        t.join(30)
+        listener.close()
+        assert result["info"].status == "completed"
+        assert seen[-4:] == ["active", "pre-switchover", "device", "completed"]
+        assert dst.state.status.value == "completed"
