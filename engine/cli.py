@@ -9,15 +9,7 @@ option costs nothing to undo.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
-import time
-from pathlib import Path
 
 from engine.errors import ConfigError, EngineError
 

@@ -28,7 +28,7 @@ Receiving side::
 from __future__ import annotations
 
 import threading
-from typing import Iterable, Mapping
+from typing import Mapping
 
 from engine.errors import MigrationError
 from engine.machine import get_profile

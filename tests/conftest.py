@@ -114,7 +114,9 @@ def _used_by_others(names: set[str]) -> set[str]:
 
 def _leaked_shm(before: set[str]) -> list[str]:
     new = _shm_names() - before
-    return sorted(new - _used_by_others(new))
+    # Re-check existence after the /proc scan: another session may have
+    # removed its own segment meanwhile.
+    return sorted(n for n in new - _used_by_others(new) if (SHM_DIR / n).exists())
 
 
 def _remove_shm(names: list[str]) -> None:

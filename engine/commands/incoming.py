@@ -49,8 +49,9 @@ def run_incoming(args) -> int:
             print(format_info_migrate(info))
             for name, values in mig.devices_loaded.items():
                 print(f"device {name}: {values}")
-            if info.status == "failed":
-                print(f"error: {info.error_desc}", file=sys.stderr)
+        if info.status == "failed":
+            # --quiet silences the report, never the reason for a failure.
+            print(f"engine: error: {info.error_desc}", file=sys.stderr)
         report = {
             "migration": info.to_qmp(),
             "configuration": {"machine": mig.configuration.machine} if mig.configuration else None,

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 
 from engine.cli import EXIT_FAILED, EXIT_OK
 from engine.commands.common import json_values, write_json
-from engine.errors import ChannelClosedError, EngineError
+from engine.errors import ChannelClosedError, ConfigError, EngineError
 
 
 def _all_devices(vcpus: int):
@@ -24,10 +25,19 @@ def _all_devices(vcpus: int):
     return lambda idstr, instance_id: table.get((idstr, instance_id))
 
 
-def analyze_stream(path: str, *, vcpus: int = 1, mem_path: str | None = None) -> dict:
-    """Decode a whole stream file; returns the report (raises on bad input)."""
+def analyze_stream(path: str, *, vcpus: int = 1, mem_path: str | None = None,
+                   machine: str | None = None) -> dict:
+    """Decode a whole stream file; returns the report (raises on bad input).
+
+    With *machine* (a profile name) the stream must come from that machine
+    type, as a QEMU destination insists; by default any known one is read.
+    """
+    from engine.errors import RemoteProtocolError
+    from engine.machine import get_profile
     from engine.stream import events as ev
     from engine.stream.decoder import StreamDecoder
+
+    expected = get_profile(machine).type_name if machine else None
 
     dec = StreamDecoder(_all_devices(vcpus), channel=os.path.basename(path))
     report: dict = {"file": path, "machine": None, "sections": [], "commands": [],
@@ -45,6 +55,7 @@ def analyze_stream(path: str, *, vcpus: int = 1, mem_path: str | None = None) ->
                 else:
                     dec.feed_eof()
                 while True:
+                    at = dec.offset
                     e = dec.next_event()
                     if e is ev.NEED_DATA:
                         break
@@ -60,6 +71,10 @@ def analyze_stream(path: str, *, vcpus: int = 1, mem_path: str | None = None) ->
                             m[e.offset:e.offset + 4096] = bytes(4096)
                     elif isinstance(e, ev.Configuration):
                         report["machine"] = e.machine
+                        if expected is not None and e.machine != expected:
+                            raise RemoteProtocolError(
+                                f"Machine type received is '{e.machine}' and local is "
+                                f"'{expected}'", offset=at, channel=os.path.basename(path))
                     elif isinstance(e, (ev.SectionStart, ev.DeviceState)):
                         key = (e.section_id, e.idstr, e.instance_id)
                         if key not in seen:
@@ -102,12 +117,15 @@ def analyze_stream(path: str, *, vcpus: int = 1, mem_path: str | None = None) ->
 
 def run_load(args) -> int:
     try:
-        report = analyze_stream(args.file, vcpus=args.vcpus, mem_path=args.mem_path)
+        report = analyze_stream(args.file, vcpus=args.vcpus, mem_path=args.mem_path,
+                                machine=args.machine)
     except OSError as exc:
-        print(f"engine: error: cannot read {args.file}: {exc.strerror}")
+        print(f"engine: error: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return EXIT_FAILED
+    except ConfigError:
+        raise   # a bad option (unknown --machine): the CLI's usage error
     except EngineError as exc:
-        print(f"engine: error: {args.file}: {exc}")
+        print(f"engine: error: {args.file}: {exc}", file=sys.stderr)
         write_json(args.json, {"file": args.file, "error": str(exc)})
         return EXIT_FAILED
     print(f"file: {args.file}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import signal
 import subprocess
 import sys
 import tempfile
@@ -19,12 +19,14 @@ import time
 from pathlib import Path
 
 from engine.cli import EXIT_FAILED, EXIT_MISMATCH, EXIT_OK
-from engine.commands.common import (Progress, ab_summary, options_from,
+from engine.commands.common import (Progress, options_from,
                                     profile_and_ram_id, workload_spec, write_json)
 from engine.errors import ChannelError, ConfigError, MigrationError
 
 #: how long to wait for the local destination to start listening
 DESTINATION_START_SECONDS = 60
+#: how long the local destination may take to exit at each step of kill()
+DESTINATION_EXIT_SECONDS = 10
 
 
 class LocalDestination:
@@ -88,14 +90,25 @@ class LocalDestination:
         except (OSError, ValueError):
             return rc, None
 
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
+    def kill(self, grace: float = DESTINATION_EXIT_SECONDS) -> None:
+        """Make sure the destination has exited, and has cleaned up after itself.
+
+        It gets *grace* seconds to end on its own (once the source has
+        closed the channel it is failing already), then a SIGINT, which it
+        handles like Ctrl-C: its guest is closed, its vCPUs reaped and its
+        segments unlinked.  SIGTERM would kill it on the spot and leave all
+        that to the resource tracker; SIGKILL is the last resort.
+        """
+        steps = ((None, grace), (signal.SIGINT, DESTINATION_EXIT_SECONDS), (signal.SIGKILL, None))
+        for sig, wait in steps:
+            if self.proc.poll() is not None:
+                return
+            if sig is not None:
+                self.proc.send_signal(sig)
             try:
-                self.proc.wait(10)
+                self.proc.wait(wait)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                pass
 
 
 def _connect_retry(uri: str, deadline: float):
@@ -111,10 +124,9 @@ def _connect_retry(uri: str, deadline: float):
 
 def run_migrate(args) -> int:
     from engine.migration.source import SourceMigration
-    from engine.migration.verify import compare_digests
     from engine.ram.guest import Guest
     from engine.stats import format_info_migrate
-    from engine.transport import FdAddress, FileAddress, parse_uri
+    from engine.transport import FileAddress, parse_uri
 
     # Everything that can be refused is refused before anything starts.
     options = options_from(args)
@@ -133,6 +145,7 @@ def run_migrate(args) -> int:
 
     workdir = tempfile.mkdtemp(prefix="engine-migrate-")
     guest = dest = None
+    connected = False   # whether the local destination has a source to lose
     try:
         guest = Guest.create([(ram_id, args.ram, args.mem_path)], vcpus=args.vcpus,
                              workload=workload, start=workload.name != "none")
@@ -147,6 +160,7 @@ def run_migrate(args) -> int:
             uri = args.uri or f"unix:{os.path.join(workdir, 'migration.sock')}"
             dest = LocalDestination(args, uri, workdir)
             channel = _connect_retry(dest.wait_listening(), time.monotonic() + 10)
+        connected = True
         with channel, Progress(mig.info, args.quiet):
             info = mig.run(channel)
         if isinstance(local, FileAddress) and info.status == "completed":
@@ -160,8 +174,7 @@ def run_migrate(args) -> int:
         write_json(args.json, {"migration": info.to_qmp(), "verification": verification,
                                "destination": dest_report})
         if info.status != "completed":
-            if not args.quiet or True:
-                print(f"engine: migration {info.status}: {info.error_desc}", file=sys.stderr)
+            print(f"engine: migration {info.status}: {mig.error}", file=sys.stderr)
             if dest is not None and dest.stderr():
                 print("destination: " + dest.stderr(), file=sys.stderr)
             return EXIT_FAILED
@@ -170,7 +183,7 @@ def run_migrate(args) -> int:
         return EXIT_OK
     finally:
         if dest is not None:
-            dest.kill()
+            dest.kill(grace=DESTINATION_EXIT_SECONDS if connected else 0)
         if guest is not None:
             guest.close()
         for p in Path(workdir).glob("*"):

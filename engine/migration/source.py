@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Callable
 
-from engine.errors import (ChannelError, EngineError, MigrationCancelled,
+from engine.errors import (EngineError, MigrationCancelled,
                            MigrationError, RemoteProtocolError)
 from engine.machine import RAM_SECTION_ID, GuestState, MachineProfile
 from engine.migration import check_implemented
@@ -126,9 +126,13 @@ class SourceMigration:
         self._continue.set()
 
     def info(self) -> MigrationInfo:
+        """query-migrate; ``error-desc`` only with status failed, as QEMU shows it
+        (a cancel is not an error; :attr:`error` still says what ended it)."""
         with self._lock:
-            return self.stats.snapshot(self.state.status.value,
-                                       error_desc=str(self.error) if self.error else None)
+            status = self.state.status
+            failed = status is S.FAILED and self.error is not None
+            return self.stats.snapshot(status.value,
+                                       error_desc=str(self.error) if failed else None)
 
     # -- the migration thread ------------------------------------------
     def run(self, channel) -> MigrationInfo:
@@ -145,6 +149,9 @@ class SourceMigration:
         self.stats.start()
         try:
             self._setup()
+            # A migrate_cancel issued during setup ends it in setup, as in QEMU,
+            # instead of after a first pass of active.
+            self._check_cancel()
             self.stats.setup_done()
             self.state.transition(S.ACTIVE)
             self._iterate()
@@ -152,9 +159,12 @@ class SourceMigration:
             # pause-before-switchover) wait in pre-switchover for
             # migrate-continue, then serialise devices in 'device'.
             if was_running:
+                # Set before stop(): a stop cut short (Ctrl-C, a vCPU that does
+                # not acknowledge) has already cleared the run flag, and the
+                # guest must be restarted all the same.
+                stopped_by_us = True
                 self.guest.stop()
                 self.guest_state.note_stopped()
-                stopped_by_us = True
             self.stats.vm_stopped()
             if self.options.cap("pause-before-switchover"):
                 self.state.transition(S.PRE_SWITCHOVER)
@@ -203,6 +213,14 @@ class SourceMigration:
             raise MigrationCancelled("migration cancelled")
         if self._rp_error is not None:
             raise self._rp_error
+        if self._rp_status:
+            # The destination gave up loading: sending on (or, worse, stopping
+            # the guest for a switchover) cannot succeed any more.
+            raise self._shut_error()
+
+    def _shut_error(self) -> MigrationError:
+        return MigrationError(
+            f"destination reported an error loading the stream (SHUT {self._rp_status})")
 
     def _send(self, buffers) -> None:
         self.channel.sendmsg_all(buffers)
@@ -356,8 +374,7 @@ class SourceMigration:
         if self._rp_error is not None:
             raise self._rp_error
         if self._rp_status:
-            raise MigrationError(
-                f"destination reported an error loading the stream (SHUT {self._rp_status})")
+            raise self._shut_error()
 
     def _stop_return_path(self) -> None:
         if self._rp_thread is not None:

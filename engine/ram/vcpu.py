@@ -31,10 +31,8 @@ acknowledge a new stop with a stale RUN==0 and then resume on the previous
 """
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
-import signal
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -42,6 +40,7 @@ from typing import Sequence
 import numpy as np
 
 from engine.errors import GuestError
+from engine.procs import child_setup, spawn
 from engine.ram.block import RamBlock, RamBlockHandle
 from engine.ram.dirty import DirtyLog, DirtyLogHandle
 from engine.ram.shm import attach_segment, close_segment, create_segment, unlink_segment
@@ -61,7 +60,6 @@ PARENT_CHECK_INTERVAL = 0.05
 #: Longest sleep of a paced vCPU between control checks (seconds).
 _MAX_PACING_SLEEP = 0.005
 
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -143,15 +141,6 @@ class Control:
 # -- the vCPU process -----------------------------------------------------------
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    # PR_SET_PDEATHSIG fires when the thread that forked us exits; the getppid
-    # check covers a parent that died before prctl took effect.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-
 def vcpu_main(index: int, nvcpus: int, control: ControlHandle,
               blocks: Sequence[RamBlockHandle], logs: Sequence[DirtyLogHandle],
               spec: WorkloadSpec, parent_pid: int) -> None:
@@ -160,9 +149,7 @@ def vcpu_main(index: int, nvcpus: int, control: ControlHandle,
     Ctrl-C belongs to the coordinator, so SIGINT is ignored; the process
     dies with its parent.  Returns when QUIT is set.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    _die_with_parent(parent_pid)
+    child_setup(parent_pid)
     ctl = Control.attach(control)
     mapped_blocks: list[RamBlock] = []
     mapped_logs: list[DirtyLog] = []
@@ -249,22 +236,12 @@ class Vcpus:
         :meth:`close` reaps them.
         """
         nvcpus = self.control.nvcpus
-        ctx = multiprocessing.get_context("spawn")
         args = (nvcpus, self.control.handle, tuple(b.handle for b in blocks),
                 tuple(log.handle for log in logs), self.spec, os.getpid())
-        # The children inherit a blocked SIGINT until vcpu_main ignores it, so
-        # a Ctrl-C during their start-up cannot kill them half-way; ours stays
-        # pending until the mask is restored.
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            for index in range(nvcpus):
-                proc = ctx.Process(target=vcpu_main, args=(index, *args),
-                                   name=f"engine-vcpu-{index}", daemon=True)
-                proc.start()
-                self.processes.append(proc)
-                self.pids.append(proc.pid)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        for index in range(nvcpus):
+            proc = spawn(vcpu_main, (index, *args), f"engine-vcpu-{index}")
+            self.processes.append(proc)
+            self.pids.append(proc.pid)
 
     def _check_alive(self, index: int, doing: str) -> None:
         proc = self.processes[index]

@@ -6,9 +6,7 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
-import numpy as np
 import pytest
 
 from engine.ram.image import write_mixed_image

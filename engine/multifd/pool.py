@@ -1,0 +1,298 @@
+"""The coordinator's side of multifd: starting workers, handing out work, syncing.
+
+:class:`SendPool` (source) and :class:`RecvPool` (destination) each own N
+worker processes, a zmq ROUTER on an ipc endpoint in a private directory,
+and the bookkeeping QEMU keeps in ``multifd_send_state`` /
+``multifd_recv_state``.  They are created (and their workers started) before
+a migration begins; :meth:`SendPool.connect` opens the channels when it does.
+
+A worker that dies, reports an error or stops answering turns into a
+:class:`~engine.errors.MigrationError` naming its channel; :meth:`close`
+always stops and reaps every worker and removes the endpoint directory.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections import deque
+
+import numpy as np
+import zmq
+
+from engine.errors import MigrationError
+from engine.multifd import control as ctl
+from engine.multifd.receiver import RecvWorkerConfig, recv_worker_main
+from engine.multifd.sender import SendWorkerConfig, packets_needed, send_worker_main
+from engine.procs import spawn
+
+#: pages per BATCH message: 8 packets, so the coordinator's cost per page is tiny
+BATCH_PAGES = 1024
+#: batches a worker may have in flight; two keep its socket busy while the
+#: coordinator prepares the next
+MAX_OUTSTANDING = 2
+#: how long a worker may take to start, connect or answer a sync
+STARTUP_SECONDS = 60
+REPLY_SECONDS = 120
+
+
+class _Pool:
+    role = ""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.procs: list = []
+        self._dir = tempfile.mkdtemp(prefix="engine-multifd-")
+        self.endpoint = f"ipc://{os.path.join(self._dir, 'control')}"
+        self._zctx = zmq.Context()
+        self._router = self._zctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.bind(self.endpoint)
+        self._closed = False
+        self._backlog: deque = deque()
+        self.wire_bytes = 0
+
+    # -- messaging ---------------------------------------------------------
+    def _send(self, index: int, message) -> None:
+        try:
+            self._router.send_multipart([ctl.worker_identity(index), *message.frames()])
+        except zmq.ZMQError as exc:
+            self._check_alive()
+            raise MigrationError(f"multifd channel {index}: worker unreachable ({exc})") from exc
+
+    def _recv(self, timeout: float, what: str):
+        """Next (worker index, message); fails on worker death, error or timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._router.poll(100):
+                frames = self._router.recv_multipart(copy=False)
+                index = ctl.worker_index(bytes(frames[0]))
+                msg = ctl.decode(frames[1:])
+                if isinstance(msg, ctl.Error):
+                    raise MigrationError(f"multifd channel {index}: {msg.text}")
+                return index, msg
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise MigrationError(f"multifd: timed out waiting for {what}")
+
+    def _check_alive(self) -> None:
+        for i, p in enumerate(self.procs):
+            if p.exitcode is not None and not self._closed:
+                raise MigrationError(
+                    f"multifd channel {i}: {self.role} worker process died "
+                    f"(exit code {p.exitcode})")
+
+    def _take(self, kind, what: str, timeout: float, index: int | None = None):
+        """The next message of ``kind`` (from ``index``); others wait their turn.
+
+        Workers run ahead of the coordinator (a receive worker may reach a
+        SYNC while another channel is still being attached), so a message
+        that is not the awaited one is kept for later, not treated as an error.
+        """
+        for item in self._backlog:
+            i, msg = item
+            if isinstance(msg, kind) and (index is None or i == index):
+                self._backlog.remove(item)
+                return item
+        while True:
+            i, msg = self._recv(timeout, what)
+            if isinstance(msg, kind) and (index is None or i == index):
+                return i, msg
+            self._backlog.append((i, msg))
+
+    def _wait_all(self, kind, what: str, timeout: float = REPLY_SECONDS) -> list:
+        got: dict[int, object] = {}
+        while len(got) < self.n:
+            index, msg = self._take(kind, what, timeout)
+            if index in got:
+                self._unexpected(index, msg, what)
+            got[index] = msg
+        return [got[i] for i in range(self.n)]
+
+    def _unexpected(self, index: int, msg, what: str) -> None:
+        raise MigrationError(f"multifd channel {index}: unexpected {type(msg).__name__} "
+                             f"while waiting for {what}")
+
+    # -- lifetime ----------------------------------------------------------
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop and reap every worker; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
+            if p.exitcode is None:
+                p.terminate()
+                p.join(2)
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+        self._router.close(linger=0)
+        self._zctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def kill(self) -> None:
+        """Abort: workers are killed at once (migration failed or cancelled)."""
+        for p in self.procs:
+            if p.exitcode is None:
+                p.kill()
+        self.close(timeout=2.0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.close()
+        else:
+            self.kill()
+
+
+class SendPool(_Pool):
+    """Source side: N send workers, each owning one channel once connected."""
+    role = "send"
+
+    def __init__(self, n: int, blocks, *, codec: str = "none", level: int | None = None,
+                 zero_detect: bool = True, page_size: int = 4096, page_count: int = 128):
+        super().__init__(n)
+        self.page_count = page_count
+        self.normal = self.zero = 0
+        self._seq = 0
+        self.packet_num = 0
+        self._outstanding = [0] * n
+        self._round = 0
+        try:
+            for i in range(n):
+                cfg = SendWorkerConfig(i, self.endpoint, tuple(b.handle for b in blocks),
+                                       codec, level, zero_detect, page_size, page_count,
+                                       os.getpid())
+                self.procs.append(spawn(send_worker_main, (cfg,), f"engine-multifd-send-{i}"))
+            self._wait_all(ctl.Hello, "multifd send workers to start", STARTUP_SECONDS)
+        except BaseException:
+            self.kill()
+            raise
+
+    def connect(self, uri: str, uuid: bytes = bytes(16)) -> None:
+        """Open every channel (QEMU does this before the main stream's header)."""
+        for i in range(self.n):
+            self._send(i, ctl.Connect(uuid, i, uri))
+        self._wait_all(ctl.Ready, "multifd channels to connect", STARTUP_SECONDS)
+
+    def submit(self, block_index: int, pages: np.ndarray) -> None:
+        """Queue pages of a block; blocks while every worker is busy."""
+        for start in range(0, len(pages), BATCH_PAGES):
+            chunk = pages[start:start + BATCH_PAGES]
+            while min(self._outstanding) >= MAX_OUTSTANDING:
+                self._collect_one()
+            worker = int(np.argmin(self._outstanding))
+            batch = ctl.Batch(self._seq, self.packet_num, block_index, chunk)
+            self._send(worker, batch)
+            self._seq += 1
+            self.packet_num += packets_needed(len(chunk), self.page_count)
+            self._outstanding[worker] += 1
+
+    def poll_acks(self) -> None:
+        """Account for acknowledgements already waiting (never blocks)."""
+        while any(self._outstanding) and self._router.poll(0):
+            self._collect_one()
+
+    def _collect_one(self) -> None:
+        index, msg = self._take(ctl.Ack, "a batch acknowledgement", REPLY_SECONDS)
+        self._outstanding[index] -= 1
+        self.normal += msg.normal
+        self.zero += msg.zero
+        self.wire_bytes += msg.wire_bytes
+        self.on_ack(msg)
+
+    def on_ack(self, ack: ctl.Ack) -> None:
+        """Hook for the migration's statistics."""
+
+    def sync(self) -> None:
+        """QEMU's multifd_send_sync_main: drain, then a SYNC packet on every channel."""
+        while any(self._outstanding):
+            self._collect_one()
+        self._round += 1
+        for i in range(self.n):
+            self._send(i, ctl.Sync(self._round, self.packet_num))
+            self.packet_num += 1
+        self._wait_all(ctl.Synced, "multifd channels to sync")
+
+    def finish(self) -> int:
+        """BYE: close every channel cleanly; returns multifd bytes written."""
+        while any(self._outstanding):
+            self._collect_one()
+        for i in range(self.n):
+            self._send(i, ctl.Bye())
+        done = self._wait_all(ctl.Done, "multifd channels to close")
+        self.wire_bytes = sum(d.wire_bytes for d in done)
+        return self.wire_bytes
+
+
+class RecvPool(_Pool):
+    """Destination side: N receive workers; channels are handed over as they arrive."""
+    role = "receive"
+
+    def __init__(self, n: int, blocks, received_logs, *, codec: str = "none",
+                 page_size: int = 4096, page_count: int = 128):
+        super().__init__(n)
+        self._fd_socks: list[socket.socket] = []
+        self.attached: set[int] = set()
+        self.normal = self.zero = 0
+        self._round = 0
+        self._done: dict[int, int] = {}
+        try:
+            fresh = tuple(bool(getattr(b, "fresh", False)) for b in blocks)
+            for i in range(n):
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                self._fd_socks.append(ours)
+                cfg = RecvWorkerConfig(i, self.endpoint, tuple(b.handle for b in blocks),
+                                       tuple(r.handle for r in received_logs), fresh,
+                                       codec, page_size, page_count, os.getpid())
+                try:
+                    self.procs.append(spawn(recv_worker_main, (cfg, theirs),
+                                            f"engine-multifd-recv-{i}"))
+                finally:
+                    theirs.close()
+            self._wait_all(ctl.Hello, "multifd receive workers to start", STARTUP_SECONDS)
+        except BaseException:
+            self.kill()
+            raise
+
+    def attach(self, channel_id: int, sock: socket.socket) -> None:
+        """Hand an accepted channel (MultiFDInit already read) to its worker."""
+        if not 0 <= channel_id < self.n:
+            raise MigrationError(f"multifd: channel id {channel_id} out of range "
+                                 f"(multifd-channels is {self.n})")
+        if channel_id in self.attached:
+            raise MigrationError(f"multifd: channel {channel_id} connected twice")
+        socket.send_fds(self._fd_socks[channel_id], [str(channel_id).encode()],
+                        [sock.fileno()])
+        self.attached.add(channel_id)
+        self._take(ctl.Ready, f"multifd channel {channel_id} to start", STARTUP_SECONDS,
+                   index=channel_id)
+
+    def sync(self) -> None:
+        """QEMU's multifd_recv_sync_main: every channel reached its SYNC; release all."""
+        synced = self._wait_all(ctl.Synced, "multifd channels to sync")
+        self._round += 1
+        self.normal = sum(s.normal for s in synced)
+        self.zero = sum(s.zero for s in synced)
+        self.wire_bytes = sum(s.wire_bytes for s in synced)
+        for i in range(self.n):
+            self._send(i, ctl.Release(self._round))
+
+    def finish(self, timeout: float = REPLY_SECONDS) -> None:
+        """Wait for every channel's clean end (the source closes them after EOF)."""
+        done = self._wait_all(ctl.Done, "multifd channels to end", timeout)
+        self.wire_bytes = sum(d.wire_bytes for d in done)
+
+    def close(self, timeout: float = 5.0) -> None:
+        if not self._closed:
+            for s in self._fd_socks:
+                s.close()      # a worker still waiting for its channel sees EOF
+        super().close(timeout)

@@ -1,0 +1,209 @@
+"""A destination multifd worker: one process, one channel (multifd_recv_thread).
+
+The coordinator accepts the connection, reads its MultiFDInit to learn the
+channel id, and passes the socket to this worker over a unix socket
+(SCM_RIGHTS).  The worker then reads packets and lands pages directly in
+the destination's shared memory: for ``none`` the payload is received
+straight into the guest pages (``recvmsg_into`` over one view per run of
+adjacent pages, no intermediate buffer); for zlib/zstd the payload is read
+into a reused buffer and decompressed into the pages.
+
+Zero pages listed in a packet are only written if the page was received
+before or the memory was not known to be zero: a destination never touches
+memory for a zero page it has never received (QEMU 9.0's received bitmap),
+so an idle guest's untouched memory costs no page faults.  The "received"
+bitmap is shared with the coordinator (which receives pages on the main
+channel too): one byte per page in shared memory.
+
+After a SYNC packet the worker reports SYNCED and applies nothing more until
+the coordinator says RELEASE (see :mod:`engine.multifd.control`).
+"""
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.compress import get_codec
+from engine.errors import ChannelClosedError, EngineError, RemoteProtocolError
+from engine.multifd import control as ctl
+from engine.multifd.packet import MultiFDPacketHeader, packet_size
+from engine.procs import child_setup
+
+#: at most this many iovecs per recvmsg_into call (Linux IOV_MAX)
+_IOV_MAX = 1024
+
+
+@dataclass(frozen=True)
+class RecvWorkerConfig:
+    index: int
+    endpoint: str
+    blocks: tuple                 # RamBlockHandle per block
+    received: tuple               # DirtyLogHandle per block: the received bitmap
+    fresh: tuple                  # per block: memory known to be all zero at start
+    codec: str = "none"
+    page_size: int = 4096
+    page_count: int = 128
+    parent_pid: int = 0
+
+
+def recv_exact(sock: socket.socket, views: list, what: str, offset: int, channel: str) -> int:
+    """Fill every view in ``views`` from ``sock``; returns the byte count."""
+    total = 0
+    views = [v for v in views if v.nbytes]
+    while views:
+        n = sock.recvmsg_into(views[:_IOV_MAX])[0]
+        if n == 0:
+            raise ChannelClosedError(
+                f"channel {channel}: stream truncated at offset {offset + total}: "
+                f"expected {what}")
+        total += n
+        while n:
+            v = views[0]
+            if n >= v.nbytes:
+                n -= v.nbytes
+                views.pop(0)
+            else:
+                views[0] = v[n:]
+                n = 0
+    return total
+
+
+def page_runs(idx: np.ndarray) -> list[tuple[int, int]]:
+    """(first page, count) for each run of adjacent page indexes."""
+    if len(idx) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(idx)]))
+    return [(int(idx[s]), int(e - s)) for s, e in zip(starts, ends)]
+
+
+class PacketReader:
+    """Reads and applies packets from one channel (no zmq, testable alone)."""
+
+    def __init__(self, sock: socket.socket, index: int, blocks, received, fresh,
+                 codec: str, page_size: int = 4096, page_count: int = 128):
+        self.sock = sock
+        self.name = f"multifd {index}"
+        self.blocks = {b.idstr: (b, r, f) for b, r, f in zip(blocks, received, fresh)}
+        self.codec = get_codec(codec)
+        self.decoder = self.codec.new_decoder()
+        self.page_size = page_size
+        self.page_count = page_count
+        self.header = bytearray(packet_size(page_count))
+        self.payload = bytearray(page_count * page_size + 4096)
+        self.offset = 64  # the coordinator consumed MultiFDInit
+        self.normal = self.zero = 0
+
+    def read_packet(self) -> MultiFDPacketHeader | None:
+        """Apply the next packet; None at a clean end of channel."""
+        hdr = memoryview(self.header)
+        first = self.sock.recv_into(hdr, len(hdr), socket.MSG_WAITALL)
+        if first == 0:
+            return None
+        if first < len(hdr):
+            self.offset += first
+            self.offset += recv_exact(self.sock, [hdr[first:]], "a multifd packet header",
+                                      self.offset, self.name)
+        else:
+            self.offset += first
+        start = self.offset - len(hdr)
+        h = MultiFDPacketHeader.unpack(hdr, self.page_count, channel=self.name,
+                                       stream_offset=start)
+        if h.normal_pages or h.zero_pages:
+            entry = self.blocks.get(h.ramblock)
+            if entry is None:
+                raise RemoteProtocolError(f"multifd: unknown RAM block {h.ramblock!r}",
+                                          start + 64, self.name)
+            block, received, fresh = entry
+            h.validate(block.used_length, self.page_size, self.name, start)
+            ps = self.page_size
+            if h.normal_pages:
+                h.check_compression(self.codec.flag, channel=self.name, stream_offset=start)
+                idx = (h.normal_offsets // np.uint64(ps)).astype(np.int64)
+                size = h.payload_size
+                if self.codec.name == "none":
+                    if size != len(idx) * ps:
+                        raise RemoteProtocolError(
+                            f"multifd: payload of {size} bytes for {len(idx)} pages",
+                            start + 20, self.name)
+                    buf = block.buf
+                    views = [buf[p * ps:(p + n) * ps] for p, n in page_runs(idx)]
+                    self.offset += recv_exact(self.sock, views, "page data",
+                                              self.offset, self.name)
+                else:
+                    if size > len(self.payload):
+                        self.payload = bytearray(size)
+                    view = memoryview(self.payload)[:size]
+                    self.offset += recv_exact(self.sock, [view], "compressed page data",
+                                              self.offset, self.name)
+                    self.decoder.decode_scatter(view, block.pages, idx)
+                received.log[idx] = 1
+                self.normal += len(idx)
+            if h.zero_pages:
+                zidx = (h.zero_offsets // np.uint64(ps)).astype(np.int64)
+                if fresh:
+                    touch = zidx[received.log[zidx] != 0]
+                else:
+                    touch = zidx
+                if len(touch):
+                    block.pages[touch] = 0
+                received.log[zidx] = 1
+                self.zero += len(zidx)
+        return h
+
+
+def recv_worker_main(cfg: RecvWorkerConfig, fd_sock: socket.socket) -> None:
+    import zmq
+    from engine.ram.block import RamBlock
+    from engine.ram.dirty import DirtyLog
+
+    child_setup(cfg.parent_pid)
+    zctx = zmq.Context()
+    zs = zctx.socket(zmq.DEALER)
+    zs.setsockopt(zmq.IDENTITY, ctl.worker_identity(cfg.index))
+    zs.setsockopt(zmq.LINGER, 1000)
+    zs.connect(cfg.endpoint)
+    blocks, logs, sock, reader = [], [], None, None
+    try:
+        blocks = [RamBlock.attach(h) for h in cfg.blocks]
+        logs = [DirtyLog.attach(h) for h in cfg.received]
+        zs.send_multipart(ctl.Hello(cfg.index).frames())
+        msg, fds, _, _ = socket.recv_fds(fd_sock, 16, 1)
+        if not fds:
+            return  # the coordinator gave up before a channel arrived
+        sock = socket.socket(fileno=fds[0])
+        channel_id = int(msg.decode() or cfg.index)
+        reader = PacketReader(sock, channel_id, blocks, logs, cfg.fresh, cfg.codec,
+                              cfg.page_size, cfg.page_count)
+        zs.send_multipart(ctl.Ready(channel_id).frames())
+        rounds = 0
+        while True:
+            h = reader.read_packet()
+            if h is None:
+                zs.send_multipart(ctl.Done(reader.offset).frames())
+                return
+            if h.is_sync:
+                rounds += 1
+                zs.send_multipart(ctl.Synced(rounds, reader.normal, reader.zero,
+                                             reader.offset).frames())
+                reply = ctl.decode(zs.recv_multipart())
+                if isinstance(reply, ctl.Bye):
+                    return
+    except (EngineError, OSError, ValueError) as exc:
+        text = str(exc)
+        try:
+            zs.send_multipart(ctl.Error(text).frames())
+        except Exception:
+            pass
+        raise SystemExit(f"multifd receive worker {cfg.index}: {text}") from None
+    finally:
+        reader = None
+        if sock is not None:
+            sock.close()
+        for r in (*logs, *blocks):
+            r.close()
+        zs.close(linger=1000)
+        zctx.term()
