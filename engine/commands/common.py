@@ -6,6 +6,7 @@ import sys
 import threading
 from typing import Callable
 
+from engine.errors import ConfigError
 from engine.machine import MachineProfile, get_profile
 from engine.options import MigrationOptions, options_from_args
 
@@ -21,6 +22,14 @@ def options_from(args) -> MigrationOptions:
             "pause-before-switchover", "needs a monitor to send migrate-continue; "
             "use the library (SourceMigration.migrate_continue)")
     return options
+
+
+def check_multifd_transport(options: MigrationOptions, address) -> None:
+    """QEMU: multifd needs a socket transport (file: only with mapped-ram)."""
+    from engine.transport import TcpAddress, UnixAddress
+    if options.cap("multifd") and not isinstance(address, (TcpAddress, UnixAddress)):
+        raise ConfigError(f"multifd needs a socket transport (tcp: or unix:), "
+                          f"not {address.uri}")
 
 
 def workload_spec(args, default: str):

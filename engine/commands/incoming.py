@@ -4,12 +4,14 @@ from __future__ import annotations
 import sys
 
 from engine.cli import EXIT_FAILED, EXIT_MISMATCH, EXIT_OK
-from engine.commands.common import (ab_summary, json_values, options_from, profile_and_ram_id,
+from engine.commands.common import (ab_summary, check_multifd_transport, json_values,
+                                    options_from, profile_and_ram_id,
                                     workload_spec, write_json)
 from engine.errors import ConfigError
 
 
 def run_incoming(args) -> int:
+    from engine.migration.channels import accept_channels
     from engine.migration.destination import DestinationMigration
     from engine.ram.guest import Guest
     from engine.stats import format_info_migrate
@@ -19,6 +21,7 @@ def run_incoming(args) -> int:
     profile, ram_id = profile_and_ram_id(args)
     workload = workload_spec(args, "none")
     address = parse_uri(args.uri)
+    check_multifd_transport(options, address)
     if args.vcpus < 0:
         raise ConfigError("--vcpus must be >= 0")
     guest = None
@@ -36,15 +39,21 @@ def run_incoming(args) -> int:
             guest = Guest.create([(ram_id, args.ram, args.mem_path)], vcpus=args.vcpus,
                                  workload=workload, start=False)
             made.append(guest)
-        with listen(address) as listener:
-            print(f"listening on {listener.uri}", flush=True)
-            channel = listener.accept(timeout=args.timeout)
         mig = DestinationMigration(profile, options, guest=guest,
                                    guest_factory=None if guest else factory,
                                    vcpus=args.vcpus, verify=args.verify,
                                    ab_check=args.verify and workload.name == "ab")
-        with channel:
-            info = mig.run(channel)
+        try:
+            mig.prepare()            # multifd workers start before anyone connects
+            with listen(address) as listener:
+                print(f"listening on {listener.uri}", flush=True)
+                n = int(options.param("multifd-channels")) if mig.multifd else 0
+                channel, multifd = accept_channels(listener, n, timeout=args.timeout)
+            with channel:
+                info = mig.run(channel, multifd)
+        finally:
+            if mig.pool is not None:
+                mig.pool.kill()
         if not args.quiet:
             print(format_info_migrate(info))
             for name, values in mig.devices_loaded.items():

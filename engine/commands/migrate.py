@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from engine.cli import EXIT_FAILED, EXIT_MISMATCH, EXIT_OK
-from engine.commands.common import (Progress, options_from,
+from engine.commands.common import (Progress, check_multifd_transport, options_from,
                                     profile_and_ram_id, workload_spec, write_json)
 from engine.errors import ChannelError, ConfigError, MigrationError
 
@@ -126,7 +126,7 @@ def run_migrate(args) -> int:
     from engine.migration.source import SourceMigration
     from engine.ram.guest import Guest
     from engine.stats import format_info_migrate
-    from engine.transport import FileAddress, parse_uri
+    from engine.transport import FileAddress, UnixAddress, parse_uri
 
     # Everything that can be refused is refused before anything starts.
     options = options_from(args)
@@ -142,9 +142,10 @@ def run_migrate(args) -> int:
     if local is not None and not isinstance(local, (FileAddress,)) and \
             local.uri.split(":", 1)[0] not in ("tcp", "unix"):
         raise ConfigError(f"--uri {args.uri}: a local destination takes tcp:, unix: or file:")
+    check_multifd_transport(options, target or local or UnixAddress("/"))
 
     workdir = tempfile.mkdtemp(prefix="engine-migrate-")
-    guest = dest = None
+    guest = dest = mig = None
     connected = False   # whether the local destination has a source to lose
     try:
         guest = Guest.create([(ram_id, args.ram, args.mem_path)], vcpus=args.vcpus,
@@ -152,17 +153,22 @@ def run_migrate(args) -> int:
         mig = SourceMigration(guest, profile, options, vcpus=args.vcpus)
         mig.compute_digests = target is None and not args.no_verify
         if target is not None:
-            channel = _connect_retry(target.uri, time.monotonic() + 10)
+            mig.prepare()
+            uri = target.uri
+            channel = _connect_retry(uri, time.monotonic() + 10)
         elif isinstance(local, FileAddress):
             from engine.transport import connect
+            uri = local.uri
             channel = connect(local)
         else:
-            uri = args.uri or f"unix:{os.path.join(workdir, 'migration.sock')}"
-            dest = LocalDestination(args, uri, workdir)
-            channel = _connect_retry(dest.wait_listening(), time.monotonic() + 10)
+            dest = LocalDestination(args, args.uri or
+                                    f"unix:{os.path.join(workdir, 'migration.sock')}", workdir)
+            mig.prepare()            # multifd workers start while the destination does
+            uri = dest.wait_listening()
+            channel = _connect_retry(uri, time.monotonic() + 10)
         connected = True
         with channel, Progress(mig.info, args.quiet):
-            info = mig.run(channel)
+            info = mig.run(channel, uri)
         if isinstance(local, FileAddress) and info.status == "completed":
             dest = LocalDestination(args, local.uri, workdir)
         dest_rc, dest_report = dest.finish() if dest else (None, None)
@@ -182,6 +188,8 @@ def run_migrate(args) -> int:
             return EXIT_MISMATCH
         return EXIT_OK
     finally:
+        if mig is not None and mig.pool is not None:
+            mig.pool.kill()
         if dest is not None:
             dest.kill(grace=DESTINATION_EXIT_SECONDS if connected else 0)
         if guest is not None:

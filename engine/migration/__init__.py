@@ -7,7 +7,7 @@ from engine.errors import InvalidCapabilityError
 #: capability and which ones the engine means to support; the drivers refuse
 #: the rest here, up front, rather than silently migrating without them.
 IMPLEMENTED_CAPABILITIES = frozenset({
-    "events", "return-path", "pause-before-switchover", "switchover-ack",
+    "events", "return-path", "pause-before-switchover", "switchover-ack", "multifd",
     "late-block-activate", "zero-blocks",
 })
 

@@ -87,6 +87,42 @@ class DestinationMigration:
         self._lock = threading.Lock()
         self._rp_open = False
         self._stats = None
+        #: multifd: accepted channels by id, the worker pool, received bitmaps
+        self.multifd = options.cap("multifd")
+        self.multifd_channels: dict[int, object] = {}
+        self.pool = None
+        self._received_logs: list = []
+
+    def prepare(self) -> None:
+        """Start the multifd workers ahead of the migration (needs the guest)."""
+        if not self.multifd or self.pool is not None or self.guest is None:
+            return
+        from engine.multifd.pool import RecvPool
+        from engine.ram.dirty import DirtyLog
+        for b in self.guest.blocks:
+            self._received_logs.append(DirtyLog.create(b.npages))
+        self.pool = RecvPool(int(self.options.param("multifd-channels")), self.guest.blocks,
+                             self._received_logs,
+                             codec=self.options.param("multifd-compression"),
+                             page_size=self.page_size)
+
+    def _release_multifd(self, failed: bool) -> None:
+        for ch in self.multifd_channels.values():
+            ch.close()
+        self.multifd_channels = {}
+        if self.pool is not None:
+            if failed:
+                self.pool.kill()
+            else:
+                try:
+                    self.pool.finish(timeout=10)
+                except EngineError:
+                    pass    # every page arrived at the last sync; a slow close is harmless
+                self.pool.close()
+        for log in self._received_logs:
+            log.close()
+            log.unlink()
+        self._received_logs = []
 
     def info(self) -> MigrationInfo:
         with self._lock:
@@ -97,16 +133,20 @@ class DestinationMigration:
                                         error_desc=str(self.error) if self.error else None)
 
     # ------------------------------------------------------------------
-    def run(self, channel) -> MigrationInfo:
+    def run(self, channel, multifd_channels: dict | None = None) -> MigrationInfo:
+        """Load from the main ``channel`` (and the accepted multifd channels)."""
         self.channel = channel
+        self.multifd_channels = dict(multifd_channels or {})
         self.state.transition(S.ACTIVE)
         try:
             self._load()
             if self._rp_open:
                 channel.sendall(rp.rp_shut(0))
+            self._release_multifd(failed=False)
             self._finish()
             self.state.transition(S.COMPLETED)
         except BaseException as exc:
+            self._release_multifd(failed=True)
             with self._lock:
                 self.error = exc if isinstance(exc, EngineError) else \
                     MigrationError(f"{type(exc).__name__}: {exc}")
@@ -177,8 +217,13 @@ class DestinationMigration:
                 if view.any():
                     view[:] = 0
             received[page] = True
-        elif isinstance(event, (ev.RamEOS, ev.SectionStart, ev.SectionPart, ev.SectionEnd,
-                                ev.SectionFooter, ev.FileHeader, ev.RamFlush)):
+        elif isinstance(event, (ev.RamEOS, ev.RamFlush)):
+            # QEMU 7.2 syncs the multifd channels at every RAM section's EOS;
+            # later QEMUs at MULTIFD_FLUSH.  Either way: wait for all, release.
+            if self.pool is not None:
+                self.pool.sync()
+        elif isinstance(event, (ev.SectionStart, ev.SectionPart, ev.SectionEnd,
+                                ev.SectionFooter, ev.FileHeader)):
             pass
         elif isinstance(event, ev.RamBlockList):
             self._setup_blocks(event)
@@ -221,7 +266,18 @@ class DestinationMigration:
             self._stats.start()
         self._bufs = {b.idstr: b.buf for b in self.guest.blocks}
         self._u64 = {b.idstr: b.pages.view(np.uint64) for b in self.guest.blocks}
-        self._received = {b.idstr: np.zeros(b.npages, dtype=bool) for b in self.guest.blocks}
+        if self.multifd:
+            if len(self.multifd_channels) != int(self.options.param("multifd-channels")):
+                raise MigrationError("multifd is on but the multifd channels were not accepted")
+            self.prepare()
+            for channel_id, ch in sorted(self.multifd_channels.items()):
+                self.pool.attach(channel_id, ch.sock)
+            # Shared with the workers, who receive pages too.
+            self._received = {b.idstr: log.log for b, log in
+                              zip(self.guest.blocks, self._received_logs)}
+        else:
+            self._received = {b.idstr: np.zeros(b.npages, dtype=bool)
+                              for b in self.guest.blocks}
         self._fresh = {b.idstr: b.fresh for b in self.guest.blocks}
 
     def _load_device(self, event: ev.DeviceState) -> None:

@@ -60,31 +60,49 @@ def encode_batch(idstr: str, pages: np.ndarray, idx: np.ndarray, page_size: int,
         nz = int(is_zero.sum())
     else:
         nz = 0
-    name = bytes([len(idstr)]) + idstr.encode()
     buffers: list = []
     if nz:
-        zoff = offsets[is_zero]
         normal = ~is_zero
+        zoff = offsets[is_zero]
+        zeros = zero_records(idstr, zoff, named=False)
         rec = rec[normal]
         offsets = offsets[normal]
-        zrec = np.zeros((nz, 9), np.uint8)
-        zrec[:, :8] = (zoff | np.uint64(RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE)) \
-            .astype(">u8").view(np.uint8).reshape(nz, 8)
     nn = n - nz
     if nn:
         rec[:, :8] = (offsets | np.uint64(RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE)) \
             .astype(">u8").view(np.uint8).reshape(nn, 8)
         # The first record names the block: rewrite its flags without CONTINUE.
-        buffers.append(_BE64.pack(int(offsets[0]) | RAM_SAVE_FLAG_PAGE) + name)
+        buffers.append(_BE64.pack(int(offsets[0]) | RAM_SAVE_FLAG_PAGE) + _cstr8(idstr))
         buffers.append(memoryview(rec).cast("B")[8:])
         if nz:
-            buffers.append(memoryview(zrec).cast("B"))
+            buffers.append(zeros)
     else:
-        buffers.append(_BE64.pack(int(zoff[0]) | RAM_SAVE_FLAG_ZERO) + name + b"\0")
-        if nz > 1:
-            buffers.append(memoryview(zrec[1:]).cast("B"))
+        buffers = zero_records(idstr, zoff, named=True)
     wire = sum(len(b) for b in buffers)
     return BatchResult(buffers, nn, nz, wire)
+
+
+def _cstr8(idstr: str) -> bytes:
+    return bytes([len(idstr)]) + idstr.encode()
+
+
+def zero_records(idstr: str, offsets: np.ndarray, named: bool):
+    """ZERO records (address word + fill byte) for ``offsets`` of one block.
+
+    ``named``: the first record carries the block name and a list of buffers
+    is returned; otherwise every record is CONTINUE and one buffer returned.
+    """
+    nz = len(offsets)
+    zrec = np.zeros((nz, 9), np.uint8)
+    zrec[:, :8] = (offsets.astype(np.uint64)
+                   | np.uint64(RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE)) \
+        .astype(">u8").view(np.uint8).reshape(nz, 8)
+    if not named:
+        return memoryview(zrec).cast("B")
+    out = [_BE64.pack(int(offsets[0]) | RAM_SAVE_FLAG_ZERO) + _cstr8(idstr) + b"\0"]
+    if nz > 1:
+        out.append(memoryview(zrec[1:]).cast("B"))
+    return out
 
 
 class BlockBitmap:
@@ -138,14 +156,14 @@ class RamSaver:
     def total_bytes(self) -> int:
         return sum(bm.block.used_length for bm in self.bitmaps)
 
-    def setup_bytes(self) -> bytes:
-        """Body of the RAM SECTION_START: block list then EOS."""
+    def block_list(self) -> bytes:
+        """Start of the RAM SECTION_START body: the block list (EOS follows)."""
         blocks = [(bm.block.idstr, bm.block.used_length) for bm in self.bitmaps]
         # The first round sends everything; what the guest dirtied before
         # now is covered by that, so start the log from a clean slate.
         for bm in self.bitmaps:
             bm.log.harvest()
-        return enc.ram_block_list(blocks) + enc.ram_eos()
+        return enc.ram_block_list(blocks)
 
     def sync(self) -> int:
         """Bitmap sync (QEMU's migration_bitmap_sync); returns new dirty pages."""
@@ -157,13 +175,20 @@ class RamSaver:
     def pending_pages(self) -> int:
         return sum(bm.pending() for bm in self.bitmaps)
 
-    def next_batch(self) -> BatchResult | None:
-        """Encode the next batch of dirty pages, or None when the round is done."""
+    def next_pages(self, limit: int = BATCH_PAGES) -> tuple[int, np.ndarray] | None:
+        """(block index, up to ``limit`` dirty pages, cleared), None when the round is done."""
         while self._current < len(self.bitmaps):
-            bm = self.bitmaps[self._current]
-            idx = bm.take(BATCH_PAGES)
+            idx = self.bitmaps[self._current].take(limit)
             if len(idx):
-                return encode_batch(bm.block.idstr, bm.block.pages, idx,
-                                    self.page_size, self.detect_zero, self._staging)
+                return self._current, idx
             self._current += 1
         return None
+
+    def next_batch(self) -> BatchResult | None:
+        """Encode the next batch of dirty pages, or None when the round is done."""
+        item = self.next_pages()
+        if item is None:
+            return None
+        block = self.bitmaps[item[0]].block
+        return encode_batch(block.idstr, block.pages, item[1], self.page_size,
+                            self.detect_zero, self._staging)

@@ -29,11 +29,14 @@ import threading
 import time
 from typing import Callable
 
+import numpy as np
+
 from engine.errors import (EngineError, MigrationCancelled,
                            MigrationError, RemoteProtocolError)
 from engine.machine import RAM_SECTION_ID, GuestState, MachineProfile
 from engine.migration import check_implemented
-from engine.migration.ramsave import RamSaver
+from engine.compress.zeropage import zero_page_mask_from_buffer
+from engine.migration.ramsave import RamSaver, zero_records
 from engine.migration.verify import memory_digests
 from engine.options import MigrationOptions
 from engine.state import MigrationState, MigrationStatus as S
@@ -47,6 +50,8 @@ from engine.stream.vmdesc import build_vmdesc
 WINDOW_SECONDS = 0.1
 #: ram_save_iterate's time slice.
 ITERATION_SECONDS = 0.05
+#: pages taken from the bitmap per hand-out to the multifd workers (8 packets)
+BATCH_PAGES_MULTIFD = 1024
 
 
 class RateLimiter:
@@ -114,11 +119,54 @@ class SourceMigration:
         self.runstate = runstate
         self.switchover_digests: dict[str, str] | None = None
         self.compute_digests = False
+        self.multifd = options.cap("multifd")
+        self.pool = None
+        self.uri: str | None = None
+        self.limiter: RateLimiter | None = None
+
+    def prepare(self) -> None:
+        """Start the multifd workers now, before the migration's clock runs.
+
+        QEMU's channels are threads and cost nothing to start; ours are
+        processes, so a caller that knows a migration is coming (the command
+        line, a monitor) starts them ahead, like a thread pool.  ``run`` calls
+        this itself if nobody did.
+        """
+        if not self.multifd or self.pool is not None:
+            return
+        from engine.multifd.pool import SendPool
+        opts = self.options
+        codec = opts.param("multifd-compression")
+        level = {"zlib": opts.param("multifd-zlib-level"),
+                 "zstd": opts.param("multifd-zstd-level")}.get(codec)
+        self.pool = SendPool(int(opts.param("multifd-channels")), self.guest.blocks,
+                             codec=codec, level=level,
+                             zero_detect=opts.param("zero-page-detection") == "multifd",
+                             page_size=self.page_size)
+        self.pool.on_ack = self._on_multifd_ack
+
+    def _on_multifd_ack(self, ack) -> None:
+        with self._lock:
+            self.stats.add_normal(ack.normal, 0)
+            self.stats.add_zero(ack.zero, 0)
+            self.stats.add_multifd_bytes(ack.wire_bytes)
+        if self.limiter is not None:
+            self.limiter.account(ack.wire_bytes)
 
     # -- control from other threads ------------------------------------
     def cancel(self) -> None:
         """migrate_cancel: stop at the next batch boundary."""
         self._cancel.set()
+
+    def set_parameters(self, params: dict) -> None:
+        """migrate-set-parameters while migrating: validated, applied at once.
+
+        Like QEMU, max-bandwidth and downtime-limit take effect on the running
+        migration (the next iteration reads them); the others on the next one.
+        """
+        self.options = self.options.with_parameters(params)
+        if self.limiter is not None and "max-bandwidth" in params:
+            self.limiter.limit = int(self.options.param("max-bandwidth"))
 
     def migrate_continue(self, expected: str = "pre-switchover") -> None:
         """QMP migrate-continue: leave pre-switchover (guarded by the state)."""
@@ -135,8 +183,11 @@ class SourceMigration:
                                        error_desc=str(self.error) if failed else None)
 
     # -- the migration thread ------------------------------------------
-    def run(self, channel) -> MigrationInfo:
+    def run(self, channel, uri: str | None = None) -> MigrationInfo:
+        """Migrate over ``channel`` (connected); multifd channels connect to ``uri``."""
         self.channel = channel
+        self.uri = uri
+        self.limiter = None
         was_running = bool(getattr(self.guest, "running", False))
         if self.runstate is not None:
             self.guest_state.runstate = self.runstate
@@ -176,12 +227,21 @@ class SourceMigration:
             with self._lock:
                 self.stats.completed()
             self.state.transition(S.COMPLETED)
+            if self.compute_digests:
+                # The guest stays stopped after completion (QEMU's postmigrate)
+                # and nothing else writes its memory, so hashing it now gives
+                # the switchover contents without adding to the downtime.
+                self.switchover_digests = memory_digests(self.guest.blocks)
         except BaseException as exc:  # includes KeyboardInterrupt: cancel path
+            if self.pool is not None:
+                self.pool.kill()
             self._abort(exc, stopped_by_us)
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
         finally:
             self._stop_return_path()
+            if self.pool is not None:
+                self.pool.close()
         return self.info()
 
     def _abort(self, exc: BaseException, stopped_by_us: bool) -> None:
@@ -226,6 +286,12 @@ class SourceMigration:
         self.channel.sendmsg_all(buffers)
 
     def _setup(self) -> None:
+        if self.multifd:
+            if self.uri is None:
+                raise MigrationError("multifd needs the destination's URI to open its channels")
+            self.prepare()
+            # QEMU opens every multifd channel before the header goes out.
+            self.pool.connect(self.uri)
         head = [enc.file_header(), enc.configuration(self.machine.type_name)]
         self._send(head)
         self.stats.add_bytes(sum(len(b) for b in head))
@@ -238,9 +304,24 @@ class SourceMigration:
             self.stats.add_bytes(len(cmds))
             self._start_return_path()
         body = (enc.section_start(RAM_SECTION_ID, RAM_SECTION_IDSTR, 0, RAM_SECTION_VERSION)
-                + self.ram.setup_bytes() + enc.section_footer(RAM_SECTION_ID))
+                + self.ram.block_list())
         self._send([body])
         self.stats.add_bytes(len(body))
+        self._end_ram_section()
+
+    def _end_ram_section(self) -> None:
+        """EOS and footer; with multifd first a sync of every channel.
+
+        This is QEMU 7.2's per-section multifd sync (what later QEMUs call
+        multifd-flush-after-each-section): the destination syncs its channels
+        when it reads the EOS, so no page of the next section can overtake
+        one of this section on another channel.
+        """
+        if self.pool is not None:
+            self.pool.sync()
+        tail = enc.ram_eos() + enc.section_footer(RAM_SECTION_ID)
+        self._send([tail])
+        self.stats.add_bytes(len(tail))
 
     def _return_path_wanted(self) -> bool:
         return self.options.cap("return-path") or self.options.cap("postcopy-ram")
@@ -248,11 +329,11 @@ class SourceMigration:
     def _iterate(self) -> None:
         limiter = RateLimiter(int(self.options.param("max-bandwidth")))
         self.limiter = limiter
-        downtime_limit = int(self.options.param("downtime-limit"))
-        avail = int(self.options.param("avail-switchover-bandwidth"))
         passes = 0
         while True:
             self._check_cancel()
+            downtime_limit = int(self.options.param("downtime-limit"))
+            avail = int(self.options.param("avail-switchover-bandwidth"))
             with self._lock:
                 self.stats.update_window()
                 threshold = self.stats.threshold(downtime_limit, avail)
@@ -286,29 +367,58 @@ class SourceMigration:
                 limiter.wait(self._cancel)
                 if deadline is not None:
                     break
-            batch = self.ram.next_batch()
-            if batch is None:
-                break
-            self._send(batch.buffers)
-            with self._lock:
-                self.stats.add_normal(batch.normal, batch.normal * (8 + self.page_size))
-                self.stats.add_zero(batch.zero, batch.wire_bytes - batch.normal * (8 + self.page_size))
-                self.stats.set_remaining(self.ram.pending_pages())
-            if limiter is not None:
-                limiter.account(batch.wire_bytes)
+            if self.pool is not None:
+                if not self._submit_multifd():
+                    break
+            else:
+                batch = self.ram.next_batch()
+                if batch is None:
+                    break
+                self._send(batch.buffers)
+                with self._lock:
+                    self.stats.add_normal(batch.normal, batch.normal * (8 + self.page_size))
+                    self.stats.add_zero(batch.zero,
+                                        batch.wire_bytes - batch.normal * (8 + self.page_size))
+                    self.stats.set_remaining(self.ram.pending_pages())
+                if limiter is not None:
+                    limiter.account(batch.wire_bytes)
             if deadline is not None and time.monotonic() >= deadline:
                 break
-        tail = enc.ram_eos() + enc.section_footer(RAM_SECTION_ID)
-        self._send([tail])
-        self.stats.add_bytes(len(tail))
+        self._end_ram_section()
+
+    def _submit_multifd(self) -> bool:
+        """Hand the next dirty pages to the workers; False when the round is done.
+
+        With zero-page-detection=legacy the zero pages are found here and go
+        on the main channel as ZERO records (what QEMU 7.2 always does);
+        otherwise the workers find them (multifd) or nobody does (none).
+        """
+        item = self.ram.next_pages(BATCH_PAGES_MULTIFD)
+        if item is None:
+            return False
+        index, idx = item
+        if self.options.param("zero-page-detection") == "legacy":
+            block = self.ram.bitmaps[index].block
+            offsets = idx.astype(np.uint64) * np.uint64(self.page_size)
+            zero = zero_page_mask_from_buffer(block.buf, offsets, self.page_size)
+            if zero.any():
+                records = zero_records(block.idstr, offsets[zero], named=True)
+                self._send(records)
+                with self._lock:
+                    self.stats.add_zero(int(zero.sum()), sum(len(r) for r in records))
+                idx = idx[~zero]
+        if len(idx):
+            self.pool.submit(index, idx.astype(np.uint64))
+        self.pool.poll_acks()
+        with self._lock:
+            self.stats.set_remaining(self.ram.pending_pages())
+        return True
 
     def _complete(self) -> None:
         """Switchover: everything left, then the devices (vCPUs are stopped)."""
         new = self.ram.sync()
         with self._lock:
             self.stats.dirty_sync(new, self.ram.pending_pages())
-        if self.compute_digests:
-            self.switchover_digests = memory_digests(self.guest.blocks)
         self._send_section(enc.section_end(RAM_SECTION_ID), None, None)
         records, described = [], []
         for dev in self.machine.devices(self.vcpus):
@@ -321,6 +431,8 @@ class SourceMigration:
         records.append(enc.vmdescription(build_vmdesc(self.page_size, described)))
         self._send(records)
         self.stats.add_bytes(sum(len(r) for r in records))
+        if self.pool is not None:
+            self.pool.finish()      # BYE: every channel closed cleanly
         with self._lock:
             self.stats.set_remaining(0)
 
