@@ -117,7 +117,7 @@ def send_worker_main(cfg: SendWorkerConfig) -> None:
     sock.connect(cfg.endpoint)
     blocks, channel, writer = [], None, None
     try:
-        blocks = [RamBlock.attach(h, populate=True) for h in cfg.blocks]
+        blocks = [RamBlock.attach(h) for h in cfg.blocks]
         sock.send_multipart(ctl.Hello(cfg.index).frames())       # mapped, idle
         while True:
             msg = ctl.decode(sock.recv_multipart(copy=False))

@@ -13,7 +13,6 @@ first, and leaves the mapping to views held elsewhere until they are gone.
 """
 from __future__ import annotations
 
-import dataclasses
 import mmap
 import os
 from dataclasses import dataclass
@@ -24,10 +23,6 @@ import numpy as np
 from engine.errors import ConfigError, GuestError
 from engine.ram.shm import (attach_segment, close_segment, create_segment, reserve,
                             unlink_segment)
-
-#: where POSIX shared memory segments live as files (Linux)
-SHM_DIR = "/dev/shm"
-_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
 
 __all__ = ["RamBlockHandle", "RamBlock", "DEFAULT_PAGE_SIZE", "MAX_IDSTR_LEN"]
 
@@ -168,21 +163,8 @@ class RamBlock:
         return cls(handle, owner=True, mapping=mapping, fd=fd, fresh=created)
 
     @classmethod
-    def attach(cls, handle: RamBlockHandle, *, populate: bool = False) -> "RamBlock":
-        """Map the block described by *handle*; the result is not the owner.
-
-        *populate* maps every page up front (``MAP_POPULATE``): a multifd send
-        worker, which will read all of guest memory, then pays its page-table
-        set-up when it starts instead of one fault per page mid-migration
-        (QEMU's threads share the vCPUs' mappings and never pay it).  It maps
-        existing pages only; it allocates no memory.
-        """
-        if handle.shm_name is not None and populate:
-            path = os.path.join(SHM_DIR, handle.shm_name.lstrip("/"))
-            handle_as_file = dataclasses.replace(handle, shm_name=None, mem_path=path)
-            block = cls.attach(handle_as_file, populate=True)
-            block.handle = handle
-            return block
+    def attach(cls, handle: RamBlockHandle) -> "RamBlock":
+        """Map the block described by *handle*; the result is not the owner."""
         if handle.shm_name is not None:
             shm = attach_segment(handle.shm_name)
             if shm.size < handle.used_length:
@@ -203,8 +185,7 @@ class RamBlock:
                 raise GuestError(
                     f"RAM block {handle.idstr!r}: {handle.mem_path} has {size} "
                     f"bytes, the block needs {handle.used_length}")
-            flags = mmap.MAP_SHARED | (_MAP_POPULATE if populate else 0)
-            mapping = mmap.mmap(fd, handle.used_length, flags,
+            mapping = mmap.mmap(fd, handle.used_length, mmap.MAP_SHARED,
                                 mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as exc:
             os.close(fd)
