@@ -1,0 +1,502 @@
+"""What the benchmarks share: scratch files, one engine or QEMU migration, limits.
+
+Every benchmark here migrates a RAM image that lives in a ``/dev/shm`` file
+(``--mem-path`` for the engine, ``memory-backend-file,share=on`` for QEMU),
+checks that the destination's file equals the image, and sets the figures
+next to what this machine can do at all: bytes per second over a local
+socket between processes, and a numpy memcpy.
+
+Units: MB = 10**6 bytes, GB/s = 10**9 bytes/s, times in ms unless named ``_s``.
+
+Scratch files are held open from the moment they exist until they are
+removed.  The test suite's leak check (``tests/conftest.py``) unlinks any new
+``engine-*`` entry in ``/dev/shm`` that no process has open or mapped, and a
+test session may be running on the same host; a file that only this process
+knows by name would vanish between two migrations.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # tests.qemu: the QEMU harness the interop tests use
+
+from engine.errors import EngineError  # noqa: E402
+from tests.qemu import ManagedProcess, QemuVM, qemu_available, stop_process  # noqa: E402
+
+SHM_DIR = Path("/dev/shm")
+#: every file a benchmark puts in /dev/shm starts with this
+SHM_PREFIX = "engine-bench-"
+#: bytes/s: far above anything reached here, so in effect unlimited (0 is
+#: avoided because its meaning changed between QEMU versions)
+MAX_BANDWIDTH = 1 << 40
+DOWNTIME_LIMIT_MS = 300
+#: send/recv size of the socket limit measurement
+SOCKET_CHUNK = 1 << 20
+#: the destination-equals-image comparison reads this much of each file at once
+COMPARE_CHUNK = 64 << 20
+IMAGE_SEED = 20240501
+
+
+class BenchError(EngineError):
+    """A measurement could not be made or its result is wrong."""
+
+
+# ---------------------------------------------------------------------------
+# Scratch space
+
+class Scratch:
+    """A benchmark's /dev/shm files and scratch directory, removed on close.
+
+    :meth:`hold` keeps a file open so that no leak checker takes it for
+    garbage (see the module docstring); :meth:`check` tells whether a path
+    is still the file that was held.
+    """
+
+    def __init__(self) -> None:
+        self.tag = secrets.token_hex(4)
+        self.dir = Path(tempfile.mkdtemp(prefix=SHM_PREFIX))  # logs, sockets, reports
+        self._shm: dict[Path, None] = {}
+        self._held: dict[Path, int] = {}
+
+    def shm(self, role: str) -> Path:
+        """A /dev/shm path for ``role``, removed by :meth:`close`."""
+        path = SHM_DIR / f"{SHM_PREFIX}{self.tag}-{role}"
+        self._shm[path] = None
+        return path
+
+    def hold(self, path: Path) -> None:
+        """Keep ``path`` (which must exist) open until :meth:`remove` or :meth:`close`."""
+        self._release(path)
+        try:
+            self._held[path] = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise BenchError(f"cannot open {path}: {exc}") from None
+
+    def check(self, path: Path) -> None:
+        """Raise :class:`BenchError` if ``path`` is no longer the held file."""
+        fd = self._held.get(path)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise BenchError(f"{path} was removed by someone else") from None
+        if fd is not None:
+            held = os.fstat(fd)
+            if (held.st_dev, held.st_ino) != (st.st_dev, st.st_ino):
+                raise BenchError(f"{path} was replaced by someone else")
+
+    def remove(self, path: Path) -> None:
+        """Close and unlink ``path`` now."""
+        self._release(path)
+        path.unlink(missing_ok=True)
+
+    def _release(self, path: Path) -> None:
+        fd = self._held.pop(path, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        for path in list(self._held):
+            self._release(path)
+        for path in self._shm:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Scratch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    dst.unlink(missing_ok=True)
+    shutil.copyfile(src, dst)
+
+
+def _read_exact(f, buf: np.ndarray, path: Path) -> None:
+    view, got = memoryview(buf), 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise BenchError(f"{path}: short read")
+        got += n
+
+
+def first_difference(a: Path, b: Path, chunk: int = COMPARE_CHUNK) -> str | None:
+    """``None`` if files ``a`` and ``b`` are equal, else where they first differ.
+
+    Reads both with ``read`` rather than mapping them: a hole in a tmpfs
+    file reads as zeros without being allocated, so a mostly-empty guest
+    file costs no memory to check.
+    """
+    with open(a, "rb", buffering=0) as fa, open(b, "rb", buffering=0) as fb:
+        size_a, size_b = os.fstat(fa.fileno()).st_size, os.fstat(fb.fileno()).st_size
+        if size_a != size_b:
+            return f"{b} has {size_b} bytes, {a} has {size_a}"
+        buf_a = np.empty(min(chunk, size_a), np.uint8)
+        buf_b = np.empty_like(buf_a)
+        for off in range(0, size_a, chunk):
+            n = min(chunk, size_a - off)
+            x, y = buf_a[:n], buf_b[:n]
+            _read_exact(fa, x, a)
+            _read_exact(fb, y, b)
+            if not np.array_equal(x, y):
+                at = off + int(np.flatnonzero(x != y)[0])
+                return f"{b} differs from {a} first at byte {at} (page {at // 4096})"
+    return None
+
+
+def human_size(size: int) -> str:
+    """``size`` bytes in the largest binary unit that keeps it whole-ish."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift:
+            return f"{size / (1 << shift):g} {unit}"
+    return f"{size} B"
+
+
+def check_shm_free(needed: int, what: str) -> str | None:
+    """Why ``needed`` bytes of /dev/shm (which is RAM) cannot be had, or ``None``."""
+    free = shutil.disk_usage(SHM_DIR).free
+    if free < needed:
+        return (f"{SHM_DIR} has {free / 2**30:.1f} GiB free, {what} needs "
+                f"{needed / 2**30:.1f} GiB")
+    available = mem_available()
+    if available is not None and available < needed:
+        return (f"only {available / 2**30:.1f} GiB of RAM available (MemAvailable), "
+                f"{what} needs {needed / 2**30:.1f} GiB in {SHM_DIR}")
+    return None
+
+
+def mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (``None`` where there is none)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Options in the engine's and QEMU's spellings
+
+def engine_option_args(caps: Mapping[str, bool], params: Mapping[str, object]) -> list[str]:
+    """``--cap NAME=on|off`` and ``--param NAME=VALUE`` arguments."""
+    out: list[str] = []
+    for name, on in caps.items():
+        out += ["--cap", f"{name}={'on' if on else 'off'}"]
+    for name, value in params.items():
+        out += ["--param", f"{name}={value}"]
+    return out
+
+
+# ---------------------------------------------------------------------------
+# engine
+
+def wait_listening(proc: ManagedProcess, timeout: float) -> str:
+    """The URI printed by ``engine incoming`` once it listens."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in proc.stdout().splitlines():
+            if line.startswith("listening on "):
+                return line.split(" ", 2)[2].strip()
+        if proc.poll() is not None:
+            raise BenchError("engine incoming exited before listening\n" + proc.describe())
+        if time.monotonic() > deadline:
+            raise BenchError(f"engine incoming not listening after {timeout} s\n"
+                             + proc.describe())
+        time.sleep(0.01)
+
+
+def read_report(path: Path, proc: ManagedProcess) -> dict:
+    """The ``--json`` report an engine command wrote."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"no usable --json report {path}: {exc}\n{proc.describe()}") from None
+
+
+def engine_uri(scratch: Scratch, transport: str, name: str) -> str:
+    return (f"unix:{scratch.dir / f'{name}.sock'}" if transport == "unix"
+            else "tcp:127.0.0.1:0")
+
+
+def run_engine(scratch: Scratch, image: Path, src_ram: Path, size: int, transport: str,
+               name: str, timeout: float, *, caps: Mapping[str, bool] | None = None,
+               params: Mapping[str, object] | None = None) -> dict:
+    """One engine-to-engine migration of ``src_ram``; checked against ``image``.
+
+    ``engine incoming URI --mem-path DST`` and ``engine migrate --to URI
+    --mem-path SRC --workload none``, two fresh processes, both given
+    ``caps`` and ``params``.  ``name`` names logs and sockets.  Returns
+    :func:`figures`; raises :class:`BenchError` if either side did not
+    complete or the destination's RAM is not the image.
+    """
+    scratch.check(src_ram)
+    dst_ram = scratch.shm("engine-dst")
+    scratch.remove(dst_ram)  # a fresh file, as QEMU's destination gets
+    uri = engine_uri(scratch, transport, name)
+    dst_json, src_json = scratch.dir / f"{name}-incoming.json", scratch.dir / f"{name}-migrate.json"
+    engine = [sys.executable, "-m", "engine"]
+    ram = ["--machine", "none", "--ram", str(size)]
+    options = engine_option_args(caps or {}, params or {})
+    with ManagedProcess([*engine, "incoming", uri, *ram, "--mem-path", dst_ram, *options,
+                         "--quiet", "--json", dst_json, "--timeout", str(timeout)],
+                        scratch.dir, f"{name}-incoming", cwd=REPO) as dst:
+        listening = wait_listening(dst, timeout)
+        scratch.hold(dst_ram)  # created by now, and mapped by the destination
+        start = time.perf_counter()
+        with ManagedProcess([*engine, "migrate", "--to", listening, *ram,
+                             "--mem-path", src_ram, "--workload", "none", *options,
+                             "--json", src_json, "--quiet"],
+                            scratch.dir, f"{name}-migrate", cwd=REPO) as src:
+            rc = src.wait(timeout)
+            wall = time.perf_counter() - start
+            if rc != 0:
+                raise BenchError(f"engine migrate exited {rc}\n{src.describe()}\n"
+                                 + dst.describe())
+            info = read_report(src_json, src)["migration"]
+        drc = dst.wait(timeout)
+        if drc != 0:
+            raise BenchError(f"engine incoming exited {drc}\n{dst.describe()}")
+        dst_info = read_report(dst_json, dst)["migration"]
+    if info.get("status") != "completed" or dst_info.get("status") != "completed":
+        raise BenchError(f"engine migration not completed: source {info.get('status')}, "
+                         f"destination {dst_info.get('status')}: {info.get('error-desc')}")
+    diff = first_difference(image, dst_ram)
+    scratch.remove(dst_ram)
+    if diff:
+        raise BenchError(f"engine destination RAM is not the image: {diff}")
+    return figures(info, wall, size)
+
+
+# ---------------------------------------------------------------------------
+# QEMU
+
+def qemu_status(disabled_by: str | None = None) -> tuple[bool, str, str]:
+    """(usable, version line or reason it is not, short label for tables)."""
+    if disabled_by:
+        return False, disabled_by, "qemu"
+    ok, why = qemu_available()
+    if not ok:
+        return False, why, "qemu"
+    return True, why, "qemu " + why.split("version", 1)[-1].split()[0]
+
+
+def run_qemu(scratch: Scratch, image: Path, src_ram: Path, size: int, transport: str,
+             name: str, timeout: float, *, caps: Mapping[str, bool] | None = None,
+             params: Mapping[str, object] | None = None) -> dict:
+    """One QEMU-to-QEMU migration of ``src_ram``; checked against ``image``.
+
+    Two ``-M none`` VMs (``tests/qemu.py``), both given ``caps`` and
+    ``params`` before the destination listens (``migrate-incoming``) and the
+    source starts.  Returns :func:`figures`; wall is ``migrate`` until
+    ``completed`` was seen.
+    """
+    scratch.check(src_ram)
+    dst_ram = scratch.shm("qemu-dst")
+    scratch.remove(dst_ram)
+    common = dict(start_timeout=timeout, command_timeout=timeout)
+    with QemuVM(src_ram, size, name=f"{name}-src", **common) as src, \
+            QemuVM(dst_ram, size, incoming="defer", name=f"{name}-dst", **common) as dst:
+        scratch.hold(dst_ram)
+        for vm in (src, dst):
+            if caps:
+                vm.set_caps(dict(caps))
+            if params:
+                vm.set_params(dict(params))
+        if transport == "unix":
+            uri = f"unix:{scratch.dir / f'{name}.sock'}"
+            dst.migrate_incoming(uri)
+        else:
+            dst.migrate_incoming("tcp:127.0.0.1:0")
+            uri = f"tcp:127.0.0.1:{dst.incoming_port(timeout)}"
+        start = time.perf_counter()
+        src.migrate(uri)
+        info = src.wait_for_status("completed", timeout=timeout, poll=0.005)
+        wall = time.perf_counter() - start
+        dst.wait_for_status("completed", timeout=timeout)
+    diff = first_difference(image, dst_ram)
+    scratch.remove(dst_ram)
+    if diff:
+        raise BenchError(f"QEMU destination RAM is not the image: {diff}")
+    return figures(info, wall, size)
+
+
+def figures(info: dict, wall: float, size: int) -> dict:
+    """The numbers a run contributes, from a completed ``query-migrate`` reply.
+
+    ``transferred`` is what the side reports: QEMU 7.2 counts multifd pages
+    before compression, so for it this is not the bytes on the wire.
+    """
+    ram = info.get("ram") or {}
+    total_ms = int(info["total-time"])
+    seconds = max(total_ms, 1) / 1000
+    return {"total_time_ms": total_ms, "wall_s": wall,
+            "downtime_ms": info.get("downtime"),
+            "transferred_bytes": int(ram.get("transferred", 0)),
+            "multifd_bytes": ram.get("multifd-bytes"),
+            "normal_pages": ram.get("normal"), "zero_pages": ram.get("duplicate"),
+            "dirty_sync_count": ram.get("dirty-sync-count"),
+            "guest_gbps": size / seconds / 1e9,
+            "wire_gbps": int(ram.get("transferred", 0)) / seconds / 1e9}
+
+
+# ---------------------------------------------------------------------------
+# Machine limits
+
+_SENDER = r"""
+import socket, sys
+family, address, total, chunk = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+if family == "unix":
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+else:
+    host, port = address.rsplit(":", 1)
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    address = (host, int(port))
+s.connect(address)
+buf = memoryview(bytearray(b"\xa5") * chunk)
+left = total
+while left:
+    n = min(left, chunk)
+    s.sendall(buf[:n])
+    left -= n
+s.close()
+"""
+
+
+def socket_limit(scratch: Scratch, size: int, transport: str, timeout: float,
+                 streams: int = 1) -> float:
+    """GB/s that ``streams`` sender processes move to this one over local sockets.
+
+    ``size`` bytes in all, split evenly, in 1 MiB ``send``/``recv_into``
+    calls; one receiving thread per stream (``recv_into`` releases the GIL).
+    """
+    if transport == "unix":
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address = str(scratch.dir / "limit.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(address)
+        listener.bind(address)
+    else:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        address = "127.0.0.1:%d" % listener.getsockname()[1]
+    shares = [size // streams + (i < size % streams) for i in range(streams)]
+    children: list[subprocess.Popen] = []
+    conns: list[socket.socket] = []
+    try:
+        listener.listen(streams)
+        listener.settimeout(timeout)
+        for share in shares:
+            children.append(subprocess.Popen(
+                [sys.executable, "-c", _SENDER, transport, address, str(share),
+                 str(SOCKET_CHUNK)], stdin=subprocess.DEVNULL, start_new_session=True))
+        for _ in shares:
+            conn, _ = listener.accept()
+            conns.append(conn)
+            if transport != "unix":
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(timeout)
+        got = [0] * streams
+        errors: list[BaseException] = []
+
+        def receive(i: int) -> None:
+            buf = memoryview(bytearray(SOCKET_CHUNK))
+            try:
+                while True:
+                    n = conns[i].recv_into(buf)
+                    if n == 0:
+                        return
+                    got[i] += n
+            except OSError as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=receive, args=(i,), daemon=True)
+                   for i in range(streams)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout)
+        elapsed = time.perf_counter() - start
+        codes = [c.wait(timeout) for c in children]
+        if errors or any(codes) or sum(got) != size or any(t.is_alive() for t in threads):
+            raise BenchError(f"socket limit: got {sum(got)} of {size} bytes over "
+                             f"{streams} stream(s), senders exited {codes}, errors {errors}")
+        return size / elapsed / 1e9
+    finally:
+        for conn in conns:
+            conn.close()
+        listener.close()
+        for child in children:
+            stop_process(child, group=True)
+
+
+def memcpy_limit(size: int) -> float:
+    """GB/s numpy copies a ``size``-byte array into another (both already faulted in)."""
+    src = np.empty(size, dtype=np.uint8)
+    src.fill(0x5A)
+    dst = np.empty_like(src)
+    dst.fill(0)
+    start = time.perf_counter()
+    np.copyto(dst, src)
+    elapsed = time.perf_counter() - start
+    if dst[-1] != 0x5A:
+        raise BenchError("memcpy limit: the copy did not happen")
+    return size / elapsed / 1e9
+
+
+# ---------------------------------------------------------------------------
+# Reports and process-wide setup
+
+def median(values) -> float | None:
+    """Median of the values that are not ``None`` (``None`` if there are none)."""
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def host_info() -> dict:
+    return {"cpus": os.cpu_count(), "machine": platform.machine(),
+            "kernel": platform.release(), "python": platform.python_version(),
+            "numpy": np.__version__,
+            # other work on the host skews every figure
+            "loadavg_at_start": os.getloadavg()}
+
+
+def write_json(path: str | None, obj: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # SIGTERM/SIGHUP take the same way out as Ctrl-C, through every finally.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def exit_through_finally_on_signals() -> None:
+    """Make SIGTERM and SIGHUP unwind like Ctrl-C, so every cleanup runs."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)

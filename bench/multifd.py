@@ -1,0 +1,361 @@
+"""Multifd throughput: the engine and QEMU 7.2 over 1, 2, 4 channels and each codec.
+
+Every cell of the matrix (``--channels`` x ``--codecs``) migrates the same
+mixed image (50% zero, 40% text, 10% random pages; ``engine.ram.image``) of
+``--size`` bytes, paused, on this host, once with the engine and once with
+QEMU, with the same settings on both sides and on both ends: capability
+``multifd``, ``multifd-channels`` N, ``multifd-compression`` C, zlib and zstd
+level 1 (both programs' default), ``max-bandwidth`` 1 TiB/s, ``downtime-limit``
+300 ms.  The engine also gets ``zero-page-detection`` (``--zero-page-detection``,
+default ``multifd``: workers find zero pages); QEMU 7.2 has no such parameter
+and always finds them on the main channel, like the engine's ``legacy``.
+
+The time compared is the source's ``query-migrate`` ``total-time`` (the
+engine's from ``engine migrate --json``).  After every migration the
+destination's RAM file is compared with the image, and the source must report
+multifd bytes (the pages went over the multifd channels); either failing marks
+the cell failed, and the benchmark exits 1 after reporting the rest.
+
+This machine's limits, measured in every repeat: N sender processes moving
+``--size`` bytes in all to N receiving threads over the same kind of socket
+(1 MiB ``send``/``recv_into``; "socket N"), and a numpy memcpy of ``--size``
+bytes.  engine GB/s is size / total-time (zero pages included, as QEMU's
+figures are quoted); "/socket" divides it by the socket limit for the cell's
+channel count, "/memcpy" by the memcpy rate.
+
+Cells run in matrix order within a repeat; which side goes first alternates
+between repeats.  Figures are medians over ``--repeat``.  Units: MB = 10**6
+bytes, GB/s = 10**9 bytes/s.  Files are ``/dev/shm/engine-bench-*`` and a
+``/tmp/engine-bench-*`` directory, removed on every exit path with every
+process this starts (Ctrl-C and SIGTERM included).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py
+
+from common import (DOWNTIME_LIMIT_MS, IMAGE_SEED, MAX_BANDWIDTH, BenchError,  # noqa: E402
+                    Scratch, check_shm_free, copy_file, exit_through_finally_on_signals,
+                    host_info, human_size, median, memcpy_limit, qemu_status,
+                    run_engine, run_qemu, socket_limit, write_json)
+from engine.errors import EngineError  # noqa: E402
+from engine.options import parse_size  # noqa: E402
+from engine.ram.image import MIXED, write_mixed_image  # noqa: E402
+
+CODECS = ("none", "zlib", "zstd")
+#: compression level for both programs (1 is the default of both)
+LEVEL = 1
+#: /dev/shm files alive at once: image, engine and QEMU sources, one destination
+SHM_FILES = 4
+#: engine/QEMU total-time the engine should reach: (channels or None for any, codec) -> at most
+TARGETS = {(2, "none"): 0.4, (None, "zlib"): 0.5, (None, "zstd"): 0.5}
+
+
+def target_for(channels: int, codec: str) -> float | None:
+    """The engine/QEMU time ratio this cell is held to, if any."""
+    return TARGETS.get((channels, codec), TARGETS.get((None, codec)))
+
+
+def cell_options(channels: int, codec: str) -> tuple[dict, dict]:
+    """(capabilities, parameters) both programs get for one cell."""
+    params: dict = {"multifd-channels": channels, "multifd-compression": codec,
+                    "max-bandwidth": MAX_BANDWIDTH, "downtime-limit": DOWNTIME_LIMIT_MS}
+    if codec == "zlib":
+        params["multifd-zlib-level"] = LEVEL
+    elif codec == "zstd":
+        params["multifd-zstd-level"] = LEVEL
+    return {"multifd": True}, params
+
+
+def cell_key(channels: int, codec: str) -> str:
+    return f"{channels}ch-{codec}"
+
+
+# ---------------------------------------------------------------------------
+# One run of one cell
+
+def _checked(fig: dict, side: str) -> dict:
+    if not fig.get("multifd_bytes"):
+        raise BenchError(f"{side}: completed, but no multifd bytes reported: "
+                         "the pages did not go over the multifd channels")
+    return fig
+
+
+def run_cell(scratch: Scratch, sources: dict, image: Path, size: int, args,
+             channels: int, codec: str, rep: int, qemu_ok: bool) -> dict:
+    """Both sides on one cell; each side's figures or its error."""
+    caps, params = cell_options(channels, codec)
+    name = f"{cell_key(channels, codec)}-{rep}"
+    sides = ["engine", "qemu"] if rep % 2 else ["qemu", "engine"]
+    out: dict = {}
+    for side in sides:
+        if side == "qemu" and not qemu_ok:
+            continue
+        try:
+            if side == "engine":
+                fig = run_engine(scratch, image, sources["engine"], size, args.uri,
+                                 f"engine-{name}", args.timeout, caps=caps,
+                                 params={**params,
+                                         "zero-page-detection": args.zero_page_detection})
+            else:
+                fig = run_qemu(scratch, image, sources["qemu"], size, args.uri,
+                               f"qemu-{name}", args.timeout, caps=caps, params=params)
+            out[side] = _checked(fig, side)
+        except (EngineError, TimeoutError, OSError) as exc:
+            # tests.qemu prints the logs; keep the first lines of the reason here
+            out[side] = {"error": str(exc).splitlines()[0][:300]}
+            print(f"  {side} {name}: FAILED: {out[side]['error']}", file=sys.stderr,
+                  flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Summary
+
+def summarise(results: dict) -> dict:
+    """Per cell: medians over the repeats, ratios and the target verdict."""
+    reps = results["repeats"]
+    sock = {n: median(r["socket_gbps"].get(str(n)) for r in reps)
+            for n in results["channels"]}
+    memcpy = median(r["memcpy_gbps"] for r in reps)
+    cells = []
+    for channels in results["channels"]:
+        for codec in results["codecs"]:
+            key = cell_key(channels, codec)
+            runs = [r["cells"][key] for r in reps if key in r["cells"]]
+            cell: dict = {"channels": channels, "codec": codec}
+            for side in ("engine", "qemu"):
+                ok = [x[side] for x in runs if side in x and "error" not in x[side]]
+                errors = [x[side]["error"] for x in runs if side in x and "error" in x[side]]
+                if errors:
+                    cell[f"{side}_errors"] = errors
+                if ok:
+                    cell[side] = {k: median(x[k] for x in ok) for k in
+                                  ("total_time_ms", "wall_s", "downtime_ms",
+                                   "transferred_bytes", "multifd_bytes", "guest_gbps")}
+                    cell[side]["runs"] = len(ok)
+            eng, qemu = cell.get("engine"), cell.get("qemu")
+            if eng:
+                cell["engine_over_socket"] = eng["guest_gbps"] / sock[channels]
+                cell["engine_over_memcpy"] = eng["guest_gbps"] / memcpy
+            if eng and qemu:
+                cell["engine_over_qemu"] = eng["total_time_ms"] / qemu["total_time_ms"]
+            target = target_for(channels, codec)
+            if target is not None:
+                cell["target"] = target
+                cell["target_met"] = (cell["engine_over_qemu"] <= target
+                                      if "engine_over_qemu" in cell else None)
+            cells.append(cell)
+    return {"socket_gbps_median": {str(k): v for k, v in sock.items()},
+            "memcpy_gbps_median": memcpy, "cells": cells}
+
+
+def print_table(results: dict, out=sys.stdout) -> None:
+    s = results["summary"]
+    print(f"\nmultifd, {human_size(results['size_bytes'])} mixed image "
+          f"({'/'.join(f'{int(p * 100)}' for p in MIXED)}% zero/text/random pages), "
+          f"{results['transport']} socket, paused guest, median of {results['repeat']}; "
+          f"engine zero-page-detection={results['zero_page_detection']}", file=out)
+    host = results["host"]
+    print(f"host: {host['cpus']} CPUs, load average {host['loadavg_at_start'][0]:.2f} at "
+          f"start, {results['loadavg_at_end'][0]:.2f} at end; "
+          f"QEMU: {results.get('qemu_version', results.get('qemu_skipped'))}", file=out)
+    qlabel = results.get("qemu_version_short", "qemu")
+    print(f"{'cell':<10}{'engine':>9}{qlabel:>13}{'engine/':>9}{'engine':>8}"
+          f"{'/socket':>9}{'/memcpy':>9}{'target':>8}{'met':>5}", file=out)
+    print(f"{'':<10}{'ms':>9}{'ms':>13}{'QEMU':>9}{'GB/s':>8}{'':>9}{'':>9}"
+          f"{'':>8}{'':>5}", file=out)
+    for c in s["cells"]:
+        eng, qemu = c.get("engine"), c.get("qemu")
+        e_ms = f"{eng['total_time_ms']:.0f}" if eng else "FAILED"
+        q_ms = (f"{qemu['total_time_ms']:.0f}" if qemu else
+                "FAILED" if c.get("qemu_errors") else "-")
+        ratio = f"{c['engine_over_qemu']:.2f}" if "engine_over_qemu" in c else "-"
+        gbps = f"{eng['guest_gbps']:.2f}" if eng else "-"
+        so = f"{c['engine_over_socket']:.2f}" if eng else "-"
+        mc = f"{c['engine_over_memcpy']:.2f}" if eng else "-"
+        tgt = f"<={c['target']:.1f}" if "target" in c else ""
+        met = {True: "yes", False: "NO", None: "?"}[c["target_met"]] if "target" in c else ""
+        print(f"{cell_key(c['channels'], c['codec']):<10}{e_ms:>9}{q_ms:>13}{ratio:>9}"
+              f"{gbps:>8}{so:>9}{mc:>9}{tgt:>8}{met:>5}", file=out)
+    limits = ", ".join(f"socket {n}: {v:.2f}" for n, v in s["socket_gbps_median"].items())
+    print(f"limits (GB/s): {limits} (N streams, {results['transport']}); "
+          f"memcpy {s['memcpy_gbps_median']:.2f}", file=out)
+    failed = [c for c in s["cells"] if c.get("engine_errors") or c.get("qemu_errors")]
+    for c in failed:
+        for side in ("engine", "qemu"):
+            for err in c.get(f"{side}_errors", ()):
+                print(f"{cell_key(c['channels'], c['codec'])} {side} failed: {err}", file=out)
+
+
+def plot(results: dict, path: str) -> str | None:
+    """Write a bar chart of engine and QEMU times per cell; the reason if it cannot."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "the chart needs matplotlib (pip install matplotlib)"
+    cells = results["summary"]["cells"]
+    labels = [cell_key(c["channels"], c["codec"]) for c in cells]
+    nan = float("nan")  # a side with no figure gets no bar
+    eng = [c["engine"]["total_time_ms"] if c.get("engine") else nan for c in cells]
+    qemu = [c["qemu"]["total_time_ms"] if c.get("qemu") else nan for c in cells]
+    xs = list(range(len(cells)))
+    width = 0.4
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(cells) + 2), 4.5))
+    ax.bar([x - width / 2 for x in xs], eng, width, label="engine")
+    ax.bar([x + width / 2 for x in xs], qemu, width,
+           label=results.get("qemu_version_short", "qemu"))
+    for x, c in zip(xs, cells):
+        if "engine_over_qemu" in c:
+            top = max(eng[x], qemu[x])  # both exist when there is a ratio
+            ax.annotate(f"{c['engine_over_qemu']:.2f}x", (x, top), ha="center",
+                        va="bottom", fontsize=8)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels, rotation=30, ha="right")
+    ax.set_yscale("log")  # zlib takes about ten times as long as the rest
+    ax.set_ylabel("total-time (ms, log scale), lower is better")
+    ax.set_title(f"multifd, {human_size(results['size_bytes'])} mixed image, "
+                 f"{results['transport']} socket, median of {results['repeat']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Driver
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text}")
+    if not values or any(v < 1 or v > 255 for v in values):
+        raise argparse.ArgumentTypeError(f"channel counts are 1..255: {text}")
+    return values
+
+
+def _codec_list(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in CODECS]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"codecs are {', '.join(CODECS)}: {text}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="1G", help="guest RAM size, QEMU suffixes (default 1G)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per cell; medians (default 3)")
+    ap.add_argument("--channels", type=_int_list, default=[1, 2, 4],
+                    help="comma-separated channel counts (default 1,2,4)")
+    ap.add_argument("--codecs", type=_codec_list, default=list(CODECS),
+                    help="comma-separated multifd-compression values (default none,zlib,zstd)")
+    ap.add_argument("--uri", choices=("unix", "tcp"), default="unix",
+                    help="transport: unix socket or tcp on 127.0.0.1 (default unix)")
+    ap.add_argument("--zero-page-detection", choices=("multifd", "legacy", "none"),
+                    default="multifd", help="the engine's zero-page-detection (default multifd)")
+    ap.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
+    ap.add_argument("--png", metavar="FILE", help="bar chart of engine and QEMU times per cell")
+    ap.add_argument("--timeout", type=float, default=600.0,
+                    help="seconds any single step may take (default 600)")
+    ap.add_argument("--no-qemu", action="store_true", help="measure the engine only")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    size = parse_size(args.size)
+    if size <= 0 or size % 4096:
+        print(f"bench: --size {args.size}: need a positive multiple of 4096", file=sys.stderr)
+        return 2
+    if args.repeat < 1:
+        print("bench: --repeat must be at least 1", file=sys.stderr)
+        return 2
+    short = check_shm_free(SHM_FILES * size + 2 * size, "the benchmark (with memcpy)")
+    if short:
+        print(f"bench: {short}", file=sys.stderr)
+        return 2
+    exit_through_finally_on_signals()
+
+    results: dict = {"size_bytes": size, "transport": args.uri, "repeat": args.repeat,
+                     "channels": args.channels, "codecs": args.codecs,
+                     "zero_page_detection": args.zero_page_detection,
+                     "compression_level": LEVEL, "max_bandwidth": MAX_BANDWIDTH,
+                     "downtime_limit_ms": DOWNTIME_LIMIT_MS,
+                     "image": {"seed": IMAGE_SEED, "mix_zero_text_random": list(MIXED)},
+                     "host": host_info(), "repeats": []}
+    qemu_ok, why, short_name = qemu_status("--no-qemu" if args.no_qemu else None)
+    if qemu_ok:
+        results["qemu_version"], results["qemu_version_short"] = why, short_name
+    else:
+        results["qemu_skipped"] = why
+        print(f"bench: QEMU skipped: {why}", file=sys.stderr)
+
+    try:
+        with Scratch() as scratch:
+            image = scratch.shm("image")
+            t = time.perf_counter()
+            stats = write_mixed_image(image, size, IMAGE_SEED)
+            scratch.hold(image)
+            results["image"].update(pages=stats.pages, zero_pages=stats.zero_pages,
+                                    text_pages=stats.text_pages,
+                                    random_pages=stats.random_pages)
+            print(f"image: {image} ({human_size(size)}, {stats.zero_pages} zero / "
+                  f"{stats.text_pages} text / {stats.random_pages} random pages, "
+                  f"{time.perf_counter() - t:.1f} s)", flush=True)
+            # Each side its own copy: neither can disturb the other's input.
+            sources = {}
+            for side in ("engine", "qemu") if qemu_ok else ("engine",):
+                sources[side] = scratch.shm(f"{side}-src")
+                copy_file(image, sources[side])
+                scratch.hold(sources[side])
+            for rep in range(1, args.repeat + 1):
+                row: dict = {"socket_gbps": {}, "cells": {}}
+                for n in args.channels:
+                    row["socket_gbps"][str(n)] = socket_limit(scratch, size, args.uri,
+                                                              args.timeout, streams=n)
+                row["memcpy_gbps"] = memcpy_limit(size)
+                limits = ", ".join(f"{n}: {v:.2f}" for n, v in row["socket_gbps"].items())
+                print(f"repeat {rep}/{args.repeat}: socket GB/s {limits}; "
+                      f"memcpy {row['memcpy_gbps']:.2f} GB/s", flush=True)
+                for channels in args.channels:
+                    for codec in args.codecs:
+                        cell = run_cell(scratch, sources, image, size, args, channels,
+                                        codec, rep, qemu_ok)
+                        row["cells"][cell_key(channels, codec)] = cell
+                        times = ", ".join(
+                            f"{side} {v['total_time_ms']} ms" for side, v in cell.items()
+                            if "error" not in v)
+                        print(f"  {cell_key(channels, codec):<9} {times}", flush=True)
+                results["repeats"].append(row)
+    except KeyboardInterrupt:
+        print("bench: interrupted; cleaned up", file=sys.stderr)
+        return 130
+    except (EngineError, TimeoutError, OSError) as exc:
+        print(f"bench: failed: {exc}", file=sys.stderr)
+        return 1
+
+    results["loadavg_at_end"] = list(os.getloadavg())
+    results["summary"] = summarise(results)
+    print_table(results)
+    write_json(args.json, results)
+    if args.png:
+        why_not = plot(results, args.png)
+        print(f"bench: no chart: {why_not}" if why_not else f"chart: {args.png}",
+              file=sys.stderr if why_not else sys.stdout)
+    failed = any(c.get("engine_errors") or c.get("qemu_errors")
+                 for c in results["summary"]["cells"])
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
