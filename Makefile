@@ -18,6 +18,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/precopy.py
+	$(BIN)/python bench/multifd.py
+	$(BIN)/python bench/rss.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
