@@ -52,8 +52,7 @@ def run_incoming(args) -> int:
             with channel:
                 info = mig.run(channel, multifd)
         finally:
-            if mig.pool is not None:
-                mig.pool.kill()
+            mig.close()     # workers and received bitmaps, however it ended
         if not args.quiet:
             print(format_info_migrate(info))
             for name, values in mig.devices_loaded.items():

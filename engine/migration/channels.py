@@ -48,7 +48,9 @@ def accept_channels(listener, multifd_channels: int, timeout: float | None = Non
                 raise RemoteProtocolError(
                     f"unknown channel magic 0x{magic:08x} (expected QEVM or multifd "
                     f"0x{MULTIFD_MAGIC:08x})", 0, ch.name)
-            init = MultiFDInit.unpack(ch.read_exactly(MULTIFD_INIT_SIZE), channel=ch.name)
+            raw = ch.read_exactly(MULTIFD_INIT_SIZE)
+            # Named by the id it claims (byte 24) even when its version is wrong.
+            init = MultiFDInit.unpack(raw, channel=f"multifd {raw[24]} on {ch.name}")
             name = f"multifd {init.channel_id}"
             if init.uuid != uuid:
                 ch.close()

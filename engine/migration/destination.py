@@ -106,6 +106,15 @@ class DestinationMigration:
                              codec=self.options.param("multifd-compression"),
                              page_size=self.page_size)
 
+    def close(self) -> None:
+        """Kill the multifd workers and free the received bitmaps (idempotent).
+
+        :meth:`run` does this itself; a caller that called :meth:`prepare` and
+        then never got to :meth:`run` (no connection, a bad channel, Ctrl-C)
+        must call it.
+        """
+        self._release_multifd(failed=True)
+
     def _release_multifd(self, failed: bool) -> None:
         for ch in self.multifd_channels.values():
             ch.close()
@@ -168,6 +177,12 @@ class DestinationMigration:
         mv = memoryview(buf)
         seen_eof = False
         while True:
+            if self.pool is not None and not seen_eof:
+                # A multifd worker can fail while the main channel is quiet (its
+                # pages are on the multifd channels): watch both.
+                fd = self.channel.fileno()
+                while not self.pool.wait_readable(fd, 0.1):
+                    pass
             try:
                 n = self.channel.recv_into(mv)
             except socket.timeout:
@@ -272,6 +287,10 @@ class DestinationMigration:
             self.prepare()
             for channel_id, ch in sorted(self.multifd_channels.items()):
                 self.pool.attach(channel_id, ch.sock)
+                # The worker has its own descriptor now.  Ours would keep the
+                # connection open should the worker die, and the source would
+                # write on into a socket nobody reads instead of failing.
+                ch.close()
             # Shared with the workers, who receive pages too.
             self._received = {b.idstr: log.log for b, log in
                               zip(self.guest.blocks, self._received_logs)}

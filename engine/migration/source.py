@@ -144,6 +144,9 @@ class SourceMigration:
                              zero_detect=opts.param("zero-page-detection") == "multifd",
                              page_size=self.page_size)
         self.pool.on_ack = self._on_multifd_ack
+        # A cancel, or the destination's SHUT, must not wait for workers stuck
+        # on a destination that stopped reading (QEMU shuts the channels down).
+        self.pool.check_abort = self._check_cancel
 
     def _on_multifd_ack(self, ack) -> None:
         with self._lock:

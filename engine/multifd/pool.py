@@ -9,6 +9,9 @@ a migration begins; :meth:`SendPool.connect` opens the channels when it does.
 A worker that dies, reports an error or stops answering turns into a
 :class:`~engine.errors.MigrationError` naming its channel; :meth:`close`
 always stops and reaps every worker and removes the endpoint directory.
+While a pool waits for its workers it calls :attr:`_Pool.check_abort` every
+poll interval, so a cancel (or a failure the coordinator learns of some
+other way) is not held up by workers stuck on a peer that stopped reading.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import socket
 import tempfile
 import time
 from collections import deque
+from typing import Callable
 
 import numpy as np
 import zmq
@@ -53,7 +57,11 @@ class _Pool:
         self._router.bind(self.endpoint)
         self._closed = False
         self._backlog: deque = deque()
+        #: workers that said DONE: their exit is expected
+        self._ended: set[int] = set()
         self.wire_bytes = 0
+        #: called while waiting for workers; raises to give up (a cancel)
+        self.check_abort: Callable[[], None] | None = None
 
     # -- messaging ---------------------------------------------------------
     def _send(self, index: int, message) -> None:
@@ -63,41 +71,94 @@ class _Pool:
             self._check_alive()
             raise MigrationError(f"multifd channel {index}: worker unreachable ({exc})") from exc
 
+    def _read(self):
+        """One waiting message as (worker index, message); a worker's ERROR raises."""
+        frames = self._router.recv_multipart(copy=False)
+        index = ctl.worker_index(bytes(frames[0]))
+        msg = ctl.decode(frames[1:])
+        if isinstance(msg, ctl.Error):
+            # A worker killed outside our control is the cause; the other
+            # channels' errors (the peer gave up on them) are its consequence.
+            self._check_killed()
+            raise MigrationError(f"multifd channel {index}: {msg.text}")
+        if isinstance(msg, ctl.Done):
+            self._ended.add(index)
+        return index, msg
+
     def _recv(self, timeout: float, what: str):
         """Next (worker index, message); fails on worker death, error or timeout."""
         deadline = time.monotonic() + timeout
         while True:
             if self._router.poll(100):
-                frames = self._router.recv_multipart(copy=False)
-                index = ctl.worker_index(bytes(frames[0]))
-                msg = ctl.decode(frames[1:])
-                if isinstance(msg, ctl.Error):
-                    raise MigrationError(f"multifd channel {index}: {msg.text}")
-                return index, msg
+                return self._read()
             self._check_alive()
+            if self.check_abort is not None:
+                self.check_abort()
             if time.monotonic() > deadline:
                 raise MigrationError(f"multifd: timed out waiting for {what}")
 
+    def _check_killed(self) -> None:
+        for i, p in enumerate(self.procs):
+            if p.exitcode is not None and p.exitcode < 0 and not self._closed:
+                raise MigrationError(f"multifd channel {i}: {self.role} worker process "
+                                     f"killed by signal {-p.exitcode}")
+
     def _check_alive(self) -> None:
         for i, p in enumerate(self.procs):
-            if p.exitcode is not None and not self._closed:
+            if p.exitcode is None or self._closed or i in self._ended:
+                continue
+            # Its last words (ERROR, or DONE before a clean exit) may still be
+            # in flight: they say more than an exit code.
+            while self._router.poll(200):
+                self._backlog.append(self._read())
+            self._check_killed()
+            if i not in self._ended:
                 raise MigrationError(
                     f"multifd channel {i}: {self.role} worker process died "
                     f"(exit code {p.exitcode})")
 
-    def _take(self, kind, what: str, timeout: float, index: int | None = None):
+    def check(self) -> None:
+        """Raise the failure of any worker that reported an error or died (never blocks
+        for long).  Messages already waiting are kept for whoever awaits them."""
+        if self._closed:
+            return
+        while self._router.poll(0):
+            self._backlog.append(self._read())
+        self._check_alive()
+
+    def wait_readable(self, fd: int, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for ``fd`` to become readable, watching the
+        workers meanwhile (:meth:`check`); whether ``fd`` is readable."""
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(fd, zmq.POLLIN)
+        ready = dict(poller.poll(int(timeout * 1000)))
+        self.check()
+        return fd in ready
+
+    def _take(self, kind, what: str, timeout: float, index: int | None = None,
+              pending=None):
         """The next message of ``kind`` (from ``index``); others wait their turn.
 
         Workers run ahead of the coordinator (a receive worker may reach a
         SYNC while another channel is still being attached), so a message
         that is not the awaited one is kept for later, not treated as an error.
+        A worker that said DONE sends nothing more, so waiting on it for
+        anything else fails at once; ``pending`` names the workers still
+        awaited (default: ``index``, or every worker).
         """
         for item in self._backlog:
             i, msg = item
             if isinstance(msg, kind) and (index is None or i == index):
                 self._backlog.remove(item)
                 return item
+        if pending is None:
+            pending = range(self.n) if index is None else (index,)
         while True:
+            ended = sorted(self._ended.intersection(pending))
+            if ended and kind is not ctl.Done:
+                raise MigrationError(f"multifd channel {ended[0]}: the channel ended "
+                                     f"while waiting for {what}")
             i, msg = self._recv(timeout, what)
             if isinstance(msg, kind) and (index is None or i == index):
                 return i, msg
@@ -106,7 +167,8 @@ class _Pool:
     def _wait_all(self, kind, what: str, timeout: float = REPLY_SECONDS) -> list:
         got: dict[int, object] = {}
         while len(got) < self.n:
-            index, msg = self._take(kind, what, timeout)
+            index, msg = self._take(kind, what, timeout,
+                                    pending=set(range(self.n)).difference(got))
             if index in got:
                 self._unexpected(index, msg, what)
             got[index] = msg
