@@ -147,30 +147,28 @@ class _Pool:
         anything else fails at once; ``pending`` names the workers still
         awaited (default: ``index``, or every worker).
         """
-        for item in self._backlog:
-            i, msg = item
-            if isinstance(msg, kind) and (index is None or i == index):
-                self._backlog.remove(item)
-                return item
         if pending is None:
             pending = range(self.n) if index is None else (index,)
+        pending = set(pending)
         while True:
+            # The backlog is looked at on every turn: waiting itself may move
+            # messages there (a dying worker's last words are collected first).
+            for item in self._backlog:
+                i, msg = item
+                if isinstance(msg, kind) and i in pending:
+                    self._backlog.remove(item)
+                    return item
             ended = sorted(self._ended.intersection(pending))
             if ended and kind is not ctl.Done:
                 raise MigrationError(f"multifd channel {ended[0]}: the channel ended "
                                      f"while waiting for {what}")
-            i, msg = self._recv(timeout, what)
-            if isinstance(msg, kind) and (index is None or i == index):
-                return i, msg
-            self._backlog.append((i, msg))
+            self._backlog.append(self._recv(timeout, what))
 
     def _wait_all(self, kind, what: str, timeout: float = REPLY_SECONDS) -> list:
         got: dict[int, object] = {}
         while len(got) < self.n:
             index, msg = self._take(kind, what, timeout,
                                     pending=set(range(self.n)).difference(got))
-            if index in got:
-                self._unexpected(index, msg, what)
             got[index] = msg
         return [got[i] for i in range(self.n)]
 
@@ -342,6 +340,12 @@ class RecvPool(_Pool):
         """QEMU's multifd_recv_sync_main: every channel reached its SYNC; release all."""
         synced = self._wait_all(ctl.Synced, "multifd channels to sync")
         self._round += 1
+        for i, s in enumerate(synced):
+            if s.round != self._round:
+                # A channel past the barrier (or behind it) would break the
+                # ordering guarantee: refuse rather than apply out of order.
+                raise MigrationError(f"multifd channel {i}: reached SYNC {s.round} "
+                                     f"while the migration is at SYNC {self._round}")
         self.normal = sum(s.normal for s in synced)
         self.zero = sum(s.zero for s in synced)
         self.wire_bytes = sum(s.wire_bytes for s in synced)
