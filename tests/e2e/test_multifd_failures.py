@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import re
 import selectors
@@ -37,7 +36,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from engine.machine import RAM_SECTION_ID, get_profile
+from engine.machine import RAM_SECTION_ID
 from engine.migration.channels import accept_channels
 from engine.migration.destination import DestinationMigration
 from engine.migration.source import SourceMigration
@@ -45,18 +44,15 @@ from engine.multifd.packet import (MULTIFD_INIT_SIZE, MULTIFD_MAGIC, MultiFDInit
                                    MultiFDPacketHeader)
 from engine.options import MigrationOptions
 from engine.ram.guest import Guest
-from engine.ram.image import write_mixed_image
-from engine.ram.workloads import REG_CHUNKS, WorkloadSpec
 from engine.stream import encoder as enc
 from engine.stream.constants import RAM_SECTION_IDSTR, RAM_SECTION_VERSION
-from engine.transport import connect, listen
+from engine.transport import listen
+from tests.e2e.sources import (PROFILE, TIMEOUT, SourceGuest, assert_failed,  # noqa: F401
+                               run_bounded, source, statuses)
 from tests.conftest import _leaked_shm, _shm_names
 
-RAM = 16 << 20
 PAGE = 4096
 #: bound on every wait of these tests (seconds)
-TIMEOUT = 60
-PROFILE = get_profile("engine")
 CHANNELS = 3
 #: the channel that fails (not the first, not the last)
 VICTIM = 1
@@ -108,79 +104,6 @@ def assert_gone(pids, baseline: set[int]) -> None:
 
 # ---------------------------------------------------------------------------
 # The source guest
-
-
-class SourceGuest:
-    """A running guest plus what it looked like before anything happened."""
-
-    def __init__(self, kind: str, tmp_shm_path: Path):
-        self.kind = kind
-        write_mixed_image(tmp_shm_path, RAM, seed=23)
-        if kind == "none":
-            spec, vcpus = WorkloadSpec("none"), 1
-        else:
-            spec, vcpus = WorkloadSpec("ab", dirty_rate_mbps=64), 2
-        self.guest = Guest.create([("ram0", RAM, str(tmp_shm_path))], vcpus=vcpus,
-                                  workload=spec, start=True)
-        self.digest = self._digest()
-
-    def _digest(self) -> str:
-        return hashlib.sha256(self.guest.blocks[0].buf).hexdigest()
-
-    def migration(self, opts: MigrationOptions, **kw) -> SourceMigration:
-        mig = SourceMigration(self.guest, PROFILE, opts, vcpus=self.guest.nvcpus, **kw)
-        # Workers start here, in the test's thread: a child dies with the
-        # thread that started it.
-        mig.prepare()
-        return mig
-
-    def assert_intact(self) -> None:
-        """Running, vCPUs making progress, memory untouched by the migration."""
-        assert self.guest.running
-        if self.kind == "none":
-            assert self._digest() == self.digest, "the source wrote guest memory"
-        else:
-            regs = self.guest.registers
-            before = regs[:, REG_CHUNKS].copy()
-            deadline = time.monotonic() + TIMEOUT
-            while not (regs[:, REG_CHUNKS] > before).all():
-                assert time.monotonic() < deadline, "the source vCPUs do not run"
-                time.sleep(0.01)
-
-
-@pytest.fixture(params=["none", "ab"])
-def source(request, tmp_shm_path):
-    g = SourceGuest(request.param, tmp_shm_path)
-    try:
-        yield g
-    finally:
-        g.guest.close()
-
-
-def run_bounded(mig: SourceMigration, uri: str):
-    """``mig.run`` over a new connection; a hang becomes a cancel (and a test failure)."""
-    hung = []
-    watchdog = threading.Timer(TIMEOUT, lambda: (hung.append(True), mig.cancel()))
-    watchdog.start()
-    try:
-        with connect(uri) as channel:
-            info = mig.run(channel, uri)
-    finally:
-        watchdog.cancel()
-    assert not hung, "the migration hung"
-    return info
-
-
-def statuses(mig) -> list[str]:
-    return [s.value for _, s in mig.state.history]
-
-
-def assert_failed(info, mig) -> str:
-    q = info.to_qmp()
-    assert q["status"] == "failed", q
-    assert q.get("error-desc"), q
-    assert "completed" not in statuses(mig)
-    return q["error-desc"]
 
 
 def after_first_ack(mig: SourceMigration, act) -> None:
