@@ -470,6 +470,30 @@ def memcpy_limit(size: int) -> float:
 # ---------------------------------------------------------------------------
 # Reports and process-wide setup
 
+def add_run_args(ap, *, size: str = "1G", timeout: float = 600.0) -> None:
+    """The options every benchmark takes: size, repeats, transport, json, timeout."""
+    ap.add_argument("--size", default=size, help=f"guest RAM size, QEMU suffixes (default {size})")
+    ap.add_argument("--repeat", type=int, default=3, help="runs; medians are reported (default 3)")
+    ap.add_argument("--uri", choices=("unix", "tcp"), default="unix",
+                    help="transport: unix socket or tcp on 127.0.0.1 (default unix)")
+    ap.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
+    ap.add_argument("--timeout", type=float, default=timeout,
+                    help=f"seconds any single step may take (default {timeout:g})")
+    ap.add_argument("--no-qemu", action="store_true", help="measure the engine only")
+
+
+def check_run_args(args, parse_size) -> int | None:
+    """The validated size in bytes, or None after printing why it is refused."""
+    size = parse_size(args.size)
+    if size <= 0 or size % 4096:
+        print(f"bench: --size {args.size}: need a positive multiple of 4096", file=sys.stderr)
+        return None
+    if args.repeat < 1:
+        print("bench: --repeat must be at least 1", file=sys.stderr)
+        return None
+    return size
+
+
 def median(values) -> float | None:
     """Median of the values that are not ``None`` (``None`` if there are none)."""
     values = [v for v in values if v is not None]

@@ -40,7 +40,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py
 
 from common import (DOWNTIME_LIMIT_MS, IMAGE_SEED, MAX_BANDWIDTH, BenchError,  # noqa: E402
-                    Scratch, check_shm_free, copy_file, exit_through_finally_on_signals,
+                    Scratch, add_run_args, check_run_args, check_shm_free, copy_file,
+                    exit_through_finally_on_signals,
                     host_info, human_size, median, memcpy_limit, qemu_status,
                     run_engine, run_qemu, socket_limit, write_json)
 from engine.errors import EngineError  # noqa: E402
@@ -253,32 +254,21 @@ def _codec_list(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", default="1G", help="guest RAM size, QEMU suffixes (default 1G)")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per cell; medians (default 3)")
+    add_run_args(ap)
     ap.add_argument("--channels", type=_int_list, default=[1, 2, 4],
                     help="comma-separated channel counts (default 1,2,4)")
     ap.add_argument("--codecs", type=_codec_list, default=list(CODECS),
                     help="comma-separated multifd-compression values (default none,zlib,zstd)")
-    ap.add_argument("--uri", choices=("unix", "tcp"), default="unix",
-                    help="transport: unix socket or tcp on 127.0.0.1 (default unix)")
     ap.add_argument("--zero-page-detection", choices=("multifd", "legacy", "none"),
                     default="multifd", help="the engine's zero-page-detection (default multifd)")
-    ap.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
     ap.add_argument("--png", metavar="FILE", help="bar chart of engine and QEMU times per cell")
-    ap.add_argument("--timeout", type=float, default=600.0,
-                    help="seconds any single step may take (default 600)")
-    ap.add_argument("--no-qemu", action="store_true", help="measure the engine only")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    size = parse_size(args.size)
-    if size <= 0 or size % 4096:
-        print(f"bench: --size {args.size}: need a positive multiple of 4096", file=sys.stderr)
-        return 2
-    if args.repeat < 1:
-        print("bench: --repeat must be at least 1", file=sys.stderr)
+    size = check_run_args(args, parse_size)
+    if size is None:
         return 2
     short = check_shm_free(SHM_FILES * size + 2 * size, "the benchmark (with memcpy)")
     if short:

@@ -40,7 +40,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py
 
 from common import (DOWNTIME_LIMIT_MS, IMAGE_SEED, MAX_BANDWIDTH,  # noqa: E402
-                    Scratch, check_shm_free, copy_file, exit_through_finally_on_signals,
+                    Scratch, add_run_args, check_run_args, check_shm_free, copy_file,
+                    exit_through_finally_on_signals,
                     host_info, human_size, median, memcpy_limit, qemu_status,
                     run_engine, run_qemu, socket_limit, write_json)
 from engine.errors import EngineError  # noqa: E402
@@ -134,25 +135,14 @@ def print_table(results: dict, out=sys.stdout) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", default="1G", help="guest RAM size, QEMU suffixes (default 1G)")
-    ap.add_argument("--repeat", type=int, default=3, help="runs; medians are reported (default 3)")
-    ap.add_argument("--uri", choices=("unix", "tcp"), default="unix",
-                    help="transport: unix socket or tcp on 127.0.0.1 (default unix)")
-    ap.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
-    ap.add_argument("--timeout", type=float, default=600.0,
-                    help="seconds any single step may take (default 600)")
-    ap.add_argument("--no-qemu", action="store_true", help="measure the engine only")
+    add_run_args(ap)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    size = parse_size(args.size)
-    if size <= 0 or size % 4096:
-        print(f"bench: --size {args.size}: need a positive multiple of 4096", file=sys.stderr)
-        return 2
-    if args.repeat < 1:
-        print("bench: --repeat must be at least 1", file=sys.stderr)
+    size = check_run_args(args, parse_size)
+    if size is None:
         return 2
     short = check_shm_free(SHM_FILES * size, "the benchmark")
     if short:
