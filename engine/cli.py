@@ -9,7 +9,9 @@ option costs nothing to undo.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 from engine.errors import ConfigError, EngineError
 
@@ -76,8 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class Terminated(SystemExit):
+    """SIGTERM, turned into an exception so every ``finally`` still cleans up."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A service manager or CI timeout stops us with SIGTERM: leave nothing
+    # behind then either (worker processes, segments, socket files).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.command == "migrate":
             from engine.commands.migrate import run_migrate

@@ -174,3 +174,19 @@ def test_load_reports_sections(tmp_path, tmp_shm_path):
     assert r["ram"]["blocks"] == [{"idstr": "m0", "used_length": 8 << 20}]
     assert r["ram"]["pages"] + r["ram"]["zero_pages"] == 2048
     assert img.read_bytes() == open(tmp_shm_path, "rb").read()
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
+    sock = tmp_path / "in.sock"
+    inc = subprocess.Popen(ENGINE + ["incoming", f"unix:{sock}", "--ram", "16M", "--vcpus", "1",
+                                     "--cap", "multifd=on", "--param", "multifd-channels=2"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert inc.stdout.readline().startswith("listening on")
+        inc.terminate()
+        assert inc.wait(30) == 143
+        assert not sock.exists()
+    finally:
+        if inc.poll() is None:
+            inc.kill()
+            inc.wait()
