@@ -172,10 +172,6 @@ class _Pool:
             got[index] = msg
         return [got[i] for i in range(self.n)]
 
-    def _unexpected(self, index: int, msg, what: str) -> None:
-        raise MigrationError(f"multifd channel {index}: unexpected {type(msg).__name__} "
-                             f"while waiting for {what}")
-
     # -- lifetime ----------------------------------------------------------
     def close(self, timeout: float = 5.0) -> None:
         """Stop and reap every worker; idempotent."""
