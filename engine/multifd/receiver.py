@@ -29,7 +29,7 @@ from engine.compress import get_codec
 from engine.errors import ChannelClosedError, EngineError, RemoteProtocolError
 from engine.multifd import control as ctl
 from engine.multifd.packet import MultiFDPacketHeader, packet_size
-from engine.procs import child_setup
+from engine.multifd.worker import control_socket
 
 #: at most this many iovecs per recvmsg_into call (Linux IOV_MAX)
 _IOV_MAX = 1024
@@ -156,54 +156,40 @@ class PacketReader:
 
 
 def recv_worker_main(cfg: RecvWorkerConfig, fd_sock: socket.socket) -> None:
-    import zmq
     from engine.ram.block import RamBlock
     from engine.ram.dirty import DirtyLog
 
-    child_setup(cfg.parent_pid)
-    zctx = zmq.Context()
-    zs = zctx.socket(zmq.DEALER)
-    zs.setsockopt(zmq.IDENTITY, ctl.worker_identity(cfg.index))
-    zs.setsockopt(zmq.LINGER, 1000)
-    zs.connect(cfg.endpoint)
-    blocks, logs, sock, reader = [], [], None, None
-    try:
-        blocks = [RamBlock.attach(h) for h in cfg.blocks]
-        logs = [DirtyLog.attach(h) for h in cfg.received]
-        zs.send_multipart(ctl.Hello(cfg.index).frames())
-        msg, fds, _, _ = socket.recv_fds(fd_sock, 16, 1)
-        if not fds:
-            return  # the coordinator gave up before a channel arrived
-        sock = socket.socket(fileno=fds[0])
-        channel_id = int(msg.decode() or cfg.index)
-        reader = PacketReader(sock, channel_id, blocks, logs, cfg.fresh, cfg.codec,
-                              cfg.page_size, cfg.page_count)
-        zs.send_multipart(ctl.Ready(channel_id).frames())
-        rounds = 0
-        while True:
-            h = reader.read_packet()
-            if h is None:
-                zs.send_multipart(ctl.Done(reader.offset).frames())
-                return
-            if h.is_sync:
-                rounds += 1
-                zs.send_multipart(ctl.Synced(rounds, reader.normal, reader.zero,
-                                             reader.offset).frames())
-                reply = ctl.decode(zs.recv_multipart())
-                if isinstance(reply, ctl.Bye):
-                    return
-    except (EngineError, OSError, ValueError) as exc:
-        text = str(exc)
+    with control_socket(cfg.endpoint, cfg.index, cfg.parent_pid, "receive",
+                        failures=(EngineError, OSError, ValueError)) as zs:
+        blocks, logs, sock, reader = [], [], None, None
         try:
-            zs.send_multipart(ctl.Error(text).frames())
-        except Exception:
-            pass
-        raise SystemExit(f"multifd receive worker {cfg.index}: {text}") from None
-    finally:
-        reader = None
-        if sock is not None:
-            sock.close()
-        for r in (*logs, *blocks):
-            r.close()
-        zs.close(linger=1000)
-        zctx.term()
+            blocks = [RamBlock.attach(h) for h in cfg.blocks]
+            logs = [DirtyLog.attach(h) for h in cfg.received]
+            zs.send_multipart(ctl.Hello(cfg.index).frames())
+            msg, fds, _, _ = socket.recv_fds(fd_sock, 16, 1)
+            if not fds:
+                return  # the coordinator gave up before a channel arrived
+            sock = socket.socket(fileno=fds[0])
+            channel_id = int(msg.decode() or cfg.index)
+            reader = PacketReader(sock, channel_id, blocks, logs, cfg.fresh, cfg.codec,
+                                  cfg.page_size, cfg.page_count)
+            zs.send_multipart(ctl.Ready(channel_id).frames())
+            rounds = 0
+            while True:
+                h = reader.read_packet()
+                if h is None:
+                    zs.send_multipart(ctl.Done(reader.offset).frames())
+                    return
+                if h.is_sync:
+                    rounds += 1
+                    zs.send_multipart(ctl.Synced(rounds, reader.normal, reader.zero,
+                                                 reader.offset).frames())
+                    reply = ctl.decode(zs.recv_multipart())
+                    if isinstance(reply, ctl.Bye):
+                        return
+        finally:
+            reader = None
+            if sock is not None:
+                sock.close()
+            for r in (*logs, *blocks):
+                r.close()

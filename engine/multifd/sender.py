@@ -24,7 +24,7 @@ from engine.compress import get_codec
 from engine.compress.zeropage import zero_page_mask_from_buffer
 from engine.multifd import control as ctl
 from engine.multifd.packet import MultiFDInit, MultiFDPacketHeader
-from engine.procs import child_setup
+from engine.multifd.worker import control_socket
 
 
 @dataclass(frozen=True)
@@ -105,54 +105,39 @@ def packets_needed(npages: int, page_count: int = 128) -> int:
 
 def send_worker_main(cfg: SendWorkerConfig) -> None:
     """Process body: connect when told, then send what the coordinator hands out."""
-    import zmq
     from engine.ram.block import RamBlock
     from engine.transport import connect
 
-    child_setup(cfg.parent_pid)
-    zctx = zmq.Context()
-    sock = zctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.IDENTITY, ctl.worker_identity(cfg.index))
-    sock.setsockopt(zmq.LINGER, 1000)
-    sock.connect(cfg.endpoint)
-    blocks, channel, writer = [], None, None
-    try:
-        blocks = [RamBlock.attach(h) for h in cfg.blocks]
-        sock.send_multipart(ctl.Hello(cfg.index).frames())       # mapped, idle
-        while True:
-            msg = ctl.decode(sock.recv_multipart(copy=False))
-            if isinstance(msg, ctl.Connect):
-                channel = connect(msg.uri)
-                writer = PacketWriter(channel, blocks, cfg.codec, cfg.level,
-                                      cfg.zero_detect, cfg.page_size, cfg.page_count)
-                writer.send_init(msg.uuid, msg.channel_id)
-                sock.send_multipart(ctl.Ready(msg.channel_id).frames())
-            elif isinstance(msg, ctl.Batch):
-                normal, zero, nbytes = writer.send_batch(msg.block_index, msg.pages,
-                                                         msg.first_packet_num)
-                sock.send_multipart(ctl.Ack(msg.seq, normal, zero, nbytes).frames())
-            elif isinstance(msg, ctl.Sync):
-                writer.send_sync(msg.packet_num)
-                sock.send_multipart(ctl.Synced(msg.round).frames())
-            elif isinstance(msg, ctl.Bye):
-                wire = writer.wire_bytes if writer else 0
-                if channel is not None:
-                    channel.close()
-                    channel = None
-                sock.send_multipart(ctl.Done(wire).frames())
-                return
-    except Exception as exc:  # report, then die: the coordinator fails the migration
-        failed = f"{type(exc).__name__}: {exc}"
+    with control_socket(cfg.endpoint, cfg.index, cfg.parent_pid, "send") as sock:
+        blocks, channel, writer = [], None, None
         try:
-            sock.send_multipart(ctl.Error(failed).frames())
-        except Exception:
-            pass
-        raise SystemExit(f"multifd send worker {cfg.index}: {failed}") from None
-    finally:
-        writer = None
-        if channel is not None:
-            channel.close()
-        for b in blocks:
-            b.close()
-        sock.close(linger=1000)
-        zctx.term()
+            blocks = [RamBlock.attach(h) for h in cfg.blocks]
+            sock.send_multipart(ctl.Hello(cfg.index).frames())       # mapped, idle
+            while True:
+                msg = ctl.decode(sock.recv_multipart(copy=False))
+                if isinstance(msg, ctl.Connect):
+                    channel = connect(msg.uri)
+                    writer = PacketWriter(channel, blocks, cfg.codec, cfg.level,
+                                          cfg.zero_detect, cfg.page_size, cfg.page_count)
+                    writer.send_init(msg.uuid, msg.channel_id)
+                    sock.send_multipart(ctl.Ready(msg.channel_id).frames())
+                elif isinstance(msg, ctl.Batch):
+                    normal, zero, nbytes = writer.send_batch(msg.block_index, msg.pages,
+                                                             msg.first_packet_num)
+                    sock.send_multipart(ctl.Ack(msg.seq, normal, zero, nbytes).frames())
+                elif isinstance(msg, ctl.Sync):
+                    writer.send_sync(msg.packet_num)
+                    sock.send_multipart(ctl.Synced(msg.round).frames())
+                elif isinstance(msg, ctl.Bye):
+                    wire = writer.wire_bytes if writer else 0
+                    if channel is not None:
+                        channel.close()
+                        channel = None
+                    sock.send_multipart(ctl.Done(wire).frames())
+                    return
+        finally:
+            writer = None
+            if channel is not None:
+                channel.close()
+            for b in blocks:
+                b.close()
