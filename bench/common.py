@@ -494,6 +494,21 @@ def check_run_args(args, parse_size) -> int | None:
     return size
 
 
+def make_image(scratch: "Scratch", size: int, record: dict) -> Path:
+    """The mixed image every run migrates, held open in the scratch area."""
+    from engine.ram.image import write_mixed_image
+    image = scratch.shm("image")
+    t = time.perf_counter()
+    stats = write_mixed_image(image, size, IMAGE_SEED)
+    scratch.hold(image)
+    record.update(pages=stats.pages, zero_pages=stats.zero_pages,
+                  text_pages=stats.text_pages, random_pages=stats.random_pages)
+    print(f"image: {image} ({human_size(size)}, {stats.zero_pages} zero / "
+          f"{stats.text_pages} text / {stats.random_pages} random pages, "
+          f"{time.perf_counter() - t:.1f} s)", flush=True)
+    return image
+
+
 def median(values) -> float | None:
     """Median of the values that are not ``None`` (``None`` if there are none)."""
     values = [v for v in values if v is not None]

@@ -34,19 +34,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py
 
 from common import (DOWNTIME_LIMIT_MS, IMAGE_SEED, MAX_BANDWIDTH, BenchError,  # noqa: E402
-                    Scratch, add_run_args, check_run_args, check_shm_free, copy_file,
+                    Scratch, add_run_args, make_image, check_run_args, check_shm_free, copy_file,
                     exit_through_finally_on_signals,
                     host_info, human_size, median, memcpy_limit, qemu_status,
                     run_engine, run_qemu, socket_limit, write_json)
 from engine.errors import EngineError  # noqa: E402
 from engine.options import parse_size  # noqa: E402
-from engine.ram.image import MIXED, write_mixed_image  # noqa: E402
+from engine.ram.image import MIXED  # noqa: E402
 
 CODECS = ("none", "zlib", "zstd")
 #: compression level for both programs (1 is the default of both)
@@ -292,16 +291,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with Scratch() as scratch:
-            image = scratch.shm("image")
-            t = time.perf_counter()
-            stats = write_mixed_image(image, size, IMAGE_SEED)
-            scratch.hold(image)
-            results["image"].update(pages=stats.pages, zero_pages=stats.zero_pages,
-                                    text_pages=stats.text_pages,
-                                    random_pages=stats.random_pages)
-            print(f"image: {image} ({human_size(size)}, {stats.zero_pages} zero / "
-                  f"{stats.text_pages} text / {stats.random_pages} random pages, "
-                  f"{time.perf_counter() - t:.1f} s)", flush=True)
+            image = make_image(scratch, size, results["image"])
             # Each side its own copy: neither can disturb the other's input.
             sources = {}
             for side in ("engine", "qemu") if qemu_ok else ("engine",):
