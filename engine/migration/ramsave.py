@@ -12,26 +12,25 @@ staging copy also means a record's bytes cannot change while the socket is
 sending them; a page the guest rewrites after the gather is marked in the
 dirty log again and goes out in a later round.
 
-Only the batch's first record names its block; the others carry
-``RAM_SAVE_FLAG_CONTINUE``.  QEMU does the same per channel, and a reader
-accepts a named record for the block it already had.
+The headers come from the main channel's
+:class:`~engine.stream.encoder.RamRecordEncoder`, which remembers the
+previous block as QEMU does per channel: a record names its block only when
+the block changes, every other one carries ``RAM_SAVE_FLAG_CONTINUE``.
 """
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 import numpy as np
 
 from engine.stream import encoder as enc
-from engine.stream.constants import (RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_PAGE,
-                                     RAM_SAVE_FLAG_ZERO)
+from engine.stream.constants import RAM_SAVE_FLAG_PAGE
+from engine.stream.encoder import RamRecordEncoder
 
 #: pages per batch: 1 MiB of 4 KiB pages, large enough that the per-batch
 #: Python cost disappears, small enough to keep the rate limiter smooth.
 BATCH_PAGES = 256
 
-_BE64 = struct.Struct(">Q")
 
 
 @dataclass
@@ -43,14 +42,18 @@ class BatchResult:
 
 
 def encode_batch(idstr: str, pages: np.ndarray, idx: np.ndarray, page_size: int,
-                 detect_zero: bool, staging: np.ndarray | None = None) -> BatchResult:
+                 detect_zero: bool, staging: np.ndarray | None = None,
+                 encoder: RamRecordEncoder | None = None) -> BatchResult:
     """Encode the pages ``idx`` (ascending indexes into ``pages``) as records.
 
     ``staging`` is a reusable ``(>= len(idx), 8 + page_size)`` uint8 array;
     reusing it matters: a fresh 1 MiB array per batch costs a page fault for
     every 4 KiB of it.  The returned buffers may point into it, so they must
-    be sent before the next call.
+    be sent before the next call.  ``encoder`` is the channel's record
+    encoder (it knows the previous block, for CONTINUE); a fresh one names
+    the block in the first record.
     """
+    encoder = encoder or RamRecordEncoder(page_size)
     n = len(idx)
     rec = staging[:n] if staging is not None else np.empty((n, 8 + page_size), np.uint8)
     np.take(pages, idx, axis=0, out=rec[:, 8:])
@@ -60,49 +63,25 @@ def encode_batch(idstr: str, pages: np.ndarray, idx: np.ndarray, page_size: int,
         nz = int(is_zero.sum())
     else:
         nz = 0
-    buffers: list = []
     if nz:
-        normal = ~is_zero
         zoff = offsets[is_zero]
-        zeros = zero_records(idstr, zoff, named=False)
-        rec = rec[normal]
-        offsets = offsets[normal]
+        rec = rec[~is_zero]
+        offsets = offsets[~is_zero]
     nn = n - nz
+    buffers: list = []
     if nn:
-        rec[:, :8] = (offsets | np.uint64(RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE)) \
-            .astype(">u8").view(np.uint8).reshape(nn, 8)
-        # The first record names the block: rewrite its flags without CONTINUE.
-        buffers.append(_BE64.pack(int(offsets[0]) | RAM_SAVE_FLAG_PAGE) + _cstr8(idstr))
-        buffers.append(memoryview(rec).cast("B")[8:])
-        if nz:
-            buffers.append(zeros)
-    else:
-        buffers = zero_records(idstr, zoff, named=True)
+        words, name = encoder.record_words(idstr, offsets, RAM_SAVE_FLAG_PAGE)
+        rec[:, :8] = words.view(np.uint8).reshape(nn, 8)
+        flat = memoryview(rec).cast("B")
+        if name:
+            # The counted block name goes between the first header and its page.
+            buffers += [bytes(flat[:8]) + name, flat[8:]]
+        else:
+            buffers.append(flat)
+    if nz:
+        buffers.append(encoder.zero_pages(idstr, zoff))
     wire = sum(len(b) for b in buffers)
     return BatchResult(buffers, nn, nz, wire)
-
-
-def _cstr8(idstr: str) -> bytes:
-    return bytes([len(idstr)]) + idstr.encode()
-
-
-def zero_records(idstr: str, offsets: np.ndarray, named: bool):
-    """ZERO records (address word + fill byte) for ``offsets`` of one block.
-
-    ``named``: the first record carries the block name and a list of buffers
-    is returned; otherwise every record is CONTINUE and one buffer returned.
-    """
-    nz = len(offsets)
-    zrec = np.zeros((nz, 9), np.uint8)
-    zrec[:, :8] = (offsets.astype(np.uint64)
-                   | np.uint64(RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE)) \
-        .astype(">u8").view(np.uint8).reshape(nz, 8)
-    if not named:
-        return memoryview(zrec).cast("B")
-    out = [_BE64.pack(int(offsets[0]) | RAM_SAVE_FLAG_ZERO) + _cstr8(idstr) + b"\0"]
-    if nz > 1:
-        out.append(memoryview(zrec[1:]).cast("B"))
-    return out
 
 
 class BlockBitmap:
@@ -151,6 +130,8 @@ class RamSaver:
         self.bitmaps = [BlockBitmap(b, guest.dirty_log(b.idstr)) for b in guest.blocks]
         self._current = 0
         self._staging = np.empty((BATCH_PAGES, 8 + page_size), np.uint8)
+        #: the main channel's record encoder: previous block, for CONTINUE
+        self.encoder = RamRecordEncoder(page_size)
 
     @property
     def total_bytes(self) -> int:
@@ -191,4 +172,4 @@ class RamSaver:
             return None
         block = self.bitmaps[item[0]].block
         return encode_batch(block.idstr, block.pages, item[1], self.page_size,
-                            self.detect_zero, self._staging)
+                            self.detect_zero, self._staging, self.encoder)

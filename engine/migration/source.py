@@ -36,7 +36,7 @@ from engine.errors import (EngineError, MigrationCancelled,
 from engine.machine import RAM_SECTION_ID, GuestState, MachineProfile
 from engine.migration import check_implemented
 from engine.compress.zeropage import zero_page_mask_from_buffer
-from engine.migration.ramsave import RamSaver, zero_records
+from engine.migration.ramsave import RamSaver
 from engine.migration.verify import memory_digests
 from engine.options import MigrationOptions
 from engine.state import MigrationState, MigrationStatus as S
@@ -405,7 +405,7 @@ class SourceMigration:
             offsets = idx.astype(np.uint64) * np.uint64(self.page_size)
             zero = zero_page_mask_from_buffer(block.buf, offsets, self.page_size)
             if zero.any():
-                records = zero_records(block.idstr, offsets[zero], named=True)
+                records = [self.ram.encoder.zero_pages(block.idstr, offsets[zero])]
                 self._send(records)
                 with self._lock:
                     self.stats.add_zero(int(zero.sum()), sum(len(r) for r in records))

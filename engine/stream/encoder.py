@@ -222,7 +222,13 @@ class RamRecordEncoder:
         return self._header(block, offset, RAM_SAVE_FLAG_ZERO) + b"\0"
 
     # -- vectorised forms: one call per batch of pages of one block ----------------
-    def _words(self, block: str, offsets, flag: int) -> tuple[np.ndarray, bytes]:
+    def record_words(self, block: str, offsets, flag: int) -> tuple[np.ndarray, bytes]:
+        """Address words (big-endian uint64) of records at ``offsets`` and the
+        counted name that must follow the first one (``b""`` if CONTINUE).
+
+        For callers that lay records out themselves (the RAM saver gathers
+        pages straight into its own record array).
+        """
         offs = np.asarray(offsets, dtype=np.uint64)
         if offs.ndim != 1:
             raise LocalProtocolError("offsets must be a 1-d array")
@@ -243,7 +249,7 @@ class RamRecordEncoder:
         The first names the block unless it was the previous one; the rest
         are CONTINUE headers of 8 bytes.  Interleave them with the pages.
         """
-        words, first = self._words(block, offsets, RAM_SAVE_FLAG_PAGE)
+        words, first = self.record_words(block, offsets, RAM_SAVE_FLAG_PAGE)
         packed = words.tobytes()
         heads = [packed[i:i + 8] for i in range(0, len(packed), 8)]
         if heads and first:
@@ -256,7 +262,7 @@ class RamRecordEncoder:
         One buffer holding every record, built with two numpy copies.
         """
         pages = np.asarray(data, dtype=np.uint8).reshape(-1, self.page_size)
-        words, first = self._words(block, offsets, RAM_SAVE_FLAG_PAGE)
+        words, first = self.record_words(block, offsets, RAM_SAVE_FLAG_PAGE)
         n = len(words)
         if pages.shape[0] != n:
             raise LocalProtocolError(f"{n} offsets but {pages.shape[0]} pages")
@@ -277,7 +283,7 @@ class RamRecordEncoder:
 
     def zero_pages(self, block: str, offsets) -> bytes:
         """ZERO records (9 bytes each, the first possibly naming the block)."""
-        words, first = self._words(block, offsets, RAM_SAVE_FLAG_ZERO)
+        words, first = self.record_words(block, offsets, RAM_SAVE_FLAG_ZERO)
         n = len(words)
         if n == 0:
             return b""
