@@ -126,7 +126,7 @@ def run_migrate(args) -> int:
     from engine.migration.source import SourceMigration
     from engine.ram.guest import Guest
     from engine.stats import format_info_migrate
-    from engine.transport import FileAddress, UnixAddress, parse_uri
+    from engine.transport import FileAddress, parse_uri
 
     # Everything that can be refused is refused before anything starts.
     options = options_from(args)
@@ -142,7 +142,8 @@ def run_migrate(args) -> int:
     if local is not None and not isinstance(local, (FileAddress,)) and \
             local.uri.split(":", 1)[0] not in ("tcp", "unix"):
         raise ConfigError(f"--uri {args.uri}: a local destination takes tcp:, unix: or file:")
-    check_multifd_transport(options, target or local or UnixAddress("/"))
+    if target or local:      # the default, a private unix socket, suits multifd
+        check_multifd_transport(options, target or local)
 
     workdir = tempfile.mkdtemp(prefix="engine-migrate-")
     guest = dest = mig = None
