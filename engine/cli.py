@@ -46,6 +46,10 @@ def _add_guest_options(p: argparse.ArgumentParser, *, ram_default: str | None) -
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--json", metavar="FILE", help="write the final report as JSON")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--postcopy-faults", default="auto",
+                   choices=("auto", "userfaultfd", "software"),
+                   help="postcopy on the destination: how missing pages are caught "
+                        "(auto: userfaultfd when this host has it, else software)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--uri", metavar="URI", help="transport for the local destination "
                    "(default: unix socket in a private directory)")
     m.add_argument("--no-verify", action="store_true", help="skip the memory comparison")
+    m.add_argument("--postcopy-after", type=int, default=None, metavar="N",
+                   help="with --cap postcopy-ram=on: switch to postcopy after N dirty-bitmap "
+                        "passes (QMP migrate-start-postcopy)")
 
     i = sub.add_parser("incoming", help="wait for one incoming migration")
     i.add_argument("uri")

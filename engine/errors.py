@@ -115,3 +115,13 @@ class MigrationError(EngineError):
 
 class MigrationCancelled(MigrationError):
     """The migration was cancelled (migrate_cancel, Ctrl-C)."""
+
+
+class PostcopyError(MigrationError):
+    """Postcopy cannot start or go on: no userfaultfd, a fault handler or
+    vCPU that failed to register, a page that cannot be placed."""
+
+
+class PostcopyPaused(MigrationError):
+    """A channel broke during postcopy: both sides keep what they have and
+    wait in postcopy-paused for a recovery (migrate-recover + resume)."""

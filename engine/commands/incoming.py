@@ -42,15 +42,21 @@ def run_incoming(args) -> int:
         mig = DestinationMigration(profile, options, guest=guest,
                                    guest_factory=None if guest else factory,
                                    vcpus=args.vcpus, verify=args.verify,
-                                   ab_check=args.verify and workload.name == "ab")
+                                   ab_check=args.verify and workload.name == "ab",
+                                   postcopy_faults=args.postcopy_faults)
         try:
             mig.prepare()            # multifd workers start before anyone connects
             with listen(address) as listener:
                 print(f"listening on {listener.uri}", flush=True)
                 n = int(options.param("multifd-channels")) if mig.multifd else 0
                 channel, multifd = accept_channels(listener, n, timeout=args.timeout)
-            with channel:
-                info = mig.run(channel, multifd)
+                # The listener stays open while loading only for postcopy's
+                # preempt channel, which connects when postcopy starts.
+                keep = listener if options.cap("postcopy-preempt") else None
+                if keep is None:
+                    listener.close()
+                with channel:
+                    info = mig.run(channel, multifd, listener=keep)
         finally:
             mig.close()     # workers and received bitmaps, however it ended
         if not args.quiet:

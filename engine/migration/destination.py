@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from engine.errors import (BlockMismatchError, ChannelClosedError, ChannelError, EngineError,
-                           MigrationError, RemoteProtocolError)
+                           MigrationError, PostcopyError, RemoteProtocolError)
 from engine.machine import GuestState, MachineProfile
 from engine.migration import check_implemented
 from engine.migration.verify import memory_digests
@@ -32,6 +32,7 @@ from engine.stream import events as ev
 from engine.stream import returnpath as rp
 from engine.stream.constants import TARGET_PAGE_SIZE
 from engine.stream.decoder import StreamDecoder
+from engine.transport import ChannelTimeoutError
 
 #: how much one recv may bring in; large reads keep the per-call cost low
 RECV_CHUNK = 4 << 20
@@ -61,7 +62,7 @@ class DestinationMigration:
                  guest=None, guest_factory: Callable[[ev.RamBlockList], object] | None = None,
                  vcpus: int = 0, verify: bool = False, ab_check: bool = False,
                  on_status: Callable[[S, S], None] | None = None,
-                 resume: bool = True):
+                 resume: bool = True, postcopy_faults: str = "auto"):
         if guest is None and guest_factory is None:
             raise ValueError("need a guest or a guest factory")
         self.machine = machine
@@ -92,17 +93,37 @@ class DestinationMigration:
         self.multifd_channels: dict[int, object] = {}
         self.pool = None
         self._received_logs: list = []
+        #: postcopy: the destination half (engine.postcopy.incoming), the
+        #: listener kept for the preempt channel, the preempt channel itself
+        self.postcopy_cap = options.cap("postcopy-ram")
+        self.postcopy_faults = postcopy_faults
+        self.postcopy = None
+        self.listener = None
+        self.preempt = None
+        self._recover_listener = None
+        self._recover_ready = threading.Event()
+        self._closing = threading.Event()
 
     def prepare(self) -> None:
         """Start the multifd workers ahead of the migration (needs the guest)."""
-        if not self.multifd or self.pool is not None or self.guest is None:
+        if self.guest is None:
+            return
+        if self.postcopy_cap and self.postcopy is None:
+            from engine.postcopy.incoming import PostcopyIncoming
+            self.postcopy = PostcopyIncoming(self.guest, self.postcopy_faults, self.page_size)
+            self.postcopy.start_handler()
+        if not self.multifd or self.pool is not None:
             return
         from engine.multifd.pool import RecvPool
         from engine.ram.dirty import DirtyLog
-        for b in self.guest.blocks:
-            self._received_logs.append(DirtyLog.create(b.npages))
+        if self.postcopy is not None:
+            logs = self.postcopy.handler.received_logs     # the handler owns them
+        else:
+            for b in self.guest.blocks:
+                self._received_logs.append(DirtyLog.create(b.npages))
+            logs = self._received_logs
         self.pool = RecvPool(int(self.options.param("multifd-channels")), self.guest.blocks,
-                             self._received_logs,
+                             logs,
                              codec=self.options.param("multifd-compression"),
                              page_size=self.page_size)
 
@@ -113,7 +134,19 @@ class DestinationMigration:
         then never got to :meth:`run` (no connection, a bad channel, Ctrl-C)
         must call it.
         """
+        self._closing.set()
         self._release_multifd(failed=True)
+        self._release_postcopy()
+        for ch in (self.preempt, self._recover_listener):
+            if ch is not None:
+                ch.close()
+        self.preempt = self._recover_listener = None
+
+    def _release_postcopy(self) -> None:
+        if self.postcopy is not None:
+            with self._lock:
+                self._postcopy_stats = self.postcopy.stats()
+            self.postcopy.close()
 
     def _release_multifd(self, failed: bool) -> None:
         for ch in self.multifd_channels.values():
@@ -134,24 +167,65 @@ class DestinationMigration:
         self._received_logs = []
 
     def info(self) -> MigrationInfo:
+        """query-migrate on the destination; postcopy adds the fault figures
+        (QEMU's postcopy-blocktime, postcopy-vcpu-blocktime, postcopy-latency,
+        and our postcopy-latency-p99 and postcopy-faults)."""
+        pc = self._postcopy_figures()
         with self._lock:
             if self._stats is None:
-                return MigrationInfo(status=self.state.status.value,
+                info = MigrationInfo(status=self.state.status.value,
                                      error_desc=str(self.error) if self.error else None)
-            return self._stats.snapshot(self.state.status.value,
-                                        error_desc=str(self.error) if self.error else None)
+            else:
+                info = self._stats.snapshot(self.state.status.value,
+                                            error_desc=str(self.error) if self.error else None)
+        if pc:
+            from dataclasses import replace
+            requests = pc.pop("postcopy-requests", 0)
+            extra = dict(info.extra or {})
+            extra.update(pc)
+            info = replace(info, extra=extra)
+            if info.ram is not None:
+                info = replace(info, ram=replace(info.ram, postcopy_requests=requests))
+        return info
+
+    def _postcopy_figures(self) -> dict:
+        if self.postcopy is None or self.postcopy.state.value in ("none",):
+            return {}
+        stats = dict(getattr(self, "_postcopy_stats", None) or self.postcopy.stats())
+        stats.pop("faults", None)
+        return stats
 
     # ------------------------------------------------------------------
-    def run(self, channel, multifd_channels: dict | None = None) -> MigrationInfo:
-        """Load from the main ``channel`` (and the accepted multifd channels)."""
+    def run(self, channel, multifd_channels: dict | None = None, *,
+            listener=None) -> MigrationInfo:
+        """Load from the main ``channel`` (and the accepted multifd channels).
+
+        ``listener`` (still listening) is where a postcopy-preempt source
+        connects its preempt channel; without it that capability fails.
+        """
         self.channel = channel
+        self.listener = listener
         self.multifd_channels = dict(multifd_channels or {})
         self.state.transition(S.ACTIVE)
         try:
-            self._load()
+            dec = StreamDecoder(self.machine.lookup(self.vcpus), page_size=self.page_size,
+                                channel="main")
+            while True:
+                try:
+                    self._load(dec)
+                    break
+                except (ChannelError, RemoteProtocolError, OSError) as exc:
+                    if not self._postcopy_running():
+                        raise
+                    # QEMU: a stream error while the guest already runs here
+                    # pauses postcopy; both sides keep what they have.
+                    dec = self._pause_and_recover(dec, exc)
             if self._rp_open:
-                channel.sendall(rp.rp_shut(0))
+                self._rp_send(rp.rp_shut(0))
             self._release_multifd(failed=False)
+            if self.postcopy is not None:
+                self.postcopy.check()
+                self._release_postcopy()
             self._finish()
             self.state.transition(S.COMPLETED)
         except BaseException as exc:
@@ -161,27 +235,46 @@ class DestinationMigration:
                     MigrationError(f"{type(exc).__name__}: {exc}")
             if self._rp_open:
                 try:
-                    channel.sendall(rp.rp_shut(1))
+                    self._rp_send(rp.rp_shut(1))
                 except Exception:
                     pass
+            try:
+                self._release_postcopy()
+            except Exception:
+                pass
             if self.state.status not in (S.FAILED, S.COMPLETED):
                 self.state.transition(S.FAILED)
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
         return self.info()
 
-    def _load(self) -> None:
-        lookup = self.machine.lookup(self.vcpus)
-        dec = StreamDecoder(lookup, page_size=self.page_size, channel="main")
+    def _rp_send(self, data: bytes) -> None:
+        """A return-path message; once postcopy listens, the fault handler
+        writes requests on the same socket, so both take its lock."""
+        lock = self.postcopy.rp_lock if self._postcopy_listening() else None
+        if lock is None:
+            self.channel.sendall(data)
+        else:
+            with lock:
+                self.channel.sendall(data)
+
+    def _postcopy_listening(self) -> bool:
+        return self.postcopy is not None and self.postcopy.state.value in (
+            "listening", "running")
+
+    def _postcopy_running(self) -> bool:
+        return self.postcopy is not None and self.postcopy.state.value == "running"
+
+    def _load(self, dec: StreamDecoder) -> None:
         buf = bytearray(RECV_CHUNK)
         mv = memoryview(buf)
         seen_eof = False
         while True:
-            if self.pool is not None and not seen_eof:
-                # A multifd worker can fail while the main channel is quiet (its
-                # pages are on the multifd channels): watch both.
+            if not seen_eof and (self.pool is not None or self._postcopy_listening()):
+                # A multifd worker or the fault handler can fail while the
+                # main channel is quiet: watch them too.
                 fd = self.channel.fileno()
-                while not self.pool.wait_readable(fd, 0.1):
+                while not self._wait_readable(fd, 0.1):
                     pass
             try:
                 n = self.channel.recv_into(mv)
@@ -205,6 +298,10 @@ class DestinationMigration:
                     break
                 if isinstance(event, ev.Eof):
                     seen_eof = True
+                    if self.postcopy is not None and self.postcopy.state.value != "none":
+                        # QEMU's postcopy ends with EOF alone (no vmdesc).
+                        self.postcopy.end()
+                        return
                     self.channel.settimeout(VMDESC_WAIT_SECONDS)
                 elif isinstance(event, ev.VMDescription):
                     self.vmdesc = event.data
@@ -215,7 +312,83 @@ class DestinationMigration:
                 raise ChannelClosedError(
                     f"{self.channel.name}: source closed the stream before its EOF section")
 
+    def _wait_readable(self, fd: int, timeout: float) -> bool:
+        if self.pool is not None:
+            return self.pool.wait_readable(fd, timeout)
+        import select
+        self.postcopy.check()
+        r, _, _ = select.select([fd], [], [], timeout)
+        return bool(r)
+
+    # -- postcopy recovery --------------------------------------------------------------
+    def recover(self, uri: str) -> str:
+        """QMP migrate-recover: listen on ``uri`` for the source's new channel.
+
+        Only in postcopy-paused.  Returns the address actually listened on
+        (a tcp port 0 resolved).
+        """
+        from engine.transport import listen, parse_uri
+        self.state.expect(S.POSTCOPY_PAUSED)
+        old, self._recover_listener = self._recover_listener, listen(parse_uri(uri))
+        if old is not None:
+            old.close()
+        self._recover_ready.set()
+        return self._recover_listener.uri
+
+    def _pause_and_recover(self, dec: StreamDecoder, exc: BaseException) -> StreamDecoder:
+        """postcopy-paused until a recovery's new main channel arrives."""
+        with self._lock:
+            self.error = exc if isinstance(exc, EngineError) else MigrationError(str(exc))
+        self.postcopy.pause()
+        try:
+            self.channel.close()
+        except Exception:
+            pass
+        if self.preempt is not None:
+            self.preempt.close()
+            self.preempt = None
+        self.state.transition(S.POSTCOPY_PAUSED)
+        while True:
+            channel = self._accept_recovery()
+            self.channel = channel
+            self.state.transition(S.POSTCOPY_RECOVER)
+            with self._lock:
+                self.error = None
+            # The resumed source sends no header: the new channel goes on
+            # where the old one broke, with QEMU's per-channel state reset.
+            dec.restart_channel()
+            self._rp_open = True
+            return dec
+
+    def _accept_recovery(self):
+        while True:
+            if self._closing.is_set():
+                raise MigrationError("destination closed while postcopy was paused")
+            self.postcopy.check()
+            if not self._recover_ready.wait(0.1):
+                continue
+            listener = self._recover_listener
+            try:
+                return listener.accept(timeout=0.2)
+            except ChannelTimeoutError:
+                continue
+            except ChannelError:
+                if self._closing.is_set() or listener is not self._recover_listener:
+                    continue
+                raise
+
     def _handle(self, event) -> None:
+        if self._postcopy_listening() and isinstance(event, (ev.RamPage, ev.RamZero)):
+            # Postcopy: the vCPUs may be running on this memory, so a page
+            # goes in whole and only if it is not there yet (QEMU's
+            # place_page: UFFDIO_COPY, EEXIST ignored).
+            if isinstance(event, ev.RamPage):
+                self.postcopy.place(event.block, event.offset, event.data)
+                self.pages += 1
+            else:
+                self.postcopy.place_zero(event.block, event.offset)
+                self.zero_pages += 1
+            return
         if isinstance(event, ev.RamPage):
             dst = self._bufs[event.block]
             dst[event.offset:event.offset + self.page_size] = event.data
@@ -259,16 +432,107 @@ class DestinationMigration:
             if self.options.cap("switchover-ack"):
                 # No device here needs to approve the switchover, so the ACK
                 # goes at once, as QEMU's does in that case.
-                self.channel.sendall(rp.rp_switchover_ack())
+                self._rp_send(rp.rp_switchover_ack())
         elif isinstance(event, ev.Ping):
             if not self._rp_open:
                 raise RemoteProtocolError("PING received without a return path", channel="main")
-            self.channel.sendall(rp.rp_pong(event.value))
+            self._rp_send(rp.rp_pong(event.value))
         elif isinstance(event, ev.SwitchoverStart):
             pass
+        elif isinstance(event, ev.PostcopyAdvise):
+            if not self.postcopy_cap:
+                raise RemoteProtocolError(
+                    "RAM postcopy is disabled but have 16 byte advise" if
+                    event.page_size_summary is not None else
+                    "dirty-bitmaps postcopy is not supported", channel="main")
+            if self.guest is None:
+                raise RemoteProtocolError("POSTCOPY_ADVISE before the RAM block list",
+                                          channel="main")
+            self.prepare()
+            self.postcopy.advise(event.page_size_summary, event.target_page_size)
+        elif isinstance(event, ev.PostcopyRamDiscard):
+            self._require_postcopy("POSTCOPY_RAM_DISCARD")
+            self.postcopy.discard(event.block, event.ranges)
+        elif isinstance(event, ev.Packaged):
+            self._require_postcopy("PACKAGED")
+            self._load_package(event.data)
+        elif isinstance(event, ev.PostcopyListen):
+            self._postcopy_listen()
+        elif isinstance(event, ev.PostcopyRun):
+            self._postcopy_run()
+        elif isinstance(event, ev.RecvBitmap):
+            self._require_postcopy("RECV_BITMAP")
+            if self.state.status is not S.POSTCOPY_RECOVER:
+                raise RemoteProtocolError("RECV_BITMAP outside postcopy recovery",
+                                          channel="main")
+            bits = self.postcopy.received_bitmap(event.block)
+            self._rp_send(rp.rp_recv_bitmap(event.block) + rp.encode_recv_bitmap(bits))
+        elif isinstance(event, ev.PostcopyResume):
+            if self.state.status is not S.POSTCOPY_RECOVER:
+                raise RemoteProtocolError("POSTCOPY_RESUME outside postcopy recovery",
+                                          channel="main")
+            self._postcopy_resume()
         else:
             raise RemoteProtocolError(
                 f"{type(event).__name__} is not supported by this destination", channel="main")
+
+    # -- postcopy -------------------------------------------------------------------
+    def _require_postcopy(self, what: str) -> None:
+        if self.postcopy is None or self.postcopy.state.value == "none":
+            raise RemoteProtocolError(f"{what} without POSTCOPY_ADVISE", channel="main")
+
+    def _load_package(self, blob: bytes) -> None:
+        """PACKAGED: LISTEN, the devices, PINGs and RUN, parsed from memory."""
+        if self.options.cap("postcopy-preempt") and self.preempt is None:
+            # QEMU waits for the preempt channel first: once LISTEN is
+            # processed, a fault must be able to get its page there.
+            if self.listener is None:
+                raise MigrationError("postcopy-preempt needs the listener to accept "
+                                     "the preempt channel")
+            self.preempt = self.listener.accept(timeout=30)
+        nested = StreamDecoder(self.machine.lookup(self.vcpus), page_size=self.page_size,
+                               channel="main (package)", expect_header=False)
+        nested.feed(blob)
+        nested.feed_eof()
+        while True:
+            event = nested.next_event()
+            if event is ev.NEED_DATA:
+                break
+            if isinstance(event, (ev.RamPage, ev.RamZero, ev.RamBlockList, ev.Packaged,
+                                  ev.Eof)):
+                raise RemoteProtocolError(
+                    f"{type(event).__name__} inside a PACKAGED blob", channel="main (package)")
+            self._handle(event)
+
+    def _postcopy_listen(self) -> None:
+        self._require_postcopy("POSTCOPY_LISTEN")
+        # Every page multifd carried is in place (the source's "postcopy
+        # prepare" section synced the channels): the workers are done.
+        self._release_multifd(failed=False)
+        sock = self.channel.sock if self._rp_open else None
+        self.postcopy.listen(sock, self.preempt.sock if self.preempt is not None else None)
+        # QEMU 10.2: with a return path the destination stays in
+        # postcopy-device while it loads the package's device state.
+        self.state.transition(S.POSTCOPY_DEVICE if self._rp_open else S.POSTCOPY_ACTIVE)
+
+    def _postcopy_run(self) -> None:
+        self._require_postcopy("POSTCOPY_RUN")
+        self.postcopy.run()
+        if self.state.status is S.POSTCOPY_DEVICE:
+            self.state.transition(S.POSTCOPY_ACTIVE)
+        with self._lock:
+            if self._stats is not None:
+                self._stats.postcopy_started()
+        if self.resume and self.guest_state.runstate == "running" and self.vcpus:
+            self.guest.start()
+
+    def _postcopy_resume(self) -> None:
+        if self.options.cap("postcopy-preempt"):
+            self.preempt = self._recover_listener.accept(timeout=30)
+        self.state.transition(S.POSTCOPY_ACTIVE)
+        self._rp_send(rp.rp_resume_ack(1))
+        self.postcopy.resumed(self.channel.sock,
+                              self.preempt.sock if self.preempt is not None else None)
 
     def _setup_blocks(self, announced: ev.RamBlockList) -> None:
         if self.guest is None:
@@ -281,16 +545,22 @@ class DestinationMigration:
             self._stats.start()
         self._bufs = {b.idstr: b.buf for b in self.guest.blocks}
         self._u64 = {b.idstr: b.pages.view(np.uint64) for b in self.guest.blocks}
+        self.prepare()      # postcopy's fault handler (and multifd's workers) need the guest
         if self.multifd:
             if len(self.multifd_channels) != int(self.options.param("multifd-channels")):
                 raise MigrationError("multifd is on but the multifd channels were not accepted")
-            self.prepare()
             for channel_id, ch in sorted(self.multifd_channels.items()):
                 self.pool.attach(channel_id, ch.sock)
                 # The worker has its own descriptor now.  Ours would keep the
                 # connection open should the worker die, and the source would
                 # write on into a socket nobody reads instead of failing.
                 ch.close()
+        if self.postcopy is not None:
+            # Shared with the fault handler (and the workers): what arrived
+            # in precopy need not be asked for in postcopy.
+            self._received = {b.idstr: r for b, r in
+                              zip(self.guest.blocks, self.postcopy.received)}
+        elif self.multifd:
             # Shared with the workers, who receive pages too.
             self._received = {b.idstr: log.log for b, log in
                               zip(self.guest.blocks, self._received_logs)}
@@ -320,9 +590,17 @@ class DestinationMigration:
                 self._stats.completed()
         if self.guest is None:
             raise RemoteProtocolError("stream ended without a RAM section", channel="main")
+        # In postcopy the guest has been running here since POSTCOPY_RUN;
+        # checking its memory means pausing it for the check.
+        running = bool(self.vcpus) and self.guest.running
         if self.verify:
+            if running:
+                self.guest.stop()
             self.digests = memory_digests(self.guest.blocks)
             if self.ab_check:
                 self.ab_result = self.guest.check_ab(slices=max(1, self.vcpus))
-        if self.resume and self.guest_state.runstate == "running" and self.vcpus:
+            if running:
+                self.guest.start()
+        if (not running and self.resume and self.guest_state.runstate == "running"
+                and self.vcpus):
             self.guest.start()

@@ -233,6 +233,27 @@ class StreamDecoder:
         """The channel ended: no more bytes will come."""
         self._eof = True
 
+    def restart_channel(self) -> None:
+        """Go on reading the same stream from a new channel (postcopy recovery).
+
+        What the broken channel left half-parsed is dropped, offsets count
+        from the new channel's start, and the previous-block memory is
+        forgotten (the resumed source names the block again); the RAM block
+        list, the live sections and the ADVISE survive.  The resumed source
+        sends no header, so parsing starts between elements.
+        """
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        self._buf = bytearray()
+        self._pos = self._base = self._wait_for = 0
+        self._eof = False
+        self._error = None
+        self._pending.clear()
+        self._section = None
+        self._last_block = None
+        self._state = _State.RAM if self._records_only else _State.TOP
+
     # -- output ----------------------------------------------------------------------
     def next_event(self):
         """The next event, or ``NEED_DATA`` (more bytes needed, or :attr:`finished`).
