@@ -163,6 +163,8 @@ class PostcopyIncoming:
         self._move(PostcopyState.LISTENING)
         from engine.postcopy.placer import Placer
         handler = self.handler
+        if self.mode == "userfaultfd":
+            self._punch_missing()
         if self.guest.nvcpus:
             self.guest.attach_faults(handler.socket_path, self.mode, timeout=REGISTER_TIMEOUT)
             self._attached = True
@@ -175,6 +177,23 @@ class PostcopyIncoming:
             handler.set_return_path(return_path_sock)
         if preempt_sock is not None:
             handler.set_preempt(preempt_sock)
+
+    def _punch_missing(self) -> None:
+        """Make every page not received a hole, so that touching it faults.
+
+        Our blocks are preallocated (posix_fallocate), and tmpfs counts a
+        preallocated page as present: userfaultfd's MISSING mode would never
+        fire for it and the vCPU would read zeros.  The source's discards
+        cover what it still has to send, but this does not rely on them.
+        """
+        import numpy as np
+        from engine.postcopy.uffd import punch_hole
+        for block, received in zip(self.guest.blocks, self.received):
+            missing = np.concatenate(([0], (received == 0).view(np.int8), [0]))
+            edges = np.flatnonzero(np.diff(missing))
+            ps = block.page_size
+            for start, end in zip(edges[0::2], edges[1::2]):
+                punch_hole(block.fd, int(start) * ps, int(end - start) * ps)
 
     def run(self) -> None:
         """POSTCOPY_RUN."""
