@@ -135,10 +135,13 @@ SOURCE_TRANSITIONS: Mapping[MigrationStatus, frozenset[MigrationStatus]] = Mappi
     _S.DEVICE:                 frozenset({_S.COMPLETED, _S.POSTCOPY_DEVICE, _S.POSTCOPY_ACTIVE,
                                           _S.COLO, _S.CANCELLING, _S.FAILED}),
     _S.POSTCOPY_DEVICE:        frozenset({_S.POSTCOPY_ACTIVE, _S.FAILED}),
-    _S.POSTCOPY_ACTIVE:        frozenset({_S.POSTCOPY_PAUSED, _S.COMPLETED}),
-    _S.POSTCOPY_PAUSED:        frozenset({_S.POSTCOPY_RECOVER_SETUP}),
-    _S.POSTCOPY_RECOVER_SETUP: frozenset({_S.POSTCOPY_RECOVER, _S.POSTCOPY_PAUSED}),
-    _S.POSTCOPY_RECOVER:       frozenset({_S.POSTCOPY_ACTIVE, _S.POSTCOPY_PAUSED}),
+    # failed from a postcopy state: an error that is not a broken channel
+    # (QEMU's migration_detect_error), or the source giving up (Ctrl-C); the
+    # guest then lives on the destination and the source's copy is stale.
+    _S.POSTCOPY_ACTIVE:        frozenset({_S.POSTCOPY_PAUSED, _S.COMPLETED, _S.FAILED}),
+    _S.POSTCOPY_PAUSED:        frozenset({_S.POSTCOPY_RECOVER_SETUP, _S.FAILED}),
+    _S.POSTCOPY_RECOVER_SETUP: frozenset({_S.POSTCOPY_RECOVER, _S.POSTCOPY_PAUSED, _S.FAILED}),
+    _S.POSTCOPY_RECOVER:       frozenset({_S.POSTCOPY_ACTIVE, _S.POSTCOPY_PAUSED, _S.FAILED}),
     _S.COLO:                   frozenset({_S.COMPLETED, _S.FAILED}),
     _S.CANCELLING:             frozenset({_S.CANCELLED}),
     # A new migration of the same VM starts over from an ended one.

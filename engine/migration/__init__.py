@@ -8,7 +8,8 @@ from engine.errors import InvalidCapabilityError
 #: the rest here, up front, rather than silently migrating without them.
 IMPLEMENTED_CAPABILITIES = frozenset({
     "events", "return-path", "pause-before-switchover", "switchover-ack", "multifd",
-    "late-block-activate", "zero-blocks",
+    "late-block-activate", "zero-blocks", "postcopy-ram", "postcopy-preempt",
+    "postcopy-blocktime",
 })
 
 

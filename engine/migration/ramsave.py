@@ -16,15 +16,23 @@ The headers come from the main channel's
 :class:`~engine.stream.encoder.RamRecordEncoder`, which remembers the
 previous block as QEMU does per channel: a record names its block only when
 the block changes, every other one carries ``RAM_SAVE_FLAG_CONTINUE``.
+
+Postcopy adds a second reader of the bitmaps: with ``postcopy-preempt`` the
+return-path thread sends requested pages itself, on the preempt channel.
+Every read-and-clear of a bitmap therefore happens under :attr:`RamSaver.lock`,
+so that a page leaves through exactly one channel once the discard has
+been sent.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from engine.stream import encoder as enc
-from engine.stream.constants import RAM_SAVE_FLAG_PAGE
+from engine.stream.constants import (MAX_DISCARDS_PER_COMMAND, POSTCOPY_RAM_DISCARD_VERSION,
+                                     RAM_SAVE_FLAG_PAGE, MigCmd)
 from engine.stream.encoder import RamRecordEncoder
 
 #: pages per batch: 1 MiB of 4 KiB pages, large enough that the per-batch
@@ -84,6 +92,45 @@ def encode_batch(idstr: str, pages: np.ndarray, idx: np.ndarray, page_size: int,
     return BatchResult(buffers, nn, nz, wire)
 
 
+def dirty_runs(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(first page, page count)`` of every run of set entries of ``bits``."""
+    edges = np.diff(bits.view(np.int8), prepend=np.int8(0), append=np.int8(0))
+    starts = np.flatnonzero(edges == 1)
+    return starts, np.flatnonzero(edges == -1) - starts
+
+
+def discard_commands(idstr: str, starts: np.ndarray, lengths: np.ndarray) -> bytes:
+    """POSTCOPY_RAM_DISCARD commands for byte ranges ``(starts[i], lengths[i])`` of a block.
+
+    The same bytes as :func:`engine.stream.encoder.postcopy_ram_discard`, but
+    the full commands (12 ranges each) are laid out by numpy in one go: a
+    fragmented 1 GiB guest has up to 131072 ranges.
+    """
+    n = len(starts)
+    if not n:
+        return b""
+    pairs = np.empty((n, 2), dtype=">u8")
+    pairs[:, 0] = starts
+    pairs[:, 1] = lengths
+    full = n // MAX_DISCARDS_PER_COMMAND
+    out = bytearray()
+    if full:
+        name = idstr.encode()
+        head = bytes((POSTCOPY_RAM_DISCARD_VERSION, len(name))) + name + b"\0"
+        body = 16 * MAX_DISCARDS_PER_COMMAND
+        # The framing of one full command, taken from the encoder itself.
+        prefix = enc.command(MigCmd.MIG_CMD_POSTCOPY_RAM_DISCARD, head + bytes(body))[:-body]
+        cmds = np.empty((full, len(prefix) + body), np.uint8)
+        cmds[:, :len(prefix)] = np.frombuffer(prefix, np.uint8)
+        cmds[:, len(prefix):] = pairs[:full * MAX_DISCARDS_PER_COMMAND].view(np.uint8) \
+            .reshape(full, body)
+        out += cmds.tobytes()
+    rest = pairs[full * MAX_DISCARDS_PER_COMMAND:]
+    if len(rest):
+        out += enc.postcopy_ram_discard(idstr, [(int(a), int(b)) for a, b in rest])
+    return bytes(out)
+
+
 class BlockBitmap:
     """The migration bitmap of one RAM block plus a scan cursor."""
 
@@ -128,10 +175,17 @@ class RamSaver:
         self.page_size = page_size
         self.detect_zero = detect_zero
         self.bitmaps = [BlockBitmap(b, guest.dirty_log(b.idstr)) for b in guest.blocks]
+        self._index = {bm.block.idstr: i for i, bm in enumerate(self.bitmaps)}
         self._current = 0
-        self._staging = np.empty((BATCH_PAGES, 8 + page_size), np.uint8)
+        self._staging = self.new_staging()
         #: the main channel's record encoder: previous block, for CONTINUE
         self.encoder = RamRecordEncoder(page_size)
+        #: held for every read-and-clear of a bitmap (postcopy: two senders)
+        self.lock = threading.Lock()
+
+    def new_staging(self) -> np.ndarray:
+        """A staging array for :func:`encode_batch`, for a sender of its own."""
+        return np.empty((BATCH_PAGES, 8 + self.page_size), np.uint8)
 
     @property
     def total_bytes(self) -> int:
@@ -148,28 +202,99 @@ class RamSaver:
 
     def sync(self) -> int:
         """Bitmap sync (QEMU's migration_bitmap_sync); returns new dirty pages."""
+        with self.lock:
+            self._rewind()
+            return sum(bm.sync() for bm in self.bitmaps)
+
+    def _rewind(self) -> None:
         for bm in self.bitmaps:
             bm.cursor = 0
         self._current = 0
-        return sum(bm.sync() for bm in self.bitmaps)
+
+    def rewind(self) -> None:
+        """Start a new round from the first page without a sync (postcopy)."""
+        with self.lock:
+            self._rewind()
 
     def pending_pages(self) -> int:
         return sum(bm.pending() for bm in self.bitmaps)
 
     def next_pages(self, limit: int = BATCH_PAGES) -> tuple[int, np.ndarray] | None:
         """(block index, up to ``limit`` dirty pages, cleared), None when the round is done."""
-        while self._current < len(self.bitmaps):
-            idx = self.bitmaps[self._current].take(limit)
-            if len(idx):
-                return self._current, idx
-            self._current += 1
+        with self.lock:
+            while self._current < len(self.bitmaps):
+                idx = self.bitmaps[self._current].take(limit)
+                if len(idx):
+                    return self._current, idx
+                self._current += 1
         return None
 
-    def next_batch(self) -> BatchResult | None:
+    def next_batch(self, limit: int = BATCH_PAGES) -> BatchResult | None:
         """Encode the next batch of dirty pages, or None when the round is done."""
-        item = self.next_pages()
+        item = self.next_pages(min(limit, BATCH_PAGES))
         if item is None:
             return None
-        block = self.bitmaps[item[0]].block
-        return encode_batch(block.idstr, block.pages, item[1], self.page_size,
-                            self.detect_zero, self._staging, self.encoder)
+        return self.encode(item[0], item[1])
+
+    def encode(self, index: int, idx: np.ndarray, encoder: RamRecordEncoder | None = None,
+               staging: np.ndarray | None = None) -> BatchResult:
+        """Records for pages ``idx`` (ascending, at most :data:`BATCH_PAGES`) of block
+        ``index``; by default for the main channel (its encoder and staging)."""
+        block = self.bitmaps[index].block
+        return encode_batch(block.idstr, block.pages, idx, self.page_size, self.detect_zero,
+                            self._staging if staging is None else staging,
+                            self.encoder if encoder is None else encoder)
+
+    # -- postcopy ------------------------------------------------------------------
+    def page_size_summary(self) -> int:
+        """POSTCOPY_ADVISE's summary: the OR of every block's page size (bytes)."""
+        summary = 0
+        for bm in self.bitmaps:
+            summary |= bm.block.page_size
+        return summary
+
+    def block_index(self, idstr: str) -> int | None:
+        """Index of the block named ``idstr`` (None if there is none)."""
+        return self._index.get(idstr)
+
+    def take_range(self, index: int, first: int, count: int) -> np.ndarray:
+        """The still-dirty pages of ``[first, first + count)`` in block ``index``,
+        cleared: a requested page is sent once, by whoever takes it first.
+
+        Afterwards the background scan of that block goes on right after the
+        range (QEMU's locality hint: the guest is likely to touch what follows);
+        the pages it skips wait for the next round (:meth:`rewind`).
+        """
+        with self.lock:
+            bm = self.bitmaps[index]
+            idx = np.flatnonzero(bm.bits[first:first + count]) + first
+            bm.bits[idx] = False
+            self._current = index
+            bm.cursor = min(first + count, len(bm.bits))
+            return idx
+
+    def discard_commands(self) -> bytes:
+        """POSTCOPY_RAM_DISCARD commands for every still-dirty run of every block.
+
+        Target and host pages are the same size here, so no run needs
+        widening to whole host pages.
+        """
+        out = []
+        with self.lock:
+            for bm in self.bitmaps:
+                starts, counts = dirty_runs(bm.bits)
+                ps = np.uint64(self.page_size)
+                out.append(discard_commands(bm.block.idstr, starts.astype(np.uint64) * ps,
+                                            counts.astype(np.uint64) * ps))
+        return b"".join(out)
+
+    def set_received(self, index: int, received: np.ndarray) -> None:
+        """Postcopy recovery: the pages to send are those the destination lacks."""
+        with self.lock:
+            bm = self.bitmaps[index]
+            if received.shape != bm.bits.shape:
+                raise ValueError(f"received bitmap of {received.size} pages for block "
+                                 f"{bm.block.idstr!r} of {bm.bits.size}")
+            np.logical_not(received, out=bm.bits)
+            bm.cursor = 0
+            self._current = 0

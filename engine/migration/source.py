@@ -20,31 +20,55 @@ Errors and cancel at any point before completion leave the source guest
 running (restarted if the switchover had stopped it), with its memory
 untouched: the source only ever reads guest memory.
 
-The loop runs in the caller's thread.  ``cancel()`` and ``info()`` are safe
-from any other thread (a progress display, a QMP monitor, a signal handler).
+Postcopy (``postcopy-ram``; spec 4.5) switches instead of completing once
+asked to (``start_postcopy()`` or ``postcopy_after`` passes): a "postcopy
+prepare" PART section (multifd's last sync: multifd carries precopy pages
+only), the guest stops, the pages still dirty go out as DISCARD ranges, then
+one PACKAGED blob (LISTEN, the devices, PING 3, PING 0x42, RUN) after which
+the destination runs the guest.  ``postcopy-device`` lasts until the PONG of
+0x42 says the destination loaded the devices; a failure until then is a
+precopy failure (the guest restarts here).  In ``postcopy-active`` the rest
+of RAM goes out in the background (``max-postcopy-bandwidth``), pages the
+destination faults on first: its REQ_PAGES are queued for this thread, or,
+with ``postcopy-preempt``, sent at once by the return-path thread on a
+channel of their own.  A broken channel then pauses (``postcopy-paused``)
+until ``resume(uri)``: the destination's received bitmaps say what is still
+to send.  Nothing can cancel a postcopy, and nothing can restart the guest
+here once the destination runs it.
+
+The loop runs in the caller's thread.  ``cancel()``, ``info()``,
+``start_postcopy()``, ``pause()`` and ``resume()`` are safe from any other
+thread (a progress display, a QMP monitor, a signal handler).
 """
 from __future__ import annotations
 
+import collections
+import contextlib
+import sys
 import threading
 import time
 from typing import Callable
 
 import numpy as np
 
-from engine.errors import (EngineError, MigrationCancelled,
-                           MigrationError, RemoteProtocolError)
+from engine.errors import (ChannelBrokenError, ChannelClosedError, ChannelError, ConfigError,
+                           EngineError, InvalidCapabilityError, MigrationCancelled,
+                           MigrationError, PostcopyPaused, RemoteProtocolError, StateError)
 from engine.machine import RAM_SECTION_ID, GuestState, MachineProfile
 from engine.migration import check_implemented
 from engine.compress.zeropage import zero_page_mask_from_buffer
-from engine.migration.ramsave import RamSaver
+from engine.migration.ramsave import BATCH_PAGES, RamSaver
 from engine.migration.verify import memory_digests
 from engine.options import MigrationOptions
-from engine.state import MigrationState, MigrationStatus as S
+from engine.state import POSTCOPY_STATES, MigrationState, MigrationStatus as S
 from engine.stats import MigrationInfo, StatsAccumulator
 from engine.stream import encoder as enc
 from engine.stream import returnpath as rp
-from engine.stream.constants import RAM_SECTION_IDSTR, RAM_SECTION_VERSION, TARGET_PAGE_SIZE
+from engine.stream.constants import (QEMU_VM_PING_PACKAGED_LOADED, RAM_SECTION_IDSTR,
+                                     RAM_SECTION_VERSION, TARGET_PAGE_SIZE)
+from engine.stream.encoder import RamRecordEncoder
 from engine.stream.vmdesc import build_vmdesc
+from engine.transport import connect, parse_uri
 
 #: QEMU's BUFFER_DELAY: the rate limiter's and the bandwidth meter's window.
 WINDOW_SECONDS = 0.1
@@ -52,6 +76,16 @@ WINDOW_SECONDS = 0.1
 ITERATION_SECONDS = 0.05
 #: pages taken from the bitmap per hand-out to the multifd workers (8 packets)
 BATCH_PAGES_MULTIFD = 1024
+#: the interpreter's thread switch interval while postcopy runs, seconds.  The
+#: return-path thread answers page requests (a destination vCPU waits on each);
+#: with CPython's default 5 ms it can wait that long for the GIL each time the
+#: migration thread holds it between two system calls.  The interval is
+#: process-wide: set when the package goes out, restored when ``run`` returns.
+POSTCOPY_SWITCH_INTERVAL = 1e-4
+#: how often waits in postcopy look at the return path and control requests
+POLL_SECONDS = 0.05
+#: RESUME_ACK's only value (QEMU's MIGRATION_RESUME_ACK_VALUE)
+RESUME_ACK_VALUE = 1
 
 
 class RateLimiter:
@@ -82,17 +116,38 @@ class RateLimiter:
             cancelled.wait(remaining)
         self.window_start, self.used = self.clock(), 0
 
+    def wait_or(self, event: threading.Event) -> None:
+        """Sleep until the current window ends, or less if ``event`` is set (a
+        postcopy page request must not wait for the background's budget)."""
+        remaining = self.window_start + WINDOW_SECONDS - self.clock()
+        if remaining > 0 and event.wait(remaining):
+            return
+        self.window_start, self.used = self.clock(), 0
+
+    def batch_pages(self, page_size: int) -> int:
+        """Pages per batch that keep one batch within a window's budget."""
+        if not self.limit:
+            return BATCH_PAGES
+        budget = int(self.limit * WINDOW_SECONDS) // (page_size + 8)
+        return max(1, min(BATCH_PAGES, budget))
+
     def disable(self) -> None:
         self.limit = 0
 
 
 class SourceMigration:
-    """One outgoing migration.  Create, then ``run(channel)`` once."""
+    """One outgoing migration.  Create, then ``run(channel)`` once.
+
+    ``postcopy_after`` (needs ``postcopy-ram``): switch to postcopy by itself
+    once that many dirty-bitmap passes have completed (0: before the first
+    page is sent), as if ``start_postcopy()`` had been called then.
+    """
 
     def __init__(self, guest, machine: MachineProfile, options: MigrationOptions,
                  *, on_status: Callable[[S, S], None] | None = None,
                  on_pass: Callable[[int], None] | None = None,
-                 vcpus: int | None = None, runstate: str | None = None):
+                 vcpus: int | None = None, runstate: str | None = None,
+                 postcopy_after: int | None = None):
         self.guest = guest
         self.machine = machine
         self.options = options
@@ -121,8 +176,42 @@ class SourceMigration:
         self.compute_digests = False
         self.multifd = options.cap("multifd")
         self.pool = None
+        self._multifd_live = False      # the pool carries pages (precopy only)
         self.uri: str | None = None
         self.limiter: RateLimiter | None = None
+
+        # -- postcopy ----------------------------------------------------------
+        self.postcopy = options.cap("postcopy-ram")
+        self.preempt = options.cap("postcopy-preempt")
+        if postcopy_after is not None:
+            if not self.postcopy:
+                raise InvalidCapabilityError(
+                    "postcopy-ram", "switching to postcopy needs it enabled")
+            if postcopy_after < 0:
+                raise ConfigError(f"postcopy_after must be >= 0, not {postcopy_after}")
+        self.postcopy_after = postcopy_after
+        self._postcopy_requested = threading.Event()
+        #: set once the package is on its way: page requests are valid from then on
+        self._in_postcopy = False
+        self._pong_packaged = threading.Event()
+        #: wakes the migration thread: a page request, PONG 0x42, the return
+        #: path ending, migrate-pause, a new bandwidth
+        self._wake = threading.Event()
+        #: (block index, first page, pages) asked for, served on the main channel
+        self._requests: collections.deque[tuple[int, int, int]] = collections.deque()
+        self.preempt_channel = None
+        self._preempt_lock = threading.Lock()
+        self._preempt_encoder = RamRecordEncoder(self.page_size)
+        self._preempt_staging = None
+        self._pause_requested = threading.Event()
+        self._resume_event = threading.Event()
+        self._resume_uri: str | None = None
+        self._received: dict[int, np.ndarray] = {}
+        self._resume_acked = threading.Event()
+        #: the reason of the latest pause, or of the latest failed recovery
+        self.pause_error: EngineError | None = None
+        self._owned_channels: list = []
+        self._saved_switch_interval: float | None = None
 
     def prepare(self) -> None:
         """Start the multifd workers now, before the migration's clock runs.
@@ -158,18 +247,74 @@ class SourceMigration:
 
     # -- control from other threads ------------------------------------
     def cancel(self) -> None:
-        """migrate_cancel: stop at the next batch boundary."""
+        """migrate_cancel: stop at the next batch boundary.
+
+        Refused (:class:`StateError`) once postcopy has started: the
+        destination may already run the guest, and only it has the pages
+        the guest wrote there.
+        """
+        status = self.state.status
+        if status in POSTCOPY_STATES:
+            err = StateError(status.value, S.CANCELLING.value, "source")
+            err.args = (f"cannot cancel a migration in {status.value}: the guest runs on "
+                        "the destination, and cancelling would lose it",)
+            raise err
         self._cancel.set()
+
+    def start_postcopy(self) -> None:
+        """QMP migrate-start-postcopy: switch to postcopy at the next iteration.
+
+        Raises :class:`~engine.errors.InvalidCapabilityError` without
+        ``postcopy-ram`` and :class:`StateError` unless the migration is in
+        ``setup`` or ``active``.
+        """
+        if not self.postcopy:
+            raise InvalidCapabilityError(
+                "postcopy-ram", "enable it before the migration starts to use "
+                "migrate-start-postcopy")
+        self.state.expect(S.SETUP, S.WAIT_UNPLUG, S.ACTIVE)
+        self._postcopy_requested.set()
+
+    def pause(self) -> None:
+        """QMP migrate-pause: break the channels; the migration waits in
+        ``postcopy-paused`` for :meth:`resume` (only in ``postcopy-active`` or
+        ``postcopy-recover``; :class:`StateError` otherwise)."""
+        self.state.expect(S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER)
+        self._pause_requested.set()
+        for ch in (self.channel, self.preempt_channel):
+            if ch is not None:
+                with contextlib.suppress(Exception):
+                    ch.shutdown()
+        self._wake.set()
+
+    def resume(self, uri: str) -> None:
+        """QMP migrate with resume=true: reconnect a paused postcopy to ``uri``.
+
+        Only in ``postcopy-paused`` (:class:`StateError` otherwise); ``uri``
+        is checked here (:class:`~engine.errors.BadURIError`).  The migration
+        thread connects; if that or the handshake fails it is back in
+        ``postcopy-paused`` and ``resume`` may be called again.
+        """
+        parse_uri(uri)
+        self.state.expect(S.POSTCOPY_PAUSED)
+        with self._lock:
+            self._resume_uri = uri
+        self._resume_event.set()
 
     def set_parameters(self, params: dict) -> None:
         """migrate-set-parameters while migrating: validated, applied at once.
 
-        Like QEMU, max-bandwidth and downtime-limit take effect on the running
-        migration (the next iteration reads them); the others on the next one.
+        Like QEMU, max-bandwidth, max-postcopy-bandwidth and downtime-limit
+        take effect on the running migration (the next iteration reads them);
+        the others on the next one.
         """
         self.options = self.options.with_parameters(params)
-        if self.limiter is not None and "max-bandwidth" in params:
-            self.limiter.limit = int(self.options.param("max-bandwidth"))
+        limiter = self.limiter
+        if limiter is not None:
+            name = "max-postcopy-bandwidth" if self._in_postcopy else "max-bandwidth"
+            if name in params:
+                limiter.limit = int(self.options.param(name))
+                self._wake.set()
 
     def migrate_continue(self, expected: str = "pre-switchover") -> None:
         """QMP migrate-continue: leave pre-switchover (guarded by the state)."""
@@ -187,7 +332,8 @@ class SourceMigration:
 
     # -- the migration thread ------------------------------------------
     def run(self, channel, uri: str | None = None) -> MigrationInfo:
-        """Migrate over ``channel`` (connected); multifd channels connect to ``uri``."""
+        """Migrate over ``channel`` (connected); multifd and the postcopy preempt
+        channel connect to ``uri``.  The caller keeps owning ``channel``."""
         self.channel = channel
         self.uri = uri
         self.limiter = None
@@ -208,7 +354,9 @@ class SourceMigration:
             self._check_cancel()
             self.stats.setup_done()
             self.state.transition(S.ACTIVE)
-            self._iterate()
+            postcopy = self._iterate()
+            if postcopy:
+                self._postcopy_prepare()
             # QEMU's migration_completion: stop the VM first, then (with
             # pause-before-switchover) wait in pre-switchover for
             # migrate-continue, then serialise devices in 'device'.
@@ -225,8 +373,12 @@ class SourceMigration:
                 while not self._continue.wait(0.05):
                     self._check_cancel()
             self.state.transition(S.DEVICE)
-            self._complete()
-            self._await_return_path()
+            if postcopy:
+                self._postcopy_switch()
+                self._postcopy_run()
+            else:
+                self._complete()
+                self._await_return_path()
             with self._lock:
                 self.stats.completed()
             self.state.transition(S.COMPLETED)
@@ -242,24 +394,48 @@ class SourceMigration:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
         finally:
+            self._restore_switch_interval()
             self._stop_return_path()
+            self._close_preempt()
+            for ch in self._owned_channels:
+                with contextlib.suppress(Exception):
+                    ch.close()
+            self._owned_channels.clear()
             if self.pool is not None:
                 self.pool.close()
         return self.info()
 
     def _abort(self, exc: BaseException, stopped_by_us: bool) -> None:
-        """Leave the source as it was: guest running, memory untouched."""
-        if stopped_by_us:
+        """Leave the source as it was: guest running, memory untouched.
+
+        Except once the destination may run the guest (postcopy after
+        ``postcopy-device``): then restarting it here would run it twice.
+        """
+        status = self.state.status
+        split = status in POSTCOPY_STATES and status is not S.POSTCOPY_DEVICE
+        if stopped_by_us and not split:
             self.guest.start()
             self.guest_state.note_started()
-        try:
-            self.channel.shutdown()
-        except Exception:
-            pass
-        cancelled = self._cancel.is_set() or isinstance(exc, (KeyboardInterrupt, MigrationCancelled))
+        for ch in (self.channel, self.preempt_channel):
+            if ch is not None:
+                with contextlib.suppress(Exception):
+                    ch.shutdown()
+        # No cancel once postcopy started (cancel() refuses it; one that came
+        # just before the switch lost the race).
+        cancelled = status not in POSTCOPY_STATES and (
+            self._cancel.is_set() or isinstance(exc, (KeyboardInterrupt, MigrationCancelled)))
         with self._lock:
-            if cancelled:
+            if split:
+                what = "interrupted" if isinstance(exc, KeyboardInterrupt) else \
+                    f"failed ({type(exc).__name__}: {exc})"
+                self.error = MigrationError(
+                    f"postcopy {what} in {status.value}: the guest runs on the destination "
+                    "and its state is now split between the two sides; the source's memory "
+                    "is intact but stale, and the source cannot resume the guest")
+            elif cancelled:
                 self.error = MigrationCancelled("migration cancelled")
+            elif isinstance(exc, KeyboardInterrupt):
+                self.error = MigrationError(f"interrupted in {status.value}")
             elif isinstance(exc, EngineError):
                 self.error = exc
             else:
@@ -268,7 +444,7 @@ class SourceMigration:
             if self.state.status != S.CANCELLING:
                 self.state.transition(S.CANCELLING)
             self.state.transition(S.CANCELLED)
-        elif self.state.status not in (S.FAILED, S.CANCELLED, S.COMPLETED):
+        elif self.state.can_transition(S.FAILED):
             self.state.transition(S.FAILED)
 
     def _check_cancel(self) -> None:
@@ -288,13 +464,21 @@ class SourceMigration:
     def _send(self, buffers) -> None:
         self.channel.sendmsg_all(buffers)
 
+    def _send_counted(self, data: bytes) -> None:
+        self._send([data])
+        self.stats.add_bytes(len(data))
+
     def _setup(self) -> None:
+        if self.preempt and self.uri is None:
+            raise MigrationError("postcopy-preempt needs the destination's URI to open "
+                                 "its preempt channel")
         if self.multifd:
             if self.uri is None:
                 raise MigrationError("multifd needs the destination's URI to open its channels")
             self.prepare()
             # QEMU opens every multifd channel before the header goes out.
             self.pool.connect(self.uri)
+            self._multifd_live = True
         head = [enc.file_header(), enc.configuration(self.machine.type_name)]
         self._send(head)
         self.stats.add_bytes(sum(len(b) for b in head))
@@ -302,10 +486,11 @@ class SourceMigration:
             if not self.channel.bidirectional:
                 raise MigrationError(
                     f"a return path needs a bidirectional channel; {self.channel.name} is not")
-            cmds = enc.open_return_path() + enc.ping(1)
-            self._send([cmds])
-            self.stats.add_bytes(len(cmds))
+            self._send_counted(enc.open_return_path() + enc.ping(1))
             self._start_return_path()
+        if self.postcopy:
+            self._send_counted(enc.postcopy_advise(self.ram.page_size_summary(),
+                                                   self.page_size))
         body = (enc.section_start(RAM_SECTION_ID, RAM_SECTION_IDSTR, 0, RAM_SECTION_VERSION)
                 + self.ram.block_list())
         self._send([body])
@@ -320,7 +505,7 @@ class SourceMigration:
         when it reads the EOS, so no page of the next section can overtake
         one of this section on another channel.
         """
-        if self.pool is not None:
+        if self._multifd_live:
             self.pool.sync()
         tail = enc.ram_eos() + enc.section_footer(RAM_SECTION_ID)
         self._send([tail])
@@ -329,12 +514,21 @@ class SourceMigration:
     def _return_path_wanted(self) -> bool:
         return self.options.cap("return-path") or self.options.cap("postcopy-ram")
 
-    def _iterate(self) -> None:
+    def _iterate(self) -> bool:
+        """Precopy iterations; True when they end to switch to postcopy.
+
+        A requested postcopy starts at the next iteration whatever is still
+        pending: RAM is all postcopiable, so QEMU's must-precopy part is 0.
+        """
         limiter = RateLimiter(int(self.options.param("max-bandwidth")))
         self.limiter = limiter
         passes = 0
+        if self.postcopy_after == 0:
+            self._postcopy_requested.set()
         while True:
             self._check_cancel()
+            if self._postcopy_requested.is_set():
+                return True
             downtime_limit = int(self.options.param("downtime-limit"))
             avail = int(self.options.param("avail-switchover-bandwidth"))
             with self._lock:
@@ -350,8 +544,11 @@ class SourceMigration:
                     self.stats.dirty_sync(new, pending // self.page_size)
                 if self.on_pass:
                     self.on_pass(passes)
+                if self.postcopy_after is not None and passes >= self.postcopy_after:
+                    self._postcopy_requested.set()
+                    continue
                 if pending <= threshold and self._switchover_allowed():
-                    return
+                    return False
             self._send_section(enc.section_part(RAM_SECTION_ID), limiter,
                                deadline=time.monotonic() + ITERATION_SECONDS)
 
@@ -370,7 +567,7 @@ class SourceMigration:
                 limiter.wait(self._cancel)
                 if deadline is not None:
                     break
-            if self.pool is not None:
+            if self._multifd_live:
                 if not self._submit_multifd():
                     break
             else:
@@ -378,16 +575,19 @@ class SourceMigration:
                 if batch is None:
                     break
                 self._send(batch.buffers)
-                with self._lock:
-                    self.stats.add_normal(batch.normal, batch.normal * (8 + self.page_size))
-                    self.stats.add_zero(batch.zero,
-                                        batch.wire_bytes - batch.normal * (8 + self.page_size))
-                    self.stats.set_remaining(self.ram.pending_pages())
+                self._account_batch(batch)
                 if limiter is not None:
                     limiter.account(batch.wire_bytes)
             if deadline is not None and time.monotonic() >= deadline:
                 break
         self._end_ram_section()
+
+    def _account_batch(self, batch) -> None:
+        with self._lock:
+            self.stats.add_normal(batch.normal, batch.normal * (8 + self.page_size))
+            self.stats.add_zero(batch.zero,
+                                batch.wire_bytes - batch.normal * (8 + self.page_size))
+            self.stats.set_remaining(self.ram.pending_pages())
 
     def _submit_multifd(self) -> bool:
         """Hand the next dirty pages to the workers; False when the round is done.
@@ -417,67 +617,404 @@ class SourceMigration:
             self.stats.set_remaining(self.ram.pending_pages())
         return True
 
+    def _device_sections(self, described: list | None = None) -> list[bytes]:
+        """The FULL section of every device (vCPUs stopped)."""
+        records = []
+        for dev in self.machine.devices(self.vcpus):
+            values = dev.save(self.guest_state)
+            body = dev.vmsd.encode(values)
+            records.append(enc.section_full(dev.section_id, dev.idstr, dev.instance_id,
+                                            dev.vmsd.version_id, body))
+            if described is not None:
+                described.append((dev.idstr, dev.instance_id, dev.vmsd, values))
+        return records
+
     def _complete(self) -> None:
         """Switchover: everything left, then the devices (vCPUs are stopped)."""
         new = self.ram.sync()
         with self._lock:
             self.stats.dirty_sync(new, self.ram.pending_pages())
         self._send_section(enc.section_end(RAM_SECTION_ID), None, None)
-        records, described = [], []
-        for dev in self.machine.devices(self.vcpus):
-            values = dev.save(self.guest_state)
-            body = dev.vmsd.encode(values)
-            records.append(enc.section_full(dev.section_id, dev.idstr, dev.instance_id,
-                                            dev.vmsd.version_id, body))
-            described.append((dev.idstr, dev.instance_id, dev.vmsd, values))
+        described: list = []
+        records = self._device_sections(described)
         records.append(enc.eof())
         records.append(enc.vmdescription(build_vmdesc(self.page_size, described)))
         self._send(records)
         self.stats.add_bytes(sum(len(r) for r in records))
-        if self.pool is not None:
+        if self._multifd_live:
             self.pool.finish()      # BYE: every channel closed cleanly
+            self._multifd_live = False
         with self._lock:
             self.stats.set_remaining(0)
 
+    # -- postcopy: the switch ----------------------------------------------
+    def _postcopy_prepare(self) -> None:
+        """Spec 4.5 steps 3-4, guest still running: the preempt channel, then
+        the "postcopy prepare" PART section whose multifd sync puts every page
+        multifd carried in place before the destination can run the guest."""
+        if self.preempt:
+            # A PONG says the destination took the main channel: the preempt
+            # channel must reach it after the main (and multifd) ones.
+            self._wait_until(lambda: bool(self.pongs), self._check_cancel)
+            self._connect_preempt(self.uri)
+        self._send_counted(enc.section_part(RAM_SECTION_ID))
+        self._end_ram_section()
+        if self._multifd_live:
+            # Postcopy pages are placed one by one as they arrive (multifd
+            # cannot do that): the pool's work is over.
+            self.pool.finish()
+            self._multifd_live = False
+
+    def _postcopy_switch(self) -> None:
+        """Spec 4.5 steps 7-9, guest stopped, in ``device``: discards, package."""
+        new = self.ram.sync()
+        pending = self.ram.pending_pages()
+        with self._lock:
+            self.stats.dirty_sync(new, pending)
+        discards = self.ram.discard_commands()
+        # QEMU forgets the last block after the discard, so the first
+        # postcopy record names its block.
+        self.ram.encoder.reset()
+        self.ram.rewind()
+        self._send_counted(discards + enc.ping(2))
+        package = [enc.postcopy_listen(), *self._device_sections(), enc.ping(3)]
+        if self._rp_thread is not None:
+            package.append(enc.ping(QEMU_VM_PING_PACKAGED_LOADED))
+        package.append(enc.postcopy_run())
+        self._check_cancel()        # the last moment a cancel can win
+        self._in_postcopy = True    # the destination may fault while loading devices
+        self._saved_switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(POSTCOPY_SWITCH_INTERVAL)
+        self._send_counted(enc.packaged(b"".join(package)) + enc.ping(4))
+        with self._lock:
+            self.stats.postcopy_started()
+        self.limiter = RateLimiter(int(self.options.param("max-postcopy-bandwidth")))
+        self.state.transition(S.POSTCOPY_DEVICE if self._rp_thread is not None
+                              else S.POSTCOPY_ACTIVE)
+
+    def _restore_switch_interval(self) -> None:
+        if self._saved_switch_interval is not None:
+            sys.setswitchinterval(self._saved_switch_interval)
+            self._saved_switch_interval = None
+
+    # -- postcopy: background, requests, pause and recovery ---------------------
+    def _postcopy_run(self) -> None:
+        """Until the destination's SHUT(0); a broken channel in
+        ``postcopy-active`` pauses, and the loop goes on after a recovery."""
+        while True:
+            try:
+                self._postcopy_send_all()
+                return
+            except (ChannelError, OSError, PostcopyPaused) as exc:
+                if self.state.status is not S.POSTCOPY_ACTIVE:
+                    raise           # postcopy-device: a precopy failure
+                self._postcopy_paused(exc)
+
+    def _postcopy_check(self) -> None:
+        """Raise what ends or pauses the postcopy; note PONG 0x42."""
+        if self._pause_requested.is_set():
+            raise PostcopyPaused("paused by migrate-pause")
+        if self._rp_error is not None:
+            raise self._rp_error
+        if self._rp_status:
+            raise self._shut_error()
+        if self.state.status is S.POSTCOPY_DEVICE and self._pong_packaged.is_set():
+            self.state.transition(S.POSTCOPY_ACTIVE)
+
+    def _postcopy_send_all(self) -> None:
+        """RAM PART sections until nothing is left, then END, EOF and SHUT."""
+        limiter = self.limiter
+        while True:
+            self._postcopy_check()
+            if not self._requests and not self._pending():
+                break
+            self._send_counted(enc.section_part(RAM_SECTION_ID))
+            deadline = time.monotonic() + ITERATION_SECONDS
+            while True:
+                # Cleared before looking: a request arriving from here on
+                # sets it again and cuts the next sleep short.
+                self._wake.clear()
+                self._postcopy_check()
+                self._serve_requests()
+                if limiter.exceeded():
+                    limiter.wait_or(self._wake)
+                    if time.monotonic() >= deadline:
+                        break
+                    continue
+                batch = self.ram.next_batch(limiter.batch_pages(self.page_size))
+                if batch is None:
+                    if not self._pending():
+                        break
+                    self.ram.rewind()       # pages skipped after a request
+                    continue
+                self._send(batch.buffers)
+                self._account_batch(batch)
+                limiter.account(batch.wire_bytes)
+                if time.monotonic() >= deadline:
+                    break
+            self._send_counted(enc.ram_eos() + enc.section_footer(RAM_SECTION_ID))
+        # QEMU completes only after PONG 0x42 (postcopy-device -> active).
+        self._wait_until(lambda: self.state.status is not S.POSTCOPY_DEVICE,
+                         self._postcopy_check)
+        self._end_preempt()
+        self._send_counted(enc.section_end(RAM_SECTION_ID) + enc.ram_eos()
+                           + enc.section_footer(RAM_SECTION_ID) + enc.eof())
+        with self._lock:
+            self.stats.set_remaining(0)
+        if self._rp_thread is not None:
+            self._wait_until(lambda: self._rp_shut.is_set(), self._postcopy_check)
+            self._postcopy_check()
+
+    def _pending(self) -> int:
+        with self.ram.lock:
+            return self.ram.pending_pages()
+
+    def _wait_until(self, done: Callable[[], bool], check: Callable[[], None]) -> None:
+        """Block until ``done()``, calling ``check()`` (which raises) meanwhile."""
+        while True:
+            self._wake.clear()
+            check()
+            if done():
+                return
+            self._wake.wait(POLL_SECONDS)
+
+    def _serve_requests(self) -> None:
+        """Pages the destination asked for, ahead of the background scan
+        (without postcopy-preempt: on the main channel, inside the section)."""
+        while self._requests:
+            index, first, count = self._requests.popleft()
+            idx = self.ram.take_range(index, first, count)
+            for start in range(0, len(idx), BATCH_PAGES):
+                batch = self.ram.encode(index, idx[start:start + BATCH_PAGES])
+                self._send(batch.buffers)
+                self._account_batch(batch)
+                if self.limiter is not None:
+                    self.limiter.account(batch.wire_bytes)
+
+    def _on_page_request(self, block: str | None, start: int, length: int) -> None:
+        """Return-path thread: one REQ_PAGES(_ID) message."""
+        with self._lock:
+            self.stats.add_postcopy_requests(1)
+        if not self._in_postcopy:
+            raise RemoteProtocolError("page request before postcopy started",
+                                      channel="return path")
+        index = self.ram.block_index(block) if block is not None else None
+        if index is None:
+            raise RemoteProtocolError(f"page request for unknown RAM block {block!r}",
+                                      channel="return path")
+        used = self.ram.bitmaps[index].block.used_length
+        ps = self.page_size
+        if start % ps or length % ps or length <= 0 or start + length > used:
+            raise RemoteProtocolError(
+                f"page request of {length:#x} bytes at {start:#x} of block {block!r} "
+                f"({used:#x} bytes) is not a range of whole {ps}-byte pages in it",
+                channel="return path")
+        first, count = start // ps, length // ps
+        if self.preempt_channel is not None:
+            self._send_urgent(index, first, count)
+        else:
+            self._requests.append((index, first, count))
+            self._wake.set()
+
+    def _send_urgent(self, index: int, first: int, count: int) -> None:
+        """Return-path thread, postcopy-preempt: the pages at once, on the preempt
+        channel, unless another sender took them first."""
+        with self._preempt_lock:
+            channel = self.preempt_channel
+            if channel is None:         # ended: nothing is left to send anyway
+                return
+            # Taken under the preempt lock: the EOS that ends the channel
+            # cannot come between taking a page and sending it.
+            idx = self.ram.take_range(index, first, count)
+            if not len(idx):
+                return
+            if self._preempt_staging is None:
+                self._preempt_staging = self.ram.new_staging()
+            for start in range(0, len(idx), BATCH_PAGES):
+                batch = self.ram.encode(index, idx[start:start + BATCH_PAGES],
+                                        self._preempt_encoder, self._preempt_staging)
+                channel.sendmsg_all(batch.buffers)
+                self._account_batch(batch)
+
+    def _connect_preempt(self, uri: str) -> None:
+        channel = connect(uri)
+        with self._preempt_lock:
+            # A new channel: the destination knows no previous block on it.
+            self._preempt_encoder = RamRecordEncoder(self.page_size)
+            self.preempt_channel = channel
+
+    def _end_preempt(self) -> None:
+        """EOS on the preempt channel: no urgent page follows (everything was sent)."""
+        with self._preempt_lock:
+            channel, self.preempt_channel = self.preempt_channel, None
+            if channel is not None:
+                self._owned_channels.append(channel)
+                channel.sendmsg_all([enc.ram_eos()])
+
+    def _close_preempt(self) -> None:
+        with self._preempt_lock:
+            channel, self.preempt_channel = self.preempt_channel, None
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                channel.shutdown()
+            channel.close()
+
+    def _teardown_channels(self) -> None:
+        """Stop the return path and drop the broken channels (pause, failed recovery)."""
+        self._stop_return_path()
+        self._close_preempt()
+        if self.channel in self._owned_channels:
+            self._owned_channels.remove(self.channel)
+            self.channel.close()
+
+    def _postcopy_paused(self, cause: BaseException) -> None:
+        """``postcopy-paused`` until a :meth:`resume` succeeds (spec 4.6)."""
+        self._teardown_channels()
+        self._enter_paused(cause)
+        while True:
+            while not self._resume_event.wait(POLL_SECONDS):
+                pass
+            self._resume_event.clear()
+            with self._lock:
+                uri = self._resume_uri
+            self.state.transition(S.POSTCOPY_RECOVER_SETUP)
+            try:
+                channel = connect(uri)
+            except (EngineError, OSError) as exc:
+                self._enter_paused(exc)
+                continue
+            self._owned_channels.append(channel)
+            self.channel = channel
+            self.state.transition(S.POSTCOPY_RECOVER)
+            try:
+                self._resume_handshake(uri)
+            except (EngineError, OSError) as exc:
+                self._teardown_channels()
+                self._enter_paused(exc)
+                continue
+            self.state.transition(S.POSTCOPY_ACTIVE)
+            return
+
+    def _enter_paused(self, cause: BaseException) -> None:
+        self._pause_requested.clear()
+        self._requests.clear()      # the destination asks again after the resume
+        with self._lock:
+            self.pause_error = cause if isinstance(cause, EngineError) else \
+                ChannelBrokenError(f"{type(cause).__name__}: {cause}")
+        self.state.transition(S.POSTCOPY_PAUSED)
+
+    def _resume_handshake(self, uri: str) -> None:
+        """``postcopy-recover``: the received bitmaps, then POSTCOPY_RESUME."""
+        self._received = {}
+        self._resume_acked.clear()
+        self._start_return_path()
+        nblocks = len(self.ram.bitmaps)
+        self._send_counted(b"".join(enc.recv_bitmap(bm.block.idstr)
+                                    for bm in self.ram.bitmaps))
+        self._wait_until(lambda: len(self._received) == nblocks, self._recover_check)
+        for index, received in self._received.items():
+            self.ram.set_received(index, received)
+        self.ram.encoder.reset()
+        if self.preempt:
+            self._connect_preempt(uri)
+        self._send_counted(enc.postcopy_resume())
+        self._wait_until(self._resume_acked.is_set, self._recover_check)
+        with self._lock:
+            self.stats.set_remaining(self._pending())
+
+    def _recover_check(self) -> None:
+        if self._pause_requested.is_set():
+            raise PostcopyPaused("paused by migrate-pause")
+        if self._rp_error is not None:
+            raise self._rp_error
+        if self._rp_shut.is_set():
+            raise ChannelClosedError(
+                f"{self.channel.name}: the return path ended during recovery"
+                + (f" (SHUT {self._rp_status})" if self._rp_status is not None else ""))
+
+    def _on_received_bitmap(self, ev: rp.ReceivedBitmap) -> None:
+        """Return-path thread: a block's received bitmap (recovery only)."""
+        if self.state.status is not S.POSTCOPY_RECOVER:
+            raise RemoteProtocolError("received bitmap outside postcopy recovery",
+                                      channel="return path")
+        index = self.ram.block_index(ev.block)
+        if index is None:
+            raise RemoteProtocolError(f"received bitmap of unknown RAM block {ev.block!r}",
+                                      channel="return path")
+        npages = len(self.ram.bitmaps[index].bits)
+        if len(ev.bitmap) != rp.recv_bitmap_size(npages):
+            raise RemoteProtocolError(
+                f"received bitmap of {ev.block!r} has {len(ev.bitmap)} bytes, expected "
+                f"{rp.recv_bitmap_size(npages)}", channel="return path")
+        self._received[index] = rp.bitmap_bits(ev.bitmap, npages)
+        self._wake.set()
+
     # -- return path -------------------------------------------------------
     def _start_return_path(self) -> None:
-        self._rp_thread = threading.Thread(target=self._rp_loop, name="return-path",
-                                           daemon=True)
+        # Fresh per channel: a finished thread's flags must not leak into the next.
+        self._rp_shut = shut = threading.Event()
+        self._rp_error = None
+        self._rp_status = None
+        self._rp_thread = threading.Thread(target=self._rp_loop, args=(self.channel, shut),
+                                           name="return-path", daemon=True)
         self._rp_thread.start()
 
-    def _rp_loop(self) -> None:
+    def _rp_loop(self, channel, shut: threading.Event) -> None:
         decoder = rp.ReturnPathDecoder()
-        buf = bytearray(4096)
+        buf = bytearray(1 << 16)
+        last_block: str | None = None       # REQ_PAGES names no block
         try:
-            while not self._rp_shut.is_set():
-                n = self.channel.recv_into(buf)
+            while not shut.is_set():
+                n = channel.recv_into(buf)
                 if n == 0:
-                    if not self._rp_shut.is_set() and self.state.status != S.COMPLETED:
-                        raise RemoteProtocolError("destination closed the return path",
-                                                  channel="return path")
+                    if not shut.is_set() and self.state.status != S.COMPLETED:
+                        raise ChannelClosedError(
+                            f"{channel.name}: the destination closed the return path")
                     return
-                decoder.feed(bytes(buf[:n]))
+                decoder.feed(memoryview(buf)[:n])
                 while True:
                     ev = decoder.next_event()
                     if ev is rp.NEED_DATA:
                         break
-                    if isinstance(ev, rp.Pong):
+                    if isinstance(ev, rp.ReqPages):
+                        if ev.block is not None:
+                            last_block = ev.block
+                        self._on_page_request(last_block, ev.start, ev.length)
+                    elif isinstance(ev, rp.Pong):
                         self.pongs.append(ev.value)
+                        if ev.value == QEMU_VM_PING_PACKAGED_LOADED:
+                            self._pong_packaged.set()
+                            self._wake.set()
                     elif isinstance(ev, rp.SwitchoverAck):
                         self._switchover_acked.set()
+                    elif isinstance(ev, rp.RecvBitmapMsg):
+                        pass        # its bitmap is the next event
+                    elif isinstance(ev, rp.ReceivedBitmap):
+                        self._on_received_bitmap(ev)
+                    elif isinstance(ev, rp.ResumeAck):
+                        if self.state.status is not S.POSTCOPY_RECOVER \
+                                or ev.value != RESUME_ACK_VALUE:
+                            raise RemoteProtocolError(
+                                f"RESUME_ACK({ev.value}) in {self.state.status.value}",
+                                channel="return path")
+                        self._resume_acked.set()
+                        self._wake.set()
                     elif isinstance(ev, rp.Shut):
-                        self._rp_status = ev.status
-                        self._rp_shut.set()
+                        if shut is self._rp_shut:
+                            self._rp_status = ev.status
+                        shut.set()
+                        self._wake.set()
                         return
                     else:
                         raise RemoteProtocolError(
-                            f"unexpected return-path message {type(ev).__name__} in precopy",
+                            f"unexpected return-path message {type(ev).__name__}",
                             channel="return path")
         except (EngineError, OSError) as exc:
-            if not self._rp_shut.is_set():
+            if not shut.is_set() and shut is self._rp_shut:
                 self._rp_error = exc if isinstance(exc, EngineError) else \
-                    MigrationError(f"return path: {exc}")
-                self._rp_shut.set()
+                    ChannelBrokenError(f"return path: {exc}")
+                shut.set()
+            self._wake.set()
 
     def _await_return_path(self) -> None:
         """QEMU waits for the destination's SHUT before calling it completed."""
@@ -498,4 +1035,10 @@ class SourceMigration:
                 self.channel.shutdown()
             except Exception:
                 pass
+            # With postcopy-preempt it may be sending an urgent page.
+            preempt = self.preempt_channel
+            if preempt is not None:
+                with contextlib.suppress(Exception):
+                    preempt.shutdown()
             self._rp_thread.join(5)
+            self._rp_thread = None

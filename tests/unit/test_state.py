@@ -153,12 +153,16 @@ def test_source_spec_rules():
     assert CANCELLABLE_STATES == {S.SETUP, S.WAIT_UNPLUG, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE}
     for s in POSTCOPY_STATES:
         assert S.CANCELLING not in SOURCE_TRANSITIONS[s]
-    # Errors fail every running non-postcopy state, and postcopy-device.
-    for s in (S.SETUP, S.WAIT_UNPLUG, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE,
-              S.POSTCOPY_DEVICE, S.COLO):
+    # Errors fail every running state.  In postcopy only a broken channel
+    # pauses; anything else (or the source giving up) fails, and then the
+    # guest lives on the destination only.
+    for s in (S.SETUP, S.WAIT_UNPLUG, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE, S.COLO):
         assert S.FAILED in SOURCE_TRANSITIONS[s], s
-    for s in POSTCOPY_STATES - {S.POSTCOPY_DEVICE}:
-        assert S.FAILED not in SOURCE_TRANSITIONS[s], s
+    for s in POSTCOPY_STATES:
+        assert S.FAILED in SOURCE_TRANSITIONS[s], s
+    # Only a running postcopy can be paused, and only a paused one resumed.
+    assert {s for s in POSTCOPY_STATES if S.POSTCOPY_PAUSED in SOURCE_TRANSITIONS[s]} == \
+        {S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER_SETUP, S.POSTCOPY_RECOVER}
     assert SOURCE_TRANSITIONS[S.CANCELLING] == {S.CANCELLED}
     # A new migration may start after any end.
     for s in TERMINAL_STATES | {S.NONE}:
@@ -168,10 +172,11 @@ def test_source_spec_rules():
     assert SOURCE_TRANSITIONS[S.PRE_SWITCHOVER] >= {S.DEVICE}
     assert S.COMPLETED not in SOURCE_TRANSITIONS[S.ACTIVE]  # always through device
     # Recovery loop.
-    assert SOURCE_TRANSITIONS[S.POSTCOPY_PAUSED] == {S.POSTCOPY_RECOVER_SETUP}
-    assert SOURCE_TRANSITIONS[S.POSTCOPY_RECOVER_SETUP] == {S.POSTCOPY_RECOVER, S.POSTCOPY_PAUSED}
-    assert SOURCE_TRANSITIONS[S.POSTCOPY_RECOVER] == {S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED}
-    assert SOURCE_TRANSITIONS[S.POSTCOPY_ACTIVE] == {S.POSTCOPY_PAUSED, S.COMPLETED}
+    assert SOURCE_TRANSITIONS[S.POSTCOPY_PAUSED] == {S.POSTCOPY_RECOVER_SETUP, S.FAILED}
+    assert SOURCE_TRANSITIONS[S.POSTCOPY_RECOVER_SETUP] == {S.POSTCOPY_RECOVER, S.POSTCOPY_PAUSED,
+                                                            S.FAILED}
+    assert SOURCE_TRANSITIONS[S.POSTCOPY_RECOVER] == {S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.FAILED}
+    assert SOURCE_TRANSITIONS[S.POSTCOPY_ACTIVE] == {S.POSTCOPY_PAUSED, S.COMPLETED, S.FAILED}
 
 
 def test_destination_spec_rules():
