@@ -5,7 +5,9 @@ source's coordinator harvests dirty pages with :meth:`Guest.sync_dirty`, stops
 the vCPUs for the final iteration with :meth:`Guest.stop`, and saves the
 ``cpu`` device from :meth:`Guest.get_cpu_state`; the destination creates a
 paused guest (``start=False``), fills its blocks, loads the device with
-:meth:`Guest.set_cpu_state` and calls :meth:`Guest.start`.
+:meth:`Guest.set_cpu_state` and calls :meth:`Guest.start`.  For postcopy the
+destination's vCPUs register with the fault handler
+(:meth:`Guest.attach_faults`) before they start on incomplete memory.
 """
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from engine.errors import ConfigError, GuestError
+from engine.errors import ConfigError, GuestError, InvalidParameterError, PostcopyError
+from engine.postcopy.faultproto import MODE_NAMES
 from engine.ram.abcheck import ABResult, ab_region, check_ab
 from engine.ram.block import DEFAULT_PAGE_SIZE, RamBlock
 from engine.ram.dirty import DirtyLog
-from engine.ram.vcpu import Control, Vcpus
+from engine.ram.faults import MODE_DETACH
+from engine.ram.vcpu import FAULTS_PATH_BYTES, Control, Vcpus
 from engine.ram.workloads import NREGS, WorkloadSpec
 
 __all__ = ["Guest"]
@@ -262,6 +266,58 @@ class Guest:
                              f"guest needs ({self.nvcpus}, {NREGS})")
         self._res.control.registers[:] = regs
         self._res.control.counter = int(state["counter"])
+
+    # -- postcopy faults -----------------------------------------------------------
+
+    def attach_faults(self, path: str, mode: str, timeout: float = 10.0) -> None:
+        """Make every vCPU register with the postcopy fault handler at *path*.
+
+        *mode* is ``"userfaultfd"`` (each vCPU registers its mapping of every
+        block and hands the descriptor over; a missing page blocks it in the
+        kernel) or ``"software"`` (the workloads check the handler's received
+        bitmaps before touching pages and ask for missing ones).  Running and
+        paused vCPUs alike take part; the call returns once all have
+        registered.  A previous registration is dropped first.  No-op without
+        vCPUs.
+
+        Raises :class:`PostcopyError` naming each vCPU that failed and why
+        (the others are detached again), or a vCPU that died or did not
+        answer within *timeout* seconds (then nothing is undone: the guest
+        is unusable and should be closed).
+        """
+        codes = {name: code for code, name in MODE_NAMES.items()}
+        if mode not in codes:
+            raise InvalidParameterError("postcopy-faults", mode,
+                                        f"must be one of {sorted(codes)}")
+        if not isinstance(path, str) or not path or "\0" in path \
+                or len(path.encode()) > FAULTS_PATH_BYTES:
+            raise InvalidParameterError("fault handler socket", path,
+                                        f"must be a path of 1..{FAULTS_PATH_BYTES} bytes")
+        self._check_open()
+        if not self.nvcpus:
+            return
+        failures = self._res.vcpus.request_faults(codes[mode], path, timeout)
+        if failures:
+            with contextlib.suppress(PostcopyError):    # keep the real error
+                self._res.vcpus.request_faults(MODE_DETACH, "", timeout)
+            raise PostcopyError(f"cannot attach {mode} postcopy faults to the handler at "
+                                f"{path}: " + "; ".join(failures))
+
+    def detach_faults(self, timeout: float = 10.0) -> None:
+        """Drop every vCPU's registration with the fault handler (idempotent).
+
+        Afterwards the vCPUs touch memory without asking anyone: call it
+        once every page is in place.  No-op without vCPUs.  Raises
+        :class:`PostcopyError` if a vCPU failed to unregister, died, or did
+        not answer within *timeout* seconds (a vCPU blocked on a page that
+        never comes cannot answer).
+        """
+        self._check_open()
+        if not self.nvcpus:
+            return
+        failures = self._res.vcpus.request_faults(MODE_DETACH, "", timeout)
+        if failures:
+            raise PostcopyError("cannot detach postcopy faults: " + "; ".join(failures))
 
     # -- lifecycle ---------------------------------------------------------------------
 

@@ -3,18 +3,28 @@
 The coordinator and its vCPUs share a small *control segment* of ``uint64``
 words:
 
-=========================  ================================================
-words                      meaning
-=========================  ================================================
-``RUN``                    1 while the guest should run, 0 to pause
-``EPOCH``                  bumped by every ``stop()``
-``COUNTER``                guest-wide counter, +1 per chunk of vCPU 0
-``QUIT``                   1 asks every vCPU to exit
-``status[i, ST_ACK]``      the EPOCH vCPU *i* saw while paused
-``status[i, ST_READY]``    1 once vCPU *i* has attached its memory
-``status[i, ST_PID]``      vCPU *i*'s pid
-``regs[i, 0:16]``          vCPU *i*'s registers (see :mod:`workloads`)
-=========================  ================================================
+============================  =============================================
+words                         meaning
+============================  =============================================
+``RUN``                       1 while the guest should run, 0 to pause
+``EPOCH``                     bumped by every ``stop()``
+``COUNTER``                   guest-wide counter, +1 per chunk of vCPU 0
+``QUIT``                      1 asks every vCPU to exit
+``FAULTS_SEQ``                bumped by every postcopy faults request
+``FAULTS_MODE``               what the request asks for: 0 detach,
+                              1 userfaultfd, 2 software (``faultproto``)
+``path[0:128]``               the fault handler's socket path, UTF-8, NUL
+                              padded (16 words after the header)
+``status[i, ST_ACK]``         the EPOCH vCPU *i* saw while paused
+``status[i, ST_READY]``       1 once vCPU *i* has attached its memory
+``status[i, ST_PID]``         vCPU *i*'s pid
+``status[i, ST_FAULTS]``      the FAULTS_SEQ vCPU *i* has carried out
+``status[i, ST_FAULTS_ERR]``  0, or why that request failed
+                              (:func:`engine.ram.faults.describe_error`)
+``regs[i, 0:16]``             vCPU *i*'s registers (see :mod:`workloads`)
+``reason[i][0:256]``          text of vCPU *i*'s last faults failure
+                              (32 words per vCPU after the registers)
+============================  =============================================
 
 **Stop is exact.**  ``stop()`` bumps EPOCH, *then* clears RUN, and waits until
 every vCPU's ACK equals the new EPOCH.  A vCPU runs chunks while RUN is set;
@@ -28,9 +38,23 @@ dirty marks and registers were all stored before the ACK, so the coordinator
 sees them once it sees the ACK.  Reading RUN before EPOCH would let a vCPU
 acknowledge a new stop with a stale RUN==0 and then resume on the previous
 ``start()``'s RUN==1.
+
+**Faults requests** (postcopy, :mod:`engine.ram.faults`) are level
+triggered.  The coordinator stores the path and FAULTS_MODE, *then* bumps
+FAULTS_SEQ, and waits until every vCPU's ST_FAULTS equals it.  A vCPU looks
+at FAULTS_SEQ every time it looks at EPOCH (every chunk boundary while it
+runs, every poll while it is paused); when it changed, it drops whatever
+registration it had, sets up the one FAULTS_MODE asks for, stores the
+outcome into its reason text and ST_FAULTS_ERR and only then FAULTS_SEQ into
+ST_FAULTS.  While a vCPU waits for a missing page (software faults) it keeps
+watching QUIT, its parent and FAULTS_SEQ, so closing the guest or a newer
+request never waits for a page that does not come.  A stop that arrives
+while a vCPU waits for a page takes effect once the page is there (the chunk
+has not stored anything yet), as with a vCPU blocked in a userfault.
 """
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import time
@@ -39,19 +63,28 @@ from typing import Sequence
 
 import numpy as np
 
-from engine.errors import GuestError
+from engine.errors import GuestError, PostcopyError
+from engine.postcopy.faultproto import MODE_NAMES, MODE_SOFTWARE
 from engine.procs import child_setup, spawn
 from engine.ram.block import RamBlock, RamBlockHandle
 from engine.ram.dirty import DirtyLog, DirtyLogHandle
+from engine.ram.faults import (MODE_DETACH, STAGE_INTERNAL, FaultClient, FaultSetupError,
+                               describe_error, error_code)
 from engine.ram.shm import attach_segment, close_segment, create_segment, unlink_segment
 from engine.ram.workloads import NREGS, Pacer, WorkloadSpec, make_workload
 
 __all__ = ["ControlHandle", "Control", "Vcpus", "vcpu_main"]
 
-RUN, EPOCH, COUNTER, QUIT = 0, 1, 2, 3
+RUN, EPOCH, COUNTER, QUIT, FAULTS_SEQ, FAULTS_MODE = 0, 1, 2, 3, 4, 5
 _HEADER_WORDS = 8
-ST_ACK, ST_READY, ST_PID = 0, 1, 2
-_STATUS_WORDS = 4
+#: Room for the fault handler's socket path (bytes; a unix path has <= 107).
+FAULTS_PATH_BYTES = 128
+_PATH_WORDS = FAULTS_PATH_BYTES // 8
+ST_ACK, ST_READY, ST_PID, ST_FAULTS, ST_FAULTS_ERR = 0, 1, 2, 3, 4
+_STATUS_WORDS = 6
+#: Room for a vCPU's faults failure text (bytes).
+FAULTS_REASON_BYTES = 256
+_REASON_WORDS = FAULTS_REASON_BYTES // 8
 
 #: How often an idle or paused vCPU looks at the control words (seconds).
 POLL_INTERVAL = 0.001
@@ -71,7 +104,7 @@ class ControlHandle:
 
 
 def _control_words(nvcpus: int) -> int:
-    return _HEADER_WORDS + nvcpus * (_STATUS_WORDS + NREGS)
+    return _HEADER_WORDS + _PATH_WORDS + nvcpus * (_STATUS_WORDS + NREGS + _REASON_WORDS)
 
 
 class Control:
@@ -84,9 +117,13 @@ class Control:
         self.owner = owner
         words = np.frombuffer(shm.buf, dtype=np.uint64, count=_control_words(nvcpus))
         self.words = words
-        status_end = _HEADER_WORDS + nvcpus * _STATUS_WORDS
-        self.status = words[_HEADER_WORDS:status_end].reshape(nvcpus, _STATUS_WORDS)
-        self.registers = words[status_end:].reshape(nvcpus, NREGS)
+        path_end = _HEADER_WORDS + _PATH_WORDS
+        status_end = path_end + nvcpus * _STATUS_WORDS
+        regs_end = status_end + nvcpus * NREGS
+        self._path = words[_HEADER_WORDS:path_end].view(np.uint8)
+        self.status = words[path_end:status_end].reshape(nvcpus, _STATUS_WORDS)
+        self.registers = words[status_end:regs_end].reshape(nvcpus, NREGS)
+        self._reasons = words[regs_end:].view(np.uint8).reshape(nvcpus, FAULTS_REASON_BYTES)
         self._closed = False
 
     @classmethod
@@ -127,15 +164,44 @@ class Control:
     def counter(self, value: int) -> None:
         self.words[COUNTER] = value
 
+    @property
+    def faults_path(self) -> str:
+        """The fault handler's socket path of the current faults request."""
+        return _read_text(self._path)
+
+    @faults_path.setter
+    def faults_path(self, path: str) -> None:
+        _write_text(self._path, path)
+
+    def faults_reason(self, index: int) -> str:
+        """Why vCPU *index*'s last faults request failed ("" if it did not)."""
+        return _read_text(self._reasons[index])
+
+    def set_faults_reason(self, index: int, text: str) -> None:
+        raw = text.encode(errors="replace")[:FAULTS_REASON_BYTES - 1]
+        _write_text(self._reasons[index], raw.decode(errors="ignore"))
+
     def close(self) -> None:
         if self._closed:
             return
-        self.words = self.status = self.registers = None
+        self.words = self.status = self.registers = self._path = self._reasons = None
         close_segment(self._shm)     # views held elsewhere keep it mapped
         self._closed = True
 
     def unlink(self) -> None:
         unlink_segment(self._shm)
+
+
+def _read_text(area: np.ndarray) -> str:
+    return area.tobytes().split(b"\0", 1)[0].decode(errors="replace")
+
+
+def _write_text(area: np.ndarray, text: str) -> None:
+    raw = text.encode()
+    if len(raw) > area.size or b"\0" in raw:
+        raise ValueError(f"{text!r} does not fit a {area.size}-byte NUL-padded field")
+    area[len(raw):] = 0
+    area[:len(raw)] = np.frombuffer(raw, dtype=np.uint8)
 
 
 # -- the vCPU process -----------------------------------------------------------
@@ -153,7 +219,7 @@ def vcpu_main(index: int, nvcpus: int, control: ControlHandle,
     ctl = Control.attach(control)
     mapped_blocks: list[RamBlock] = []
     mapped_logs: list[DirtyLog] = []
-    workload = None
+    workload = faults = None
     try:
         for handle in blocks:
             mapped_blocks.append(RamBlock.attach(handle))
@@ -161,17 +227,66 @@ def vcpu_main(index: int, nvcpus: int, control: ControlHandle,
             mapped_logs.append(DirtyLog.attach(handle))
         workload = make_workload(spec, index, nvcpus, mapped_blocks, mapped_logs,
                                  ctl.registers[index])
+        faults = _FaultRequests(ctl, index, mapped_blocks, workload, parent_pid)
         ctl.status[index, ST_PID] = os.getpid()
         ctl.status[index, ST_READY] = 1
-        _run(ctl, index, workload, parent_pid)
+        _run(ctl, index, workload, faults, parent_pid)
     finally:
+        if faults is not None:
+            faults.close()      # unregister before the mappings go
         # The workload holds numpy views into the blocks: drop it first.
-        del workload
+        del workload, faults
         for resource in (*mapped_logs, *mapped_blocks, ctl):
             resource.close()
 
 
-def _run(ctl: Control, index: int, workload, parent_pid: int) -> None:
+class _FaultRequests:
+    """Carries out the coordinator's faults requests inside a vCPU."""
+
+    def __init__(self, ctl: Control, index: int, blocks: Sequence[RamBlock], workload,
+                 parent_pid: int):
+        self.ctl = ctl
+        self.words = ctl.words
+        self.index = index
+        self.workload = workload
+        self.parent_pid = parent_pid
+        #: the FAULTS_SEQ last carried out (the coordinator's count starts at 0)
+        self.seen = 0
+        self.client = FaultClient(index, blocks, self.cancelled)
+
+    def cancelled(self) -> bool:
+        """Whether a wait for the handler or for a page must give up."""
+        words = self.words
+        return (bool(words[QUIT]) or int(words[FAULTS_SEQ]) != self.seen
+                or os.getppid() != self.parent_pid)
+
+    def serve(self) -> None:
+        ctl, index = self.ctl, self.index
+        self.seen = seq = int(self.words[FAULTS_SEQ])     # SEQ before MODE and path
+        mode = int(self.words[FAULTS_MODE])
+        code, reason = 0, ""
+        self.workload.faults = None
+        try:
+            self.client.detach()
+            if mode != MODE_DETACH:
+                self.client.attach(ctl.faults_path, mode)
+        except FaultSetupError as exc:
+            code, reason = exc.code, str(exc)
+        except Exception as exc:   # reported, never fatal: the vCPU must still ack
+            code, reason = error_code(STAGE_INTERNAL, errno.EIO), f"{type(exc).__name__}: {exc}"
+        if self.client.mode == MODE_SOFTWARE:
+            self.workload.faults = self.client
+        ctl.set_faults_reason(index, reason)
+        ctl.status[index, ST_FAULTS_ERR] = code
+        ctl.status[index, ST_FAULTS] = seq      # last: it publishes the two above
+
+    def close(self) -> None:
+        self.workload.faults = None
+        self.client.close()
+
+
+def _run(ctl: Control, index: int, workload, faults: _FaultRequests,
+         parent_pid: int) -> None:
     words = ctl.words
     ack = ctl.status[index, ST_ACK:ST_ACK + 1]
     pacer = Pacer(workload.rate)
@@ -184,6 +299,8 @@ def _run(ctl: Control, index: int, workload, parent_pid: int) -> None:
             if os.getppid() != parent_pid:
                 return
             next_parent_check = now + PARENT_CHECK_INTERVAL
+        if words[FAULTS_SEQ] != faults.seen:
+            faults.serve()
         epoch = words[EPOCH]            # EPOCH before RUN: see module docstring
         if not words[RUN]:
             ack[0] = epoch
@@ -191,8 +308,10 @@ def _run(ctl: Control, index: int, workload, parent_pid: int) -> None:
             time.sleep(POLL_INTERVAL)
             continue
         if paused:
+            # False: a wait for a missing page gave up; look at the words again.
+            if not workload.resume():
+                continue
             paused = False
-            workload.resume()
             pacer.reset()
         if workload.idle:
             time.sleep(POLL_INTERVAL)
@@ -201,8 +320,9 @@ def _run(ctl: Control, index: int, workload, parent_pid: int) -> None:
         if wait > 0:
             time.sleep(min(wait, _MAX_PACING_SLEEP))
             continue
-        pacer.account(workload.step())
-        if index == 0:
+        pages = workload.step()          # 0: gave up waiting for a page, wrote nothing
+        pacer.account(pages)
+        if index == 0 and pages:
             words[COUNTER] += 1
 
 
@@ -285,6 +405,40 @@ class Vcpus:
                     raise GuestError(f"vCPU {index} (pid {self.processes[index].pid}) "
                                      f"did not pause within {timeout} s")
                 time.sleep(POLL_INTERVAL / 2)
+
+    def request_faults(self, mode: int, path: str, timeout: float) -> list[str]:
+        """Ask every vCPU to set up postcopy faults in *mode* (0: drop them).
+
+        *path* is the fault handler's socket (ignored for mode 0).  Returns
+        once every vCPU has carried the request out, with one line per vCPU
+        that failed (empty if none did).  Raises :class:`PostcopyError` if a
+        vCPU died or did not answer within *timeout* seconds.
+        """
+        control = self.control
+        words, status = control.words, control.status
+        what = (f"attaching {MODE_NAMES[mode]} postcopy faults" if mode
+                else "detaching postcopy faults")
+        control.faults_path = path if mode else ""
+        words[FAULTS_MODE] = mode
+        seq = int(words[FAULTS_SEQ]) + 1
+        words[FAULTS_SEQ] = seq             # last: it publishes the path and mode
+        deadline = time.monotonic() + timeout
+        failures = []
+        for index in range(control.nvcpus):
+            proc = self.processes[index]
+            while int(status[index, ST_FAULTS]) != seq:
+                if not proc.is_alive():
+                    raise PostcopyError(f"vCPU {index} (pid {proc.pid}) died with exit code "
+                                        f"{proc.exitcode} while {what}")
+                if time.monotonic() > deadline:
+                    raise PostcopyError(f"vCPU {index} (pid {proc.pid}) did not finish "
+                                        f"{what} within {timeout} s")
+                time.sleep(POLL_INTERVAL / 2)
+            code = int(status[index, ST_FAULTS_ERR])
+            if code:
+                reason = control.faults_reason(index) or describe_error(code)
+                failures.append(f"vCPU {index} (pid {proc.pid}): {reason}")
+        return failures
 
     @property
     def running(self) -> bool:

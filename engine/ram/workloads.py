@@ -9,6 +9,12 @@ resumes and writes them back after every chunk.  A destination guest whose
 registers were loaded from the source therefore continues where the source
 stopped.
 
+During postcopy with software faults the vCPU sets :attr:`Workload.faults`
+to its :class:`~engine.ram.faults.FaultClient`; a workload then asks it
+(``touch``/``touch_pages``) for the pages it is about to access before it
+stores anything, and gives up the chunk without writing if the wait was
+cancelled.  Without faults the check costs one attribute test per chunk.
+
 Register map (per vCPU, ``uint64``):
 
 ====  ===========  =======================================================
@@ -161,11 +167,15 @@ class Workload:
 
     ``idle`` workloads have nothing to run; the vCPU just waits.  ``resume()``
     reloads state from the registers (called on every pause -> run
-    transition); ``step()`` runs one chunk, marks what it wrote and saves the
-    registers, returning the number of pages written.
+    transition) and returns True, or False if it gave up waiting for a
+    missing page (call it again); ``step()`` runs one chunk, marks what it
+    wrote and saves the registers, returning the number of pages written (0
+    if it gave up waiting for a page and wrote nothing).  ``faults`` is the
+    vCPU's software-fault client while postcopy needs one, else None.
     """
 
     idle = False
+    faults = None
 
     def __init__(self, spec: WorkloadSpec, index: int, nvcpus: int,
                  blocks: Sequence, logs: Sequence, regs: np.ndarray):
@@ -177,8 +187,8 @@ class Workload:
         self.regs = regs
         self.rate = spec.pages_per_second(nvcpus)
 
-    def resume(self) -> None:
-        pass
+    def resume(self) -> bool:
+        return True
 
     def step(self) -> int:
         return 0
@@ -215,9 +225,11 @@ class ABWorkload(Workload):
         self.idle = self.hi == self.lo
         self.pc = 0
 
-    def resume(self) -> None:
+    def resume(self) -> bool:
         regs = self.regs
         if not int(regs[REG_FLAGS]) & FLAG_INITIALISED:
+            if self.faults is not None and not self.faults.touch(0, self.lo, self.hi - self.lo):
+                return False
             self.pages[self.lo:self.hi, 0] = 0
             self.log.mark(self.lo, self.hi - self.lo)
             regs[REG_PC] = 0
@@ -226,10 +238,13 @@ class ABWorkload(Workload):
         self.pc = int(regs[REG_PC])
         if not 0 <= self.pc < self.hi - self.lo:
             self.pc = 0
+        return True
 
     def step(self) -> int:
         first = self.lo + self.pc
         end = min(first + self.chunk, self.hi)
+        if self.faults is not None and not self.faults.touch(0, first, end - first):
+            return 0
         self.pages[first:end, 0] += 1
         self.log.mark(first, end - first)
         regs = self.regs
@@ -263,11 +278,12 @@ class RandomWorkload(Workload):
         self.idle = self.total == 0
         self.rng = np.random.default_rng()
 
-    def resume(self) -> None:
+    def resume(self) -> bool:
         # Seeded from the registers, so a migrated vCPU carries on with a
         # fresh stream rather than replaying the source's.
         self.rng = np.random.default_rng(
             [self.spec.seed, self.index, int(self.regs[REG_CHUNKS])])
+        return True
 
     def _pick(self, n: int) -> np.ndarray:
         rng = self.rng
@@ -283,12 +299,19 @@ class RandomWorkload(Workload):
         pages = self._pick(n)
         values = rng.integers(0, np.iinfo(np.uint64).max, n, dtype=np.uint64,
                               endpoint=True)
-        for b, words in enumerate(self.words):
+        targets = []
+        for b in range(len(self.words)):
             lo, hi = self.starts[b], self.starts[b + 1]
             mine = (pages >= lo) & (pages < hi)
             if not mine.any():
                 continue
             local = pages[mine] - lo
+            # Every page of the chunk is present before the first store.
+            if self.faults is not None and not self.faults.touch_pages(b, local):
+                return 0
+            targets.append((b, mine, local))
+        for b, mine, local in targets:
+            words = self.words[b]
             wpp = self.words_per_page[b]
             offsets = rng.integers(0, wpp, local.size)
             words[local * wpp + offsets] = values[mine]
