@@ -101,6 +101,7 @@ class DestinationMigration:
         self.listener = None
         self.preempt = None
         self._recover_listener = None
+        self._pending_advise = None
         self._recover_ready = threading.Event()
         self._closing = threading.Event()
 
@@ -161,6 +162,7 @@ class DestinationMigration:
                 except EngineError:
                     pass    # every page arrived at the last sync; a slow close is harmless
                 self.pool.close()
+            self.pool = None
         for log in self._received_logs:
             log.close()
             log.unlink()
@@ -446,8 +448,11 @@ class DestinationMigration:
                     event.page_size_summary is not None else
                     "dirty-bitmaps postcopy is not supported", channel="main")
             if self.guest is None:
-                raise RemoteProtocolError("POSTCOPY_ADVISE before the RAM block list",
-                                          channel="main")
+                # QEMU sends ADVISE before the RAM section that names the
+                # blocks; a destination that builds its guest from that list
+                # takes the advice once the guest exists.
+                self._pending_advise = event
+                return
             self.prepare()
             self.postcopy.advise(event.page_size_summary, event.target_page_size)
         elif isinstance(event, ev.PostcopyRamDiscard):
@@ -546,6 +551,9 @@ class DestinationMigration:
         self._bufs = {b.idstr: b.buf for b in self.guest.blocks}
         self._u64 = {b.idstr: b.pages.view(np.uint64) for b in self.guest.blocks}
         self.prepare()      # postcopy's fault handler (and multifd's workers) need the guest
+        advise, self._pending_advise = self._pending_advise, None
+        if advise is not None:
+            self.postcopy.advise(advise.page_size_summary, advise.target_page_size)
         if self.multifd:
             if len(self.multifd_channels) != int(self.options.param("multifd-channels")):
                 raise MigrationError("multifd is on but the multifd channels were not accepted")
