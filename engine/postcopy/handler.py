@@ -366,7 +366,8 @@ class FaultHandler:
         """The handler's figures::
 
             {"postcopy-requests": pages requested, "postcopy-latency": mean
-             remote fault latency (ns), "postcopy-latency-p99": ns,
+             remote fault latency (ns), "postcopy-latency-p50" and
+             "postcopy-latency-p99": median and 99th percentile (ns),
              "postcopy-blocktime": ms all vCPUs were blocked at once,
              "postcopy-vcpu-blocktime": [ms per vCPU],
              "postcopy-faults": mode, "faults": faults read}
@@ -467,7 +468,8 @@ def _rebuild_error(kind: str, message: str, offset, channel) -> Exception:
 
 
 def _empty_stats(mode: str, nvcpus: int) -> dict:
-    return {"postcopy-requests": 0, "postcopy-latency": 0, "postcopy-latency-p99": 0,
+    return {"postcopy-requests": 0, "postcopy-latency": 0, "postcopy-latency-p50": 0,
+            "postcopy-latency-p99": 0,
             "postcopy-blocktime": 0, "postcopy-vcpu-blocktime": [0] * nvcpus,
             "postcopy-faults": mode, "faults": 0}
 
@@ -701,6 +703,7 @@ class _FaultLoop:
         return {
             "postcopy-requests": self.requests,
             "postcopy-latency": int(lat.mean()) if lat.size else 0,
+            "postcopy-latency-p50": int(np.median(lat)) if lat.size else 0,
             "postcopy-latency-p99": int(np.percentile(lat, 99)) if lat.size else 0,
             "postcopy-blocktime": total // 1_000_000,
             "postcopy-vcpu-blocktime": [per.get(i, 0) // 1_000_000 for i in range(n)],
