@@ -273,6 +273,17 @@ class RamSaver:
             bm.cursor = min(first + count, len(bm.bits))
             return idx
 
+    def take_page(self, index: int, page: int) -> bool:
+        """:meth:`take_range` for one page, without arrays: True if it was dirty."""
+        with self.lock:
+            bm = self.bitmaps[index]
+            if not bm.bits[page]:
+                return False
+            bm.bits[page] = False
+            self._current = index
+            bm.cursor = page + 1
+            return True
+
     def discard_commands(self) -> bytes:
         """POSTCOPY_RAM_DISCARD commands for every still-dirty run of every block.
 

@@ -825,6 +825,9 @@ class SourceMigration:
                 return
             # Taken under the preempt lock: the EOS that ends the channel
             # cannot come between taking a page and sending it.
+            if count == 1:
+                self._send_urgent_page(channel, index, first)
+                return
             idx = self.ram.take_range(index, first, count)
             if not len(idx):
                 return
@@ -835,6 +838,30 @@ class SourceMigration:
                                         self._preempt_encoder, self._preempt_staging)
                 channel.sendmsg_all(batch.buffers)
                 self._account_batch(batch)
+
+    def _send_urgent_page(self, channel, index: int, page: int) -> None:
+        """One requested page (the usual request): the fault's latency path.
+
+        The source guest is stopped in postcopy, so the record can point
+        straight into guest memory: no staging copy, no batch encoder.
+        ``remaining`` is left to the migration thread (counting the bitmap
+        here would cost more than sending the page).
+        """
+        if not self.ram.take_page(index, page):
+            return
+        block = self.ram.bitmaps[index].block
+        data = block.pages[page]
+        offset = page * self.page_size
+        if not self.ram.detect_zero or data.view(np.uint64).any():
+            channel.sendmsg_all([self._preempt_encoder.page_header(block.idstr, offset), data])
+            wire = 8 + self.page_size
+            with self._lock:
+                self.stats.add_normal(1, wire)
+        else:
+            record = self._preempt_encoder.zero_page(block.idstr, offset)
+            channel.sendmsg_all([record])
+            with self._lock:
+                self.stats.add_zero(1, len(record))
 
     def _connect_preempt(self, uri: str) -> None:
         channel = connect(uri)
