@@ -112,6 +112,38 @@ class LocalDestination:
                 pass
 
 
+class _PausedWatcher:
+    """A postcopy that pauses (a channel broke) cannot be recovered from
+    here: this command has no monitor to send migrate-recover to the
+    destination.  Rather than wait forever, give it up with the reason."""
+
+    def __init__(self, mig, dest):
+        self.mig, self.dest = mig, dest
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self):
+        from engine.state import MigrationStatus as S
+        while not self._stop.wait(0.1):
+            if self.mig.state.status is not S.POSTCOPY_PAUSED:
+                continue
+            cause = self.mig.pause_error
+            if self.dest is not None and self.dest.proc.poll() is not None:
+                why = f"the destination exited with code {self.dest.proc.returncode}"
+            else:
+                why = "engine migrate has no monitor to recover it (migrate-recover)"
+            self.mig.abandon(f"{cause}; {why}")
+            return
+
+
 def _connect_retry(uri: str, deadline: float):
     from engine.transport import connect
     while True:
@@ -174,7 +206,8 @@ def run_migrate(args) -> int:
             uri = dest.wait_listening()
             channel = _connect_retry(uri, time.monotonic() + 10)
         connected = True
-        with channel, Progress(mig.info, args.quiet):
+        watcher = _PausedWatcher(mig, dest)
+        with channel, Progress(mig.info, args.quiet), watcher:
             info = mig.run(channel, uri)
         if isinstance(local, FileAddress) and info.status == "completed":
             dest = LocalDestination(args, local.uri, workdir)

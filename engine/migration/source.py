@@ -53,7 +53,8 @@ import numpy as np
 
 from engine.errors import (ChannelBrokenError, ChannelClosedError, ChannelError, ConfigError,
                            EngineError, InvalidCapabilityError, MigrationCancelled,
-                           MigrationError, PostcopyPaused, RemoteProtocolError, StateError)
+                           MigrationError, PostcopyError, PostcopyPaused, RemoteProtocolError,
+                           StateError)
 from engine.machine import RAM_SECTION_ID, GuestState, MachineProfile
 from engine.migration import check_implemented
 from engine.compress.zeropage import zero_page_mask_from_buffer
@@ -206,6 +207,7 @@ class SourceMigration:
         self._pause_requested = threading.Event()
         self._resume_event = threading.Event()
         self._resume_uri: str | None = None
+        self._abandoned: str | None = None
         self._received: dict[int, np.ndarray] = {}
         self._resume_acked = threading.Event()
         #: the reason of the latest pause, or of the latest failed recovery
@@ -299,6 +301,14 @@ class SourceMigration:
         self.state.expect(S.POSTCOPY_PAUSED)
         with self._lock:
             self._resume_uri = uri
+        self._resume_event.set()
+
+    def abandon(self, reason: str) -> None:
+        """Give up a paused postcopy that nobody can recover (the destination
+        is gone, or there is no monitor to send migrate-recover there): the
+        migration fails; the guest now exists only where it ran last."""
+        with self._lock:
+            self._abandoned = reason
         self._resume_event.set()
 
     def set_parameters(self, params: dict) -> None:
@@ -903,7 +913,9 @@ class SourceMigration:
                 pass
             self._resume_event.clear()
             with self._lock:
-                uri = self._resume_uri
+                uri, abandoned = self._resume_uri, self._abandoned
+            if abandoned is not None:
+                raise PostcopyError(f"postcopy abandoned while paused: {abandoned}")
             self.state.transition(S.POSTCOPY_RECOVER_SETUP)
             try:
                 channel = connect(uri)

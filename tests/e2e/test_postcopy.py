@@ -294,3 +294,37 @@ def test_postcopy_recovery_after_a_channel_cut(pair, faults, first_attempt):
         listener.close()
         if runner.is_alive():
             src.cancel()
+
+
+def test_cli_destination_killed_in_postcopy_fails_instead_of_hanging(tmp_path):
+    """No monitor, so no migrate-recover: a paused postcopy whose destination
+    is gone is given up, with the reason, instead of waiting forever."""
+    import psutil
+    report = tmp_path / "report.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine", "migrate", "--ram", "64M", "--vcpus", "2",
+         "--workload", "ab", "--dirty-rate", "0", "--cap", "postcopy-ram=on",
+         "--param", "downtime-limit=1", "--param", "max-postcopy-bandwidth=1M",
+         "--postcopy-after", "1", "--json", str(report), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        victim = None
+        while victim is None:
+            assert time.monotonic() < deadline and proc.poll() is None
+            for child in psutil.Process(proc.pid).children():
+                if "incoming" in " ".join(child.cmdline()):
+                    victim = child
+            time.sleep(0.05)
+        time.sleep(3)       # well into postcopy: 60 MB at 1 MB/s
+        victim.kill()
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, out + err
+    rep = json.loads(report.read_text())
+    assert rep["migration"]["status"] == "failed"
+    desc = rep["migration"]["error-desc"]
+    assert "destination exited" in desc and "stale" in desc, desc
