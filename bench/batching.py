@@ -8,12 +8,19 @@ main channel or a coordinator's bitmap, so only the hand-out parameters vary:
   ``BATCH_PAGES / 128`` QEMU packets of 512 KiB);
 * ``MAX_OUTSTANDING``: batches a worker may have in flight.
 
-Usage: ``.venv/bin/python bench/batching.py [--size 1G] [--channels 2]``.
+Every transfer lands in a new destination block, as a migration's does (its
+pages have never been written, so landing them costs what it costs there).
+Cells run in matrix order within a repeat; figures are medians over
+``--repeat``.
+
+Usage: ``.venv/bin/python bench/batching.py [--size 1G] [--channels 2]
+[--codec none] [--repeat 3]``.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -43,13 +50,13 @@ def _accept(listener, rpool, n):
         ch.close()
 
 
-def transfer_ms(src, dst, received, channels: int, sock: str) -> float:
-    """One full pass of every page through fresh pools; milliseconds."""
-    dst.array[:] = 0
-    received.log[:] = 0
-    with listen(f"unix:{sock}") as listener, \
-            pool.RecvPool(channels, [dst], [received]) as rpool, \
-            pool.SendPool(channels, [src]) as spool:
+def transfer_ms(src, channels: int, sock: str, codec: str) -> float:
+    """One full pass of every page through fresh pools into a new block; milliseconds."""
+    with RamBlock.create("m0", src.used_length) as dst, \
+            DirtyLog.create(src.npages) as received, \
+            listen(f"unix:{sock}") as listener, \
+            pool.RecvPool(channels, [dst], [received], codec=codec) as rpool, \
+            pool.SendPool(channels, [src], codec=codec) as spool:
         t = threading.Thread(target=_accept, args=(listener, rpool, channels))
         t.start()
         spool.connect(listener.uri)
@@ -63,8 +70,8 @@ def transfer_ms(src, dst, received, channels: int, sock: str) -> float:
         elapsed = time.perf_counter() - start
         spool.finish()
         rpool.finish()
-    if not np.array_equal(src.pages, dst.pages):
-        raise SystemExit("bench: destination differs from source")
+        if not np.array_equal(src.pages, dst.pages):
+            raise SystemExit("bench: destination differs from source")
     return elapsed * 1000
 
 
@@ -72,24 +79,30 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="1G")
     ap.add_argument("--channels", type=int, default=2)
+    ap.add_argument("--codec", default="none", choices=("none", "zlib", "zstd"))
     ap.add_argument("--batch-pages", default="256,1024,4096")
     ap.add_argument("--outstanding", default="1,2,4")
+    ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args(argv)
     size = parse_size(args.size)
+    cells = [(bp, mo) for bp in map(int, args.batch_pages.split(","))
+             for mo in map(int, args.outstanding.split(","))]
     workdir = tempfile.mkdtemp(prefix="engine-bench-")
     sock = os.path.join(workdir, "mf.sock")
     try:
-        with RamBlock.create("m0", size) as src, RamBlock.create("m0", size) as dst, \
-                DirtyLog.create(size // PS) as received:
+        with RamBlock.create("m0", size) as src:
             fill_mixed(src.pages, seed=1)
-            print(f"{args.size} mixed image, {args.channels} channels, unix sockets, "
-                  f"{os.cpu_count()} CPUs")
+            print(f"{args.size} mixed image, {args.channels} channels, codec {args.codec}, "
+                  f"unix sockets, {os.cpu_count()} CPUs, median of {args.repeat}")
+            times: dict = {cell: [] for cell in cells}
+            for _ in range(args.repeat):
+                for cell in cells:
+                    pool.BATCH_PAGES, pool.MAX_OUTSTANDING = cell
+                    times[cell].append(transfer_ms(src, args.channels, sock, args.codec))
             print(f"{'BATCH_PAGES':>12} {'MAX_OUTSTANDING':>16} {'ms':>8} {'GB/s':>7}")
-            for bp in map(int, args.batch_pages.split(",")):
-                for mo in map(int, args.outstanding.split(",")):
-                    pool.BATCH_PAGES, pool.MAX_OUTSTANDING = bp, mo
-                    ms = transfer_ms(src, dst, received, args.channels, sock)
-                    print(f"{bp:>12} {mo:>16} {ms:>8.0f} {size / ms / 1e6:>7.2f}")
+            for (bp, mo), ms in times.items():
+                med = statistics.median(ms)
+                print(f"{bp:>12} {mo:>16} {med:>8.0f} {size / med / 1e6:>7.2f}")
     finally:
         if os.path.exists(sock):
             os.unlink(sock)

@@ -2,12 +2,13 @@
 
 The worker maps the guest's RAM blocks itself.  For each batch the
 coordinator hands over (a block and page indexes, never bytes) it builds
-QEMU packets of up to ``page_count`` pages and writes them with one
-scatter-gather send per packet: the 1344-byte header, then for ``none`` the
-guest pages straight out of shared memory (one iovec per run of adjacent
-pages), for zlib/zstd the compressed snapshot.  With
-``zero-page-detection=multifd`` the worker finds the batch's zero pages
-itself (vectorised) and lists them in the packet instead of sending them.
+QEMU packets of up to ``page_count`` pages.  For ``none`` the whole batch
+goes out in one scatter-gather send: each packet's 1344-byte header, then
+its pages straight out of shared memory (one iovec per run of adjacent
+pages); for zlib/zstd each packet is the header and the compressed snapshot.
+With ``zero-page-detection=multifd`` the worker finds the batch's zero pages
+itself (vectorised, the whole batch at once) and lists them in the packets
+instead of sending them.
 
 A page the guest rewrites while it is being sent may go out torn; that is
 fine for the same reason it is in QEMU: the write marked the page dirty
@@ -16,15 +17,19 @@ copies on the destination.
 """
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 import numpy as np
 
-from engine.compress import get_codec
+from engine.compress import get_codec, payload_nbytes
 from engine.compress.zeropage import zero_page_mask_from_buffer
 from engine.multifd import control as ctl
 from engine.multifd.packet import MultiFDInit, MultiFDPacketHeader
 from engine.multifd.worker import control_socket
+
+#: bytes of send buffer asked for on a unix-socket channel (see widen_unix_send_buffer)
+UNIX_SNDBUF = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -64,39 +69,90 @@ class PacketWriter:
                    first_packet_num: int) -> tuple[int, int, int]:
         """Send ``pages`` (ascending indexes) of a block; returns (normal, zero, bytes)."""
         block = self.blocks[block_index]
-        ps = self.page_size
+        ps, pc = self.page_size, self.page_count
+        idx = pages.astype(np.int64)
+        offsets = idx.astype(np.uint64) * np.uint64(ps)
+        # One look at the whole batch: the per-call cost is paid once, not per packet.
+        zero = (zero_page_mask_from_buffer(block.buf, offsets, ps) if self.zero_detect
+                else np.zeros(len(idx), dtype=bool))
+        nocomp = self.codec.name == "none"
+        if nocomp:
+            runs = self._nocomp_runs(block.buf, idx, zero)
+        out: list = []
         normal_total = zero_total = sent = 0
-        packet_num = first_packet_num
-        for start in range(0, len(pages), self.page_count):
-            idx = pages[start:start + self.page_count].astype(np.int64)
-            offsets = idx.astype(np.uint64) * np.uint64(ps)
-            if self.zero_detect:
-                zero = zero_page_mask_from_buffer(block.buf, offsets, ps)
-                normal_idx, zero_off = idx[~zero], offsets[zero]
-                normal_off = offsets[~zero]
+        for k, start in enumerate(range(0, len(idx), pc)):
+            z = zero[start:start + pc]
+            off = offsets[start:start + pc]
+            normal_off, zero_off = off[~z], off[z]
+            if nocomp:
+                payload = runs[k]
+            elif len(normal_off):
+                normal_idx = idx[start:start + pc][~z]
+                payload = self.encoder.encode_gather(block.pages, normal_idx)
             else:
-                normal_idx, normal_off = idx, offsets
-                zero_off = offsets[:0]
-            payload = (self.encoder.encode_gather(block.pages, normal_idx)
-                       if len(normal_idx) else [])
-            size = sum(memoryview(b).nbytes for b in payload)
+                payload = []
+            size = len(normal_off) * ps if nocomp else payload_nbytes(payload)
             header = MultiFDPacketHeader.ram(
-                flags=self.codec.flag, packet_num=packet_num, ramblock=block.idstr,
-                normal=normal_off, zero=zero_off, next_packet_size=size,
-                page_count=self.page_count).pack(self.page_count)
-            self.channel.sendmsg_all([header, *payload])
+                flags=self.codec.flag, packet_num=first_packet_num + k,
+                ramblock=block.idstr, normal=normal_off, zero=zero_off,
+                next_packet_size=size, page_count=pc).pack(pc)
+            if nocomp:
+                # nocomp payloads are views of guest memory: the whole batch goes
+                # out in one scatter-gather send (a few system calls, not one per
+                # packet).
+                out.append(header)
+                out.extend(payload)
+            else:
+                # A codec's output is only valid until its next call.
+                self.channel.sendmsg_all([header, *payload])
             sent += len(header) + size
-            normal_total += len(normal_idx)
+            normal_total += len(normal_off)
             zero_total += len(zero_off)
-            packet_num += 1
+        if out:
+            self.channel.sendmsg_all(out)
         self.wire_bytes += sent
         return normal_total, zero_total, sent
+
+    def _nocomp_runs(self, buf: memoryview, idx: np.ndarray, zero: np.ndarray) -> list:
+        """Per packet of the batch, its normal pages as views of ``buf``: one per run
+        of adjacent pages (a run never crosses into the next packet)."""
+        ps, pc = self.page_size, self.page_count
+        if buf.ndim != 1 or buf.format != "B":
+            buf = buf.cast("B")
+        npackets = -(-len(idx) // pc)
+        pos = np.flatnonzero(~zero)
+        runs: list[list] = [[] for _ in range(npackets)]
+        if len(pos) == 0:
+            return runs
+        pages = idx[pos]
+        packet = pos // pc
+        brk = np.flatnonzero((np.diff(pages) != 1) | (np.diff(packet) != 0)) + 1
+        firsts = np.concatenate(([0], brk))
+        ends = np.concatenate((brk, [len(pos)]))
+        starts = (pages[firsts] * ps).tolist()
+        stops = ((pages[firsts] + (ends - firsts)) * ps).tolist()
+        for p, a, b in zip(packet[firsts].tolist(), starts, stops):
+            runs[p].append(buf[a:b])
+        return runs
 
     def send_sync(self, packet_num: int) -> int:
         header = MultiFDPacketHeader.sync(packet_num).pack(self.page_count)
         self.channel.sendall(header)
         self.wire_bytes += len(header)
         return len(header)
+
+
+def widen_unix_send_buffer(channel) -> None:
+    """Give a unix-socket channel a send buffer of :data:`UNIX_SNDBUF` bytes.
+
+    With the default (~200 KiB) a batch's send blocks and wakes the receiver
+    many times per packet; measured on 2 cores, a 1 MiB buffer cut the CPU
+    time of both ends by about a tenth.  TCP keeps its autotuning (setting
+    SO_SNDBUF would switch it off); the kernel caps the value at wmem_max.
+    """
+    sock = getattr(channel, "sock", None)
+    if isinstance(sock, socket.socket) and sock.family == socket.AF_UNIX:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
 
 
 def packets_needed(npages: int, page_count: int = 128) -> int:
@@ -117,6 +173,7 @@ def send_worker_main(cfg: SendWorkerConfig) -> None:
                 msg = ctl.decode(sock.recv_multipart(copy=False))
                 if isinstance(msg, ctl.Connect):
                     channel = connect(msg.uri)
+                    widen_unix_send_buffer(channel)
                     writer = PacketWriter(channel, blocks, cfg.codec, cfg.level,
                                           cfg.zero_detect, cfg.page_size, cfg.page_count)
                     writer.send_init(msg.uuid, msg.channel_id)

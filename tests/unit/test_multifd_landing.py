@@ -1,0 +1,130 @@
+"""The receive side landing pages in a real RAM block through its file descriptor."""
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+
+from engine.compress import get_codec, payload_nbytes
+from engine.errors import ChannelClosedError
+from engine.multifd import receiver
+from engine.multifd.packet import MultiFDPacketHeader
+from engine.multifd.receiver import PacketReader, run_bounds
+from engine.ram.block import RamBlock
+
+PS = 4096
+NPAGES = 16
+
+
+class Log:
+    def __init__(self):
+        self.log = np.zeros(NPAGES, np.uint8)
+
+
+@pytest.fixture
+def dst():
+    """A fresh block filled with 0xFF, so that any write shows."""
+    with RamBlock.create("m0", NPAGES * PS) as block:
+        block.array[:] = 0xFF
+        yield block
+
+
+def page(i: int) -> bytes:
+    return bytes([i + 1]) * PS
+
+
+def send(sock, normal, zero=(), payload=None, flags=0, size=None):
+    payload = b"".join(page(p) for p in normal) if payload is None else payload
+    h = MultiFDPacketHeader.ram(flags=flags, packet_num=1, ramblock="m0",
+                                normal=np.array(normal, np.uint64) * PS,
+                                zero=np.array(zero, np.uint64) * PS,
+                                next_packet_size=payload_nbytes([payload]) if size is None
+                                else size)
+    sock.sendall(h.pack() + payload)
+
+
+def reader(block, log, fresh=True, codec="none"):
+    a, b = socket.socketpair()
+    return a, PacketReader(b, 0, [block], [log], [fresh], codec)
+
+
+def test_pages_in_any_order_land_in_place(dst):
+    log = Log()
+    src, r = reader(dst, log)
+    order = [5, 3, 4, 9, 15, 0]                      # runs 3-5 out of order, singles
+    send(src, order)
+    r.read_packet()
+    for p in range(NPAGES):
+        expect = page(p) if p in order else b"\xff" * PS
+        assert dst.pages[p].tobytes() == expect, p
+    assert np.flatnonzero(log.log).tolist() == sorted(order)
+
+
+def test_a_page_listed_twice_keeps_its_last_copy(dst):
+    src, r = reader(dst, Log())
+    send(src, [2, 2], payload=bytes([7]) * PS + bytes([8]) * PS)
+    r.read_packet()
+    assert (dst.pages[2] == 8).all() and (dst.pages[[1, 3]] == 0xFF).all()
+
+
+@pytest.mark.parametrize("fresh, received_before, written", [
+    (True, False, False),
+    (True, True, True),
+    (False, False, True),
+])
+def test_zero_pages_through_the_file(dst, fresh, received_before, written):
+    log = Log()
+    if received_before:
+        log.log[[4, 5, 6, 10]] = 1
+    src, r = reader(dst, log, fresh)
+    send(src, [], [4, 5, 6, 10])
+    r.read_packet()
+    zeroed = (dst.pages[[4, 5, 6, 10]] == 0).all()
+    assert zeroed == written
+    assert (dst.pages[[4, 5, 6, 10]] == 0xFF).all() == (not written)
+    assert (dst.pages[[0, 1, 2, 3, 7, 8, 9, 11]] == 0xFF).all()
+
+
+def test_compressed_pages_land_through_the_file(dst):
+    codec = get_codec("zstd")
+    normal = [1, 2, 3, 8, 12]
+    pages = np.stack([np.frombuffer(page(p), np.uint8) for p in normal])
+    payload = b"".join(bytes(b) for b in codec.new_encoder(1).encode(pages))
+    src, r = reader(dst, Log(), codec="zstd")
+    send(src, normal, [0], payload, flags=codec.flag)
+    r.read_packet()
+    for p in range(NPAGES):
+        assert dst.pages[p].tobytes() == (page(p) if p in normal else b"\xff" * PS), p
+
+
+def test_short_writes_are_resumed(dst, monkeypatch):
+    real = receiver.os.pwrite
+    calls = []
+
+    def pwrite_in_bits(fd, data, offset):
+        calls.append(offset)
+        return real(fd, data[:5000], offset)         # never more than 5000 bytes at once
+
+    monkeypatch.setattr(receiver.os, "pwrite", pwrite_in_bits)
+    src, r = reader(dst, Log())
+    send(src, [6, 7, 8])
+    r.read_packet()
+    assert (dst.pages[6:9].reshape(-1) == np.frombuffer(
+        page(6) + page(7) + page(8), np.uint8)).all()
+    assert len(calls) > 1 and (dst.pages[[5, 9]] == 0xFF).all()
+
+
+def test_truncated_payload_is_an_error(dst):
+    src, r = reader(dst, Log())
+    send(src, [1, 2], payload=page(1) + page(2)[:100], size=2 * PS)
+    src.close()
+    with pytest.raises(ChannelClosedError, match="truncated"):
+        r.read_packet()
+
+
+def test_run_bounds():
+    firsts, ends = run_bounds(np.array([3, 4, 5, 9, 2, 3]))
+    assert firsts.tolist() == [0, 3, 4] and ends.tolist() == [3, 4, 6]
+    firsts, ends = run_bounds(np.array([7]))
+    assert firsts.tolist() == [0] and ends.tolist() == [1]
