@@ -503,9 +503,20 @@ class SourceMigration:
                                                    self.page_size))
         body = (enc.section_start(RAM_SECTION_ID, RAM_SECTION_IDSTR, 0, RAM_SECTION_VERSION)
                 + self.ram.block_list())
+        # block_list() started the dirty log afresh: QEMU's first bitmap sync
+        # (ram_init_bitmaps), which counts as pass 1 and starts the period
+        # the dirty-page rate is measured over.
+        self._count_sync(0, self.ram.pending_pages())
         self._send([body])
         self.stats.add_bytes(len(body))
         self._end_ram_section()
+
+    def _count_sync(self, new: int, pending_pages: int) -> None:
+        """A dirty-bitmap sync: the stats' count (MIGRATION_PASS) and the hook."""
+        with self._lock:
+            count = self.stats.dirty_sync(new, pending_pages)
+        if self.on_pass:
+            self.on_pass(count)
 
     def _end_ram_section(self) -> None:
         """EOS and footer; with multifd first a sync of every channel.
@@ -550,10 +561,7 @@ class SourceMigration:
                 new = self.ram.sync()
                 passes += 1
                 pending = self.ram.pending_pages() * self.page_size
-                with self._lock:
-                    self.stats.dirty_sync(new, pending // self.page_size)
-                if self.on_pass:
-                    self.on_pass(passes)
+                self._count_sync(new, pending // self.page_size)
                 if self.postcopy_after is not None and passes >= self.postcopy_after:
                     self._postcopy_requested.set()
                     continue
@@ -641,9 +649,7 @@ class SourceMigration:
 
     def _complete(self) -> None:
         """Switchover: everything left, then the devices (vCPUs are stopped)."""
-        new = self.ram.sync()
-        with self._lock:
-            self.stats.dirty_sync(new, self.ram.pending_pages())
+        self._count_sync(self.ram.sync(), self.ram.pending_pages())
         self._send_section(enc.section_end(RAM_SECTION_ID), None, None)
         described: list = []
         records = self._device_sections(described)
@@ -679,8 +685,7 @@ class SourceMigration:
         """Spec 4.5 steps 7-9, guest stopped, in ``device``: discards, package."""
         new = self.ram.sync()
         pending = self.ram.pending_pages()
-        with self._lock:
-            self.stats.dirty_sync(new, pending)
+        self._count_sync(new, pending)
         discards = self.ram.discard_commands()
         # QEMU forgets the last block after the discard, so the first
         # postcopy record names its block.
