@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--postcopy-after", type=int, default=None, metavar="N",
                    help="with --cap postcopy-ram=on: switch to postcopy after N dirty-bitmap "
                         "passes (QMP migrate-start-postcopy)")
+    m.add_argument("--plot", metavar="FILE.png", help="draw throughput, dirty rate and remaining "
+                   "RAM over time, with passes and switchover (needs matplotlib: engine[bench])")
 
     i = sub.add_parser("incoming", help="wait for one incoming migration")
     i.add_argument("uri")
@@ -82,7 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
     ld.add_argument("--vcpus", type=int, default=1)
     ld.add_argument("--mem-path", metavar="PATH", help="also write the RAM image to PATH")
     ld.add_argument("--json", metavar="FILE")
+
+    # Commands whose options live with their code (engine/commands/<name>.py:
+    # add_arguments(parser) and run(args)).
+    for name, help_text in _MODULE_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        _command_module(name).add_arguments(p)
     return ap
+
+
+#: subcommand -> help; each is engine/commands/<name>.py with add_arguments() and run()
+_MODULE_COMMANDS = {
+    "vm": "run one guest with a QMP monitor, like qemu-system (-S, --incoming, --qmp)",
+    "info": "ask a running engine vm over QMP and print like HMP 'info migrate'",
+}
+
+
+def _command_module(name: str):
+    import importlib
+    return importlib.import_module(f"engine.commands.{name}")
 
 
 class Terminated(SystemExit):
@@ -106,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "incoming":
             from engine.commands.incoming import run_incoming
             return run_incoming(args)
+        if args.command in _MODULE_COMMANDS:
+            return _command_module(args.command).run(args)
         from engine.commands.load import run_load
         return run_load(args)
     except ConfigError as exc:

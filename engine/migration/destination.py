@@ -300,7 +300,7 @@ class DestinationMigration:
                     break
                 if isinstance(event, ev.Eof):
                     seen_eof = True
-                    if self.postcopy is not None and self.postcopy.state.value != "none":
+                    if self._postcopy_listening():
                         # QEMU's postcopy ends with EOF alone (no vmdesc).
                         self.postcopy.end()
                         return

@@ -328,3 +328,28 @@ def test_cli_destination_killed_in_postcopy_fails_instead_of_hanging(tmp_path):
     assert rep["migration"]["status"] == "failed"
     desc = rep["migration"]["error-desc"]
     assert "destination exited" in desc and "stale" in desc, desc
+
+
+def test_postcopy_capability_but_precopy_converges(pair):
+    """postcopy-ram on both sides, nobody switches: an ordinary precopy end
+    (ADVISE was sent, the destination must not expect postcopy's EOF)."""
+    sg = Guest.create([("ram0", 16 << 20)], vcpus=1, workload=WorkloadSpec("ab", 8),
+                      start=True)
+    dg = Guest.create([("ram0", 16 << 20)], vcpus=1, workload=WorkloadSpec("ab", 8),
+                      start=False)
+    try:
+        opts = make_options({"postcopy-ram": True}, {"downtime-limit": 1000})
+        listener = listen("tcp:127.0.0.1:0")
+        dst, t, result = _start_destination(dg, opts, "auto", listener)
+        src = SourceMigration(sg, PROFILE, opts, vcpus=1)
+        with connect(listener.uri) as ch:
+            info = src.run(ch, listener.uri)
+        t.join(TIMEOUT)
+        listener.close()
+        assert info.status == "completed", info.error_desc
+        assert result["info"].status == "completed", result["info"].error_desc
+        assert dst.ab_result.ok
+        assert S.POSTCOPY_ACTIVE not in [s for _, s in src.state.history]
+    finally:
+        sg.close()
+        dg.close()
