@@ -423,9 +423,6 @@ class SourceMigration:
         """
         status = self.state.status
         split = status in POSTCOPY_STATES and status is not S.POSTCOPY_DEVICE
-        if stopped_by_us and not split:
-            self.guest.start()
-            self.guest_state.note_started()
         for ch in (self.channel, self.preempt_channel):
             if ch is not None:
                 with contextlib.suppress(Exception):
@@ -450,12 +447,18 @@ class SourceMigration:
                 self.error = exc
             else:
                 self.error = MigrationError(f"{type(exc).__name__}: {exc}")
+        # QEMU's order (and its events): cancelling or failed first, then the
+        # guest runs again (RESUME), then cancelled.
         if cancelled and self.state.status not in (S.CANCELLED, S.COMPLETED):
             if self.state.status != S.CANCELLING:
                 self.state.transition(S.CANCELLING)
-            self.state.transition(S.CANCELLED)
         elif self.state.can_transition(S.FAILED):
             self.state.transition(S.FAILED)
+        if stopped_by_us and not split:
+            self.guest.start()
+            self.guest_state.note_started()
+        if self.state.status is S.CANCELLING:
+            self.state.transition(S.CANCELLED)
 
     def _check_cancel(self) -> None:
         if self._cancel.is_set():
