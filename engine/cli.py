@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 _MODULE_COMMANDS = {
     "vm": "run one guest with a QMP monitor, like qemu-system (-S, --incoming, --qmp)",
     "info": "ask a running engine vm over QMP and print like HMP 'info migrate'",
+    "stress": "run a seeded matrix of migrations with injected faults (CI)",
 }
 
 

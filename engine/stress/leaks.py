@@ -1,0 +1,141 @@
+"""What a case must not leave behind: engine segments and processes.
+
+The runner takes a :func:`snapshot` before a case and calls
+:func:`find_leaks` after tearing it down.  A segment is a leak if it
+appeared in /dev/shm meanwhile, is still there after a grace period, and no
+process outside this one's tree has it mapped or open (other engine runs
+on the same machine have segments of their own).  A process is a leak if
+it is a live descendant that was not there before (the standard library's
+resource tracker aside), or one of the *victims*: the descendants of a
+process the case killed, which the kernel hands to init rather than to us.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import psutil
+
+from engine.ram.shm import SEGMENT_PREFIX, SHM_DIR
+
+#: the names the engine gives its segments (engine.ram.shm.create_segment).
+#: Other ``engine-*`` entries (a test's ``engine-test-*`` image files) are
+#: not made by a stress case, and may belong to another run on this machine.
+SEGMENT_NAME = re.compile(re.escape(SEGMENT_PREFIX) + r"[0-9a-f]{16}")
+#: helpers the standard library starts once per interpreter; not leaks
+STDLIB_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+#: how long segments and processes get to go away after a case (seconds):
+#: a killed process's segments are unlinked by its resource tracker, which
+#: notices only once every process holding its pipe has exited
+GRACE_SECONDS = 8.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    segments: frozenset
+    children: frozenset
+
+
+def segments() -> set[str]:
+    """The engine's segments in /dev/shm now."""
+    try:
+        return {n for n in os.listdir(SHM_DIR) if SEGMENT_NAME.fullmatch(n)}
+    except FileNotFoundError:
+        return set()
+
+
+def _helper(p: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return any(h in " ".join(p.cmdline()) for h in STDLIB_HELPERS)
+    return False
+
+
+def live_children() -> dict[int, psutil.Process]:
+    """This process's live descendants, stdlib helpers and zombies aside."""
+    out = {}
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if p.status() != psutil.STATUS_ZOMBIE and not _helper(p):
+                out[p.pid] = p
+    return out
+
+
+def snapshot() -> Snapshot:
+    return Snapshot(frozenset(segments()), frozenset(live_children()))
+
+
+def _used_by_others(names: set[str]) -> set[str]:
+    """Those of ``names`` that a process outside this one's tree maps or opens."""
+    if not names:
+        return set()
+    me = psutil.Process()
+    ours = {me.pid} | {p.pid for p in me.children(recursive=True)}
+    paths = {os.path.join(SHM_DIR, n): n for n in names}
+    found: set[str] = set()
+    marker = os.path.join(SHM_DIR, SEGMENT_PREFIX)
+    for pid in psutil.pids():
+        if pid in ours:
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    i = line.find(marker)
+                    if i >= 0 and (n := paths.get(line[i:].rstrip("\n"))):
+                        found.add(n)
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if n := paths.get(os.readlink(f"/proc/{pid}/fd/{fd}")):
+                        found.add(n)
+        except OSError:
+            continue        # gone, or not ours to read
+        if found == names:
+            break
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _describe(pid: int) -> str:
+    with contextlib.suppress(psutil.Error):
+        p = psutil.Process(pid)
+        return f"pid {pid} ({' '.join(p.cmdline())[:80] or p.name()})"
+    return f"pid {pid}"
+
+
+def find_leaks(before: Snapshot, victims=(), grace: float = GRACE_SECONDS,
+               clean: bool = True) -> tuple[list[str], list[str]]:
+    """``(segments, processes)`` left since ``before``, waiting up to ``grace``
+    seconds for them to go.  With ``clean`` the leftovers are then removed
+    (segments unlinked, processes killed) so the next case starts clean."""
+    deadline = time.monotonic() + grace
+    while True:
+        new_segments = segments() - before.segments
+        if new_segments:
+            new_segments -= _used_by_others(new_segments)
+        procs = {pid for pid in live_children() if pid not in before.children}
+        procs |= {pid for pid in victims if _alive(pid)}
+        if (not new_segments and not procs) or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    leaked = sorted(n for n in new_segments if os.path.exists(os.path.join(SHM_DIR, n)))
+    described = [_describe(pid) for pid in sorted(procs)]
+    if clean:
+        killed = []
+        for pid in procs:
+            with contextlib.suppress(psutil.Error):
+                p = psutil.Process(pid)
+                p.kill()
+                killed.append(p)
+        psutil.wait_procs(killed, timeout=5)
+        for n in leaked:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(SHM_DIR, n))
+    return leaked, described
