@@ -37,6 +37,7 @@ process exits when that socket ends, and dies with its parent.
 from __future__ import annotations
 
 import array
+import fcntl
 import multiprocessing
 import os
 import pickle
@@ -151,8 +152,8 @@ class FaultHandler:
 
     Attributes: :attr:`socket_path`, :attr:`mode`, :attr:`received_logs`
     and :attr:`requested_logs` (one :class:`DirtyLog` per block, shared with
-    the process), :attr:`lock` (a spawn-context ``multiprocessing.Lock``:
-    the software placer's lock and the return-path write lock).
+    the process), :attr:`lock` (a :class:`FileLock`: the software
+    placer's lock and the return-path write lock).
 
     Failures of the process surface as :class:`PostcopyError` (or the
     :class:`ProtocolError` it hit, e.g. a malformed preempt channel) from
@@ -196,7 +197,7 @@ class FaultHandler:
             for b in blocks:
                 self.received_logs.append(DirtyLog.create(b.npages))
                 self.requested_logs.append(DirtyLog.create(b.npages))
-            self.lock = multiprocessing.get_context("spawn").Lock()
+            self.lock = FileLock(os.path.join(self._dir, "lock"))
             listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
                 listener.bind(self.socket_path)
@@ -445,6 +446,9 @@ class FaultHandler:
             for log in self.received_logs + self.requested_logs:
                 log.close()
                 log.unlink()
+            lock = getattr(self, "lock", None)
+            if lock is not None:
+                lock.close()
             shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> "FaultHandler":
@@ -475,6 +479,54 @@ def _empty_stats(mode: str, nvcpus: int) -> dict:
 
 
 # -- the process ----------------------------------------------------------------------
+
+
+class FileLock:
+    """A lock shared by processes: ``flock`` on a file in the handler's
+    private directory, plus a thread lock for threads of one process.
+
+    Chosen over ``multiprocessing.Lock`` because the kernel drops an
+    ``flock`` when its holder dies (a killed coordinator cannot leave the
+    handler blocked on the lock), and it leaves no named semaphore behind
+    in /dev/shm when a process is killed.  Picklable: each process opens
+    the file itself.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        open(path, "a").close()
+        self._fd: int | None = None
+        self._thread_lock = threading.Lock()
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.path = state["path"]
+        self._fd = None
+        self._thread_lock = threading.Lock()
+
+    def __enter__(self):
+        self._thread_lock.acquire()
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _handler_main(cfg: _Config, listener: socket.socket, ctl: socket.socket, lock) -> None:
