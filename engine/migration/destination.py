@@ -244,7 +244,9 @@ class DestinationMigration:
                 self._release_postcopy()
             except Exception:
                 pass
-            if self.state.status not in (S.FAILED, S.COMPLETED):
+            # A destination closed while postcopy is paused stays paused: only a
+            # recovery leaves that state (the guest lives on neither side now).
+            if self.state.status not in (S.FAILED, S.COMPLETED, S.POSTCOPY_PAUSED):
                 self.state.transition(S.FAILED)
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -315,10 +317,11 @@ class DestinationMigration:
                     f"{self.channel.name}: source closed the stream before its EOF section")
 
     def _wait_readable(self, fd: int, timeout: float) -> bool:
+        if self._postcopy_listening():
+            self.postcopy.check()
         if self.pool is not None:
             return self.pool.wait_readable(fd, timeout)
         import select
-        self.postcopy.check()
         r, _, _ = select.select([fd], [], [], timeout)
         return bool(r)
 
@@ -411,7 +414,11 @@ class DestinationMigration:
             # QEMU 7.2 syncs the multifd channels at every RAM section's EOS;
             # later QEMUs at MULTIFD_FLUSH.  Either way: wait for all, release.
             if self.pool is not None:
-                self.pool.sync()
+                if self._postcopy_listening():
+                    # QEMU 7.2 still syncs the channels it kept open.
+                    self.pool.sync_open()
+                else:
+                    self.pool.sync()
         elif isinstance(event, (ev.SectionStart, ev.SectionPart, ev.SectionEnd,
                                 ev.SectionFooter, ev.FileHeader)):
             pass
@@ -511,9 +518,10 @@ class DestinationMigration:
 
     def _postcopy_listen(self) -> None:
         self._require_postcopy("POSTCOPY_LISTEN")
-        # Every page multifd carried is in place (the source's "postcopy
-        # prepare" section synced the channels): the workers are done.
-        self._release_multifd(failed=False)
+        # Every page multifd carried is in place (the last RAM EOS synced the
+        # channels).  The workers stay: QEMU 7.2 keeps its channels open and
+        # syncs them at every EOS in postcopy too, and closes them only after
+        # SHUT; a source that closed them already has its DONEs queued.
         sock = self.channel.sock if self._rp_open else None
         self.postcopy.listen(sock, self.preempt.sock if self.preempt is not None else None)
         # QEMU 10.2: with a return path the destination stays in

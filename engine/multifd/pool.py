@@ -348,6 +348,43 @@ class RecvPool(_Pool):
         for i in range(self.n):
             self._send(i, ctl.Release(self._round))
 
+    def sync_open(self, timeout: float = REPLY_SECONDS) -> None:
+        """:meth:`sync` for postcopy: only the channels the source kept open.
+
+        QEMU 7.2 keeps its multifd channels through postcopy (they carry no
+        pages any more) and still puts a SYNC on each before every RAM EOS;
+        its destination syncs at each EOS in ram_load_postcopy.  A source
+        that closed its channels when postcopy started (the engine's, QEMU
+        10.1 and later) sends none.  So each channel's next word is either
+        its SYNC or its end; the ended ones are left out (their DONE stays
+        queued for :meth:`finish`).
+        """
+        deadline = time.monotonic() + timeout
+        synced: dict[int, object] = {}
+        while True:
+            for item in list(self._backlog):
+                i, msg = item
+                if isinstance(msg, ctl.Synced) and i not in synced:
+                    self._backlog.remove(item)
+                    synced[i] = msg
+            if not set(range(self.n)).difference(synced, self._ended):
+                break
+            self._backlog.append(self._recv(max(0.0, deadline - time.monotonic()),
+                                            "multifd channels to sync"))
+        if not synced:
+            return
+        self._round += 1
+        for i, s in synced.items():
+            if s.round != self._round:
+                raise MigrationError(f"multifd channel {i}: reached SYNC {s.round} "
+                                     f"while the migration is at SYNC {self._round}")
+        if len(synced) == self.n:
+            self.normal = sum(s.normal for s in synced.values())
+            self.zero = sum(s.zero for s in synced.values())
+            self.wire_bytes = sum(s.wire_bytes for s in synced.values())
+        for i in synced:
+            self._send(i, ctl.Release(self._round))
+
     def finish(self, timeout: float = REPLY_SECONDS) -> None:
         """Wait for every channel's clean end (the source closes them after EOF)."""
         done = self._wait_all(ctl.Done, "multifd channels to end", timeout)

@@ -302,9 +302,10 @@ def test_cli_destination_killed_in_postcopy_fails_instead_of_hanging(tmp_path):
     import psutil
     report = tmp_path / "report.json"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine", "migrate", "--ram", "64M", "--vcpus", "2",
+        [sys.executable, "-m", "engine", "migrate", "--ram", "256M", "--vcpus", "2",
          "--workload", "ab", "--dirty-rate", "0", "--cap", "postcopy-ram=on",
          "--param", "downtime-limit=1", "--param", "max-postcopy-bandwidth=1M",
+         "--param", "max-bandwidth=2G",      # the precopy pass is over in well under 4 s
          "--postcopy-after", "1", "--json", str(report), "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -316,7 +317,9 @@ def test_cli_destination_killed_in_postcopy_fails_instead_of_hanging(tmp_path):
                 if "incoming" in " ".join(child.cmdline()):
                     victim = child
             time.sleep(0.05)
-        time.sleep(3)       # well into postcopy: 60 MB at 1 MB/s
+        # Well into postcopy: the ab loop faults in its 100 MiB at once (page
+        # requests are not rate limited), the other 150 MiB go at 1 MB/s.
+        time.sleep(4)
         victim.kill()
         out, err = proc.communicate(timeout=TIMEOUT)
     finally:
