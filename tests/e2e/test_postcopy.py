@@ -296,17 +296,21 @@ def test_postcopy_recovery_after_a_channel_cut(pair, faults, first_attempt):
             src.cancel()
 
 
-def test_cli_destination_killed_in_postcopy_fails_instead_of_hanging(tmp_path):
+def test_cli_destination_killed_in_postcopy_fails_instead_of_hanging(tmp_path, tmp_shm_path):
     """No monitor, so no migrate-recover: a paused postcopy whose destination
     is gone is given up, with the reason, instead of waiting forever."""
     import psutil
+    from engine.ram.image import write_mixed_image
     report = tmp_path / "report.json"
+    # Data outside the ab region too, so the background stream has megabytes
+    # to send at 1 MB/s (zero pages cost nine bytes each).
+    write_mixed_image(tmp_shm_path, 256 << 20, seed=5)
     proc = subprocess.Popen(
         [sys.executable, "-m", "engine", "migrate", "--ram", "256M", "--vcpus", "2",
+         "--mem-path", str(tmp_shm_path),
          "--workload", "ab", "--dirty-rate", "0", "--cap", "postcopy-ram=on",
          "--param", "downtime-limit=1", "--param", "max-postcopy-bandwidth=1M",
-         "--param", "max-bandwidth=2G",      # the precopy pass is over in well under 4 s
-         "--postcopy-after", "1", "--json", str(report), "--quiet"],
+         "--postcopy-after", "0", "--json", str(report), "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -317,9 +321,7 @@ def test_cli_destination_killed_in_postcopy_fails_instead_of_hanging(tmp_path):
                 if "incoming" in " ".join(child.cmdline()):
                     victim = child
             time.sleep(0.05)
-        # Well into postcopy: the ab loop faults in its 100 MiB at once (page
-        # requests are not rate limited), the other 150 MiB go at 1 MB/s.
-        time.sleep(4)
+        time.sleep(3)       # postcopy from the start: 130 MB of data at 1 MB/s
         victim.kill()
         out, err = proc.communicate(timeout=TIMEOUT)
     finally:
