@@ -125,7 +125,7 @@ class Proxy:
                     if not data:
                         return
                     (b if s is a else a).sendall(data)
-        except OSError:
+        except (OSError, ValueError):   # cut() closed the sockets under us
             return
 
     def cut(self):
