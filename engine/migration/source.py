@@ -178,6 +178,10 @@ class SourceMigration:
         self.multifd = options.cap("multifd")
         self.pool = None
         self._multifd_live = False      # the pool carries pages (precopy only)
+        #: postcopy: the pool carries no pages but its channels stay open and
+        #: sync at every RAM EOS, as QEMU 7.2's do (its destination waits for
+        #: those syncs); ours accepts that or channels that ended
+        self._multifd_sync_only = False
         self.uri: str | None = None
         self.limiter: RateLimiter | None = None
 
@@ -680,9 +684,9 @@ class SourceMigration:
         self._end_ram_section()
         if self._multifd_live:
             # Postcopy pages are placed one by one as they arrive (multifd
-            # cannot do that): the pool's work is over.
-            self.pool.finish()
+            # cannot do that): no more pages for the pool, only syncs.
             self._multifd_live = False
+            self._multifd_sync_only = True
 
     def _postcopy_switch(self) -> None:
         """Spec 4.5 steps 7-9, guest stopped, in ``device``: discards, package."""
@@ -770,18 +774,38 @@ class SourceMigration:
                 limiter.account(batch.wire_bytes)
                 if time.monotonic() >= deadline:
                     break
+            self._postcopy_multifd_sync()
             self._send_counted(enc.ram_eos() + enc.section_footer(RAM_SECTION_ID))
         # QEMU completes only after PONG 0x42 (postcopy-device -> active).
         self._wait_until(lambda: self.state.status is not S.POSTCOPY_DEVICE,
                          self._postcopy_check)
         self._end_preempt()
-        self._send_counted(enc.section_end(RAM_SECTION_ID) + enc.ram_eos()
-                           + enc.section_footer(RAM_SECTION_ID) + enc.eof())
+        self._send_counted(enc.section_end(RAM_SECTION_ID))
+        self._postcopy_multifd_sync()
+        self._send_counted(enc.ram_eos() + enc.section_footer(RAM_SECTION_ID) + enc.eof())
         with self._lock:
             self.stats.set_remaining(0)
         if self._rp_thread is not None:
             self._wait_until(lambda: self._rp_shut.is_set(), self._postcopy_check)
             self._postcopy_check()
+        if self._multifd_sync_only:
+            self._multifd_sync_only = False
+            self.pool.finish()      # BYE, after the destination's SHUT as in QEMU 7.2
+
+    def _postcopy_multifd_sync(self) -> None:
+        """QEMU 7.2's per-section sync, in postcopy too (no pages move).
+
+        If a channel broke, multifd is over for this migration: the pool
+        goes and the destination sees the channels end (ours accepts that);
+        postcopy itself goes on over the main and preempt channels.
+        """
+        if not self._multifd_sync_only:
+            return
+        try:
+            self.pool.sync()
+        except EngineError:
+            self._multifd_sync_only = False
+            self.pool.kill()
 
     def _pending(self) -> int:
         with self.ram.lock:

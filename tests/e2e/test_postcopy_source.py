@@ -200,6 +200,7 @@ class Destination:
         self.multifd = multifd
         self._keep: list = []                 # engine Channels whose sockets we use
         self.multifd_live = multifd is not None
+        self.multifd_syncing = False
         self.multifd_pages = 0
         if multifd is not None:
             self._listener = listen(self.uri)
@@ -334,6 +335,8 @@ class Destination:
         if isinstance(e, ev.RamEOS):
             if self.multifd is not None and self.multifd_live:
                 self.multifd[0].sync()      # QEMU 7.2: every RAM section's EOS
+            elif self.multifd is not None and self.multifd_syncing:
+                self.multifd[0].sync_open()     # ... in postcopy too, no pages
             return
         name = type(e).__name__
         self.events.append(f"Ping({e.value})" if isinstance(e, ev.Ping) else name)
@@ -364,14 +367,18 @@ class Destination:
         elif isinstance(e, ev.Eof):
             if self._rp_open:
                 self.send_rp(rp.rp_shut(0))
+            if self.multifd is not None and self.multifd_syncing:
+                self.multifd[0].finish()    # the source says BYE after SHUT
+                self.multifd_syncing = False
             self.finished.set()
 
     def _end_multifd(self) -> None:
-        """The source finished its pool after the prepare section: its pages
-        are all in place; what they delivered counts as received."""
+        """After the prepare section's sync every multifd page is in place;
+        what they delivered counts as received.  The channels stay open and
+        keep syncing at each EOS (QEMU 7.2) until the end."""
         pool, logs = self.multifd
-        pool.finish()
         self.multifd_live = False
+        self.multifd_syncing = True
         with self.image.lock:
             for log, received in zip(logs, self.image.received.values()):
                 self.multifd_pages += int(np.count_nonzero(log.log))
@@ -736,7 +743,7 @@ def test_ctrl_c_in_postcopy_active_fails_without_restarting(tmp_path, tmp_shm_pa
 
 def test_multifd_in_precopy_then_postcopy(tmp_path, tmp_shm_path):
     """Multifd carries the precopy pages; the "postcopy prepare" section's sync
-    puts them in place, the pool finishes, and postcopy pages (background and
+    puts them in place, the channels only sync from then on, and postcopy pages (background and
     requested) come on the main channel."""
     sg = SourceGuest("none", tmp_shm_path)
     nch = 2
