@@ -18,7 +18,6 @@ are then removed, so the next test starts clean and is not blamed.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import secrets
@@ -29,13 +28,13 @@ from pathlib import Path
 import psutil
 import pytest
 
+# Other sessions may run on this machine: their live segments are not our
+# leaks (the stress runner needs the same scan).
+from engine.stress.leaks import STDLIB_HELPERS, used_by_others
+
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "engine-"
 CHILD_GRACE_S = 2.0
-
-# Long-lived helpers the standard library starts once per interpreter and that
-# exit with it; they are not leaks.
-_STDLIB_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
 
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -69,54 +68,11 @@ def _shm_names() -> set[str]:
         return set()
 
 
-def _our_pids() -> set[int]:
-    me = psutil.Process()
-    pids = {me.pid}
-    for p in me.children(recursive=True):
-        pids.add(p.pid)
-    return pids
-
-
-def _used_by_others(names: set[str]) -> set[str]:
-    """Those of ``names`` that a process outside this pytest's tree maps or opens.
-
-    Other test sessions may run on the same machine; their live segments are
-    not our leaks.
-    """
-    if not names:
-        return set()
-    ours = _our_pids()
-    paths = {str(SHM_DIR / n): n for n in names}
-    found: set[str] = set()
-    for pid in psutil.pids():
-        if pid in ours:
-            continue
-        proc_dir = f"/proc/{pid}"
-        try:
-            with open(f"{proc_dir}/maps") as f:
-                for line in f:
-                    i = line.find(str(SHM_DIR) + "/" + SHM_PREFIX)
-                    if i >= 0:
-                        n = paths.get(line[i:].rstrip("\n"))
-                        if n:
-                            found.add(n)
-            for fd in os.listdir(f"{proc_dir}/fd"):
-                with contextlib.suppress(OSError):
-                    n = paths.get(os.readlink(f"{proc_dir}/fd/{fd}"))
-                    if n:
-                        found.add(n)
-        except OSError:
-            continue  # gone, or not ours to read
-        if found == names:
-            break
-    return found
-
-
 def _leaked_shm(before: set[str]) -> list[str]:
     new = _shm_names() - before
     # Re-check existence after the /proc scan: another session may have
     # removed its own segment meanwhile.
-    return sorted(n for n in new - _used_by_others(new) if (SHM_DIR / n).exists())
+    return sorted(n for n in new - used_by_others(new) if (SHM_DIR / n).exists())
 
 
 def _remove_shm(names: list[str]) -> None:
@@ -143,7 +99,7 @@ def _is_stdlib_helper(p: psutil.Process) -> bool:
         cmd = " ".join(p.cmdline())
     except psutil.Error:
         return False
-    return any(h in cmd for h in _STDLIB_HELPERS)
+    return any(h in cmd for h in STDLIB_HELPERS)
 
 
 def _reap_zombies(exclude: set[int]) -> None:

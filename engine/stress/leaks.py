@@ -67,8 +67,9 @@ def snapshot() -> Snapshot:
     return Snapshot(frozenset(segments()), frozenset(live_children()))
 
 
-def _used_by_others(names: set[str]) -> set[str]:
-    """Those of ``names`` that a process outside this one's tree maps or opens."""
+def used_by_others(names: set[str]) -> set[str]:
+    """Those of ``names`` (entries of /dev/shm) that a process outside this
+    one's tree maps or opens: another run's segments, not our leaks."""
     if not names:
         return set()
     me = psutil.Process()
@@ -119,7 +120,7 @@ def find_leaks(before: Snapshot, victims=(), grace: float = GRACE_SECONDS,
     while True:
         new_segments = segments() - before.segments
         if new_segments:
-            new_segments -= _used_by_others(new_segments)
+            new_segments -= used_by_others(new_segments)
         procs = {pid for pid in live_children() if pid not in before.children}
         procs |= {pid for pid in victims if _alive(pid)}
         if (not new_segments and not procs) or time.monotonic() >= deadline:
