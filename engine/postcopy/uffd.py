@@ -298,49 +298,45 @@ class Userfaultfd:
         creator's address space is gone (its process exited) or on any other
         failure.
         """
-        fd = self._check_open()
         _, cp, _ = self._structs()
         mode = 0 if wake else UFFDIO_COPY_MODE_DONTWAKE
-        done, all_new, again = 0, True, 0
-        while done < length:
+
+        def arm(done: int) -> None:
             cp.dst, cp.src, cp.len = dst + done, src + done, length - done
             cp.mode, cp.copy = mode, 0
-            if _ioctl(fd, UFFDIO_COPY, ctypes.addressof(cp)) == 0:
-                return all_new
-            err = ctypes.get_errno()
-            if cp.copy > 0:     # partial progress, then an error for the rest
-                done += cp.copy
-                again = 0
-                continue
-            if err == errno.EAGAIN and again < _MAX_EAGAIN:
-                again += 1      # the mapping was changing (fork, mremap); retry
-                continue
-            if err == errno.EEXIST:
-                all_new = False
-                if wake:
-                    self.wake(dst + done, _PAGE_SIZE)
-                done += _PAGE_SIZE
-                continue
-            raise _fill_error("UFFDIO_COPY", dst + done, length - done, err)
-        return all_new
+        return self._fill("UFFDIO_COPY", UFFDIO_COPY, cp, "copy", arm, dst, length, wake)
 
     def zeropage(self, dst: int, length: int, wake: bool = True) -> bool:
         """Atomically fill missing pages at *dst* with zeros (UFFDIO_ZEROPAGE).
 
         Same results and errors as :meth:`copy`.
         """
-        fd = self._check_open()
         _, _, zp = self._structs()
         mode = 0 if wake else UFFDIO_ZEROPAGE_MODE_DONTWAKE
-        done, all_new, again = 0, True, 0
-        while done < length:
+
+        def arm(done: int) -> None:
             zp.range.start, zp.range.len = dst + done, length - done
             zp.mode, zp.zeropage = mode, 0
-            if _ioctl(fd, UFFDIO_ZEROPAGE, ctypes.addressof(zp)) == 0:
+        return self._fill("UFFDIO_ZEROPAGE", UFFDIO_ZEROPAGE, zp, "zeropage", arm,
+                          dst, length, wake)
+
+    def _fill(self, name: str, request: int, st, result: str, arm, dst: int, length: int,
+              wake: bool) -> bool:
+        """The loop COPY and ZEROPAGE share: ``arm(done)`` aims ``st`` at what
+        is left; the kernel reports progress in ``st.<result>``.  A page that
+        exists is skipped (and its waiters woken with *wake*); EAGAIN (the
+        mapping was changing: fork, mremap) is retried, a bounded number of
+        times without progress."""
+        fd = self._check_open()
+        done, all_new, again = 0, True, 0
+        while done < length:
+            arm(done)
+            if _ioctl(fd, request, ctypes.addressof(st)) == 0:
                 return all_new
             err = ctypes.get_errno()
-            if zp.zeropage > 0:
-                done += zp.zeropage
+            progress = getattr(st, result)
+            if progress > 0:    # partial progress, then an error for the rest
+                done += progress
                 again = 0
                 continue
             if err == errno.EAGAIN and again < _MAX_EAGAIN:
@@ -352,7 +348,7 @@ class Userfaultfd:
                     self.wake(dst + done, _PAGE_SIZE)
                 done += _PAGE_SIZE
                 continue
-            raise _fill_error("UFFDIO_ZEROPAGE", dst + done, length - done, err)
+            raise _fill_error(name, dst + done, length - done, err)
         return all_new
 
     def wake(self, addr: int, length: int) -> None:
