@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from engine.errors import (BlockMismatchError, ChannelClosedError, ChannelError, EngineError,
-                           MigrationError, PostcopyError, RemoteProtocolError)
+                           MigrationError, RemoteProtocolError)
 from engine.machine import GuestState, MachineProfile
 from engine.migration import check_implemented
 from engine.migration.verify import memory_digests
@@ -102,6 +102,9 @@ class DestinationMigration:
         self.preempt = None
         self._recover_listener = None
         self._pending_advise = None
+        #: set at POSTCOPY_LISTEN: from then on pages go in through the placer
+        #: (a plain attribute: it is read once per page)
+        self._postcopy_placing = False
         self._recover_ready = threading.Event()
         self._closing = threading.Event()
 
@@ -221,7 +224,7 @@ class DestinationMigration:
                         raise
                     # QEMU: a stream error while the guest already runs here
                     # pauses postcopy; both sides keep what they have.
-                    dec = self._pause_and_recover(dec, exc)
+                    self._pause_and_recover(dec, exc)
             if self._rp_open:
                 self._rp_send(rp.rp_shut(0))
             self._release_multifd(failed=False)
@@ -340,8 +343,9 @@ class DestinationMigration:
         self._recover_ready.set()
         return self._recover_listener.uri
 
-    def _pause_and_recover(self, dec: StreamDecoder, exc: BaseException) -> StreamDecoder:
-        """postcopy-paused until a recovery's new main channel arrives."""
+    def _pause_and_recover(self, dec: StreamDecoder, exc: BaseException) -> None:
+        """postcopy-paused until a recovery's new main channel arrives; ``dec``
+        then reads on from it."""
         with self._lock:
             self.error = exc if isinstance(exc, EngineError) else MigrationError(str(exc))
         self.postcopy.pause()
@@ -353,17 +357,14 @@ class DestinationMigration:
             self.preempt.close()
             self.preempt = None
         self.state.transition(S.POSTCOPY_PAUSED)
-        while True:
-            channel = self._accept_recovery()
-            self.channel = channel
-            self.state.transition(S.POSTCOPY_RECOVER)
-            with self._lock:
-                self.error = None
-            # The resumed source sends no header: the new channel goes on
-            # where the old one broke, with QEMU's per-channel state reset.
-            dec.restart_channel()
-            self._rp_open = True
-            return dec
+        self.channel = self._accept_recovery()
+        self.state.transition(S.POSTCOPY_RECOVER)
+        with self._lock:
+            self.error = None
+        # The resumed source sends no header: the new channel goes on where
+        # the old one broke, with QEMU's per-channel state reset.
+        dec.restart_channel()
+        self._rp_open = True
 
     def _accept_recovery(self):
         while True:
@@ -383,7 +384,7 @@ class DestinationMigration:
                 raise
 
     def _handle(self, event) -> None:
-        if self._postcopy_listening() and isinstance(event, (ev.RamPage, ev.RamZero)):
+        if self._postcopy_placing and isinstance(event, (ev.RamPage, ev.RamZero)):
             # Postcopy: the vCPUs may be running on this memory, so a page
             # goes in whole and only if it is not there yet (QEMU's
             # place_page: UFFDIO_COPY, EEXIST ignored).
@@ -524,6 +525,7 @@ class DestinationMigration:
         # SHUT; a source that closed them already has its DONEs queued.
         sock = self.channel.sock if self._rp_open else None
         self.postcopy.listen(sock, self.preempt.sock if self.preempt is not None else None)
+        self._postcopy_placing = True
         # QEMU 10.2: with a return path the destination stays in
         # postcopy-device while it loads the package's device state.
         self.state.transition(S.POSTCOPY_DEVICE if self._rp_open else S.POSTCOPY_ACTIVE)

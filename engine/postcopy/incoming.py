@@ -92,7 +92,6 @@ class PostcopyIncoming:
         self._requested = None
         self._attached = False
         self._final_stats: dict | None = None
-        self.pages = 0
         self._lock = threading.Lock()
 
     # -- sub-state ----------------------------------------------------------------
@@ -214,8 +213,7 @@ class PostcopyIncoming:
         """A page from the main channel (postcopy: placed atomically, once)."""
         i = self._index[block]
         page = offset // self.page_size
-        if self.placer.place(i, page, data):
-            self.pages += 1
+        self.placer.place(i, page, data)
         if self._requested[i][page]:
             self.handler.placed(i, page)
 
@@ -225,10 +223,6 @@ class PostcopyIncoming:
         self.placer.place_zero(i, page)
         if self._requested[i][page]:
             self.handler.placed(i, page)
-
-    def mark_received(self, block: str, offset: int) -> None:
-        """A precopy page that arrived on the main channel."""
-        self.received[self._index[block]][offset // self.page_size] = 1
 
     # -- return path, pause, recovery ------------------------------------------------
     @property
