@@ -173,6 +173,20 @@ def human_size(size: int) -> str:
     return f"{size} B"
 
 
+#: what ends a run early, with a message instead of a traceback (the
+#: Scratch has cleaned up by the time it reaches main)
+RUN_FAILURES = (KeyboardInterrupt, EngineError, TimeoutError, OSError)
+
+
+def run_failed(exc: BaseException) -> int:
+    """Say why a run ended early; the exit code: 130 for Ctrl-C, else 1."""
+    if isinstance(exc, KeyboardInterrupt):
+        print("bench: interrupted; cleaned up", file=sys.stderr)
+        return 130
+    print(f"bench: failed: {exc}", file=sys.stderr)
+    return 1
+
+
 def check_shm_free(needed: int, what: str) -> str | None:
     """Why ``needed`` bytes of /dev/shm (which is RAM) cannot be had, or ``None``."""
     free = shutil.disk_usage(SHM_DIR).free

@@ -39,10 +39,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py
 
 from common import (DOWNTIME_LIMIT_MS, IMAGE_SEED, MAX_BANDWIDTH, BenchError,  # noqa: E402
+                    RUN_FAILURES,
                     Scratch, add_run_args, make_image, check_run_args, check_shm_free, copy_file,
                     exit_through_finally_on_signals,
                     host_info, human_size, median, memcpy_limit, qemu_status,
-                    run_engine, run_qemu, socket_limit, write_json)
+                    run_engine, run_qemu, socket_limit, write_json, run_failed)
 from engine.errors import EngineError  # noqa: E402
 from engine.options import parse_size  # noqa: E402
 from engine.ram.image import MIXED  # noqa: E402
@@ -317,12 +318,8 @@ def main(argv: list[str] | None = None) -> int:
                             if "error" not in v)
                         print(f"  {cell_key(channels, codec):<9} {times}", flush=True)
                 results["repeats"].append(row)
-    except KeyboardInterrupt:
-        print("bench: interrupted; cleaned up", file=sys.stderr)
-        return 130
-    except (EngineError, TimeoutError, OSError) as exc:
-        print(f"bench: failed: {exc}", file=sys.stderr)
-        return 1
+    except RUN_FAILURES as exc:
+        return run_failed(exc)
 
     results["loadavg_at_end"] = list(os.getloadavg())
     results["summary"] = summarise(results)

@@ -54,9 +54,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py
 
 from common import (IMAGE_SEED, REPO, BenchError, ManagedProcess, Scratch,  # noqa: E402
+                    RUN_FAILURES,
                     check_run_args, check_shm_free, engine_uri,
                     exit_through_finally_on_signals, host_info, human_size, make_image,
-                    median, read_report, stop_process, wait_listening, write_json)
+                    median, read_report, stop_process, wait_listening, write_json, run_failed)
 from engine.errors import EngineError  # noqa: E402
 from engine.options import parse_size  # noqa: E402
 from engine.ram.image import MIXED  # noqa: E402
@@ -499,12 +500,8 @@ def main(argv: list[str] | None = None) -> int:
                               flush=True)
                     row["cells"][key] = fig
                 results["repeats"].append(row)
-    except KeyboardInterrupt:
-        print("bench: interrupted; cleaned up", file=sys.stderr)
-        return 130
-    except (EngineError, TimeoutError, OSError) as exc:
-        print(f"bench: failed: {exc}", file=sys.stderr)
-        return 1
+    except RUN_FAILURES as exc:
+        return run_failed(exc)
 
     results["loadavg_at_end"] = list(os.getloadavg())
     results["summary"] = summarise(results)

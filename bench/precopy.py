@@ -38,12 +38,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py
 
-from common import (DOWNTIME_LIMIT_MS, IMAGE_SEED, MAX_BANDWIDTH,  # noqa: E402
+from common import (RUN_FAILURES, DOWNTIME_LIMIT_MS, IMAGE_SEED, MAX_BANDWIDTH,  # noqa: E402
                     Scratch, add_run_args, make_image, check_run_args, check_shm_free, copy_file,
                     exit_through_finally_on_signals,
                     host_info, human_size, median, memcpy_limit, qemu_status,
-                    run_engine, run_qemu, socket_limit, write_json)
-from engine.errors import EngineError  # noqa: E402
+                    run_engine, run_qemu, socket_limit, write_json, run_failed)
 from engine.options import parse_size  # noqa: E402
 from engine.ram.image import MIXED  # noqa: E402
 
@@ -186,12 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"run {run}/{args.repeat}: engine {row['engine']['total_time_ms']} ms"
                       f"{qemu_part}, socket {row['socket_gbps']:.2f} GB/s, "
                       f"memcpy {row['memcpy_gbps']:.2f} GB/s", flush=True)
-    except KeyboardInterrupt:
-        print("bench: interrupted; cleaned up", file=sys.stderr)
-        return 130
-    except (EngineError, TimeoutError, OSError) as exc:
-        print(f"bench: failed: {exc}", file=sys.stderr)
-        return 1
+    except RUN_FAILURES as exc:
+        return run_failed(exc)
 
     results.update(summarise(results))
     print_table(results)

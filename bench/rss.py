@@ -41,11 +41,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py
 
-from common import (MAX_BANDWIDTH, REPO, BenchError, ManagedProcess,  # noqa: E402
+from common import (RUN_FAILURES, MAX_BANDWIDTH, REPO, BenchError, ManagedProcess,  # noqa: E402
                     Scratch, check_shm_free, engine_option_args, engine_uri,
                     exit_through_finally_on_signals, first_difference, host_info,
-                    human_size, read_report, wait_listening, write_json)
-from engine.errors import EngineError  # noqa: E402
+                    human_size, read_report, wait_listening, write_json, run_failed)
 from engine.options import parse_size  # noqa: E402
 from engine.ram.image import PAGE_SIZE, fill_mixed  # noqa: E402
 
@@ -351,12 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Scratch() as scratch:
             results["run"] = run(scratch, args, size)
-    except KeyboardInterrupt:
-        print("bench: interrupted; cleaned up", file=sys.stderr)
-        return 130
-    except (EngineError, TimeoutError, OSError) as exc:
-        print(f"bench: failed: {exc}", file=sys.stderr)
-        return 1
+    except RUN_FAILURES as exc:
+        return run_failed(exc)
     print_report(results)
     write_json(args.json, results)
     r = results["run"]
