@@ -23,6 +23,13 @@ bytes.  engine GB/s is size / total-time (zero pages included, as QEMU's
 figures are quoted); "/socket" divides it by the socket limit for the cell's
 channel count, "/memcpy" by the memcpy rate.
 
+What the compression libraries can do, measured once per run on one core: the
+image's first 64 MiB of non-zero pages compressed as 512 KiB packets through
+one stream with a flush after each (as a channel does), for QEMU's library
+(zlib, libzstd) and, where it differs, the engine's (ISA-L deflates zlib
+levels 1..3); the line gives MB/s of input and compressed/input size.  It
+shows how much of the zlib figure is the library rather than the engine.
+
 Cells run in matrix order within a repeat; which side goes first alternates
 between repeats.  Figures are medians over ``--repeat``.  Units: MB = 10**6
 bytes, GB/s = 10**9 bytes/s.  Files are ``/dev/shm/engine-bench-*`` and a
@@ -116,6 +123,47 @@ def run_cell(scratch: Scratch, sources: dict, image: Path, size: int, args,
 
 
 # ---------------------------------------------------------------------------
+# Codec limits
+
+CODEC_SAMPLE = 64 << 20
+CODEC_PACKET = 512 << 10
+
+
+def codec_limits(image: Path, codecs: list[str]) -> dict:
+    """One-core compression rate and ratio per library on the image's data."""
+    import time
+    import zlib
+
+    import numpy as np
+    import zstandard
+
+    pages = np.fromfile(image, dtype=np.uint8, count=4 * CODEC_SAMPLE).reshape(-1, 4096)
+    data = pages[pages.any(axis=1)][:CODEC_SAMPLE // 4096].tobytes()
+
+    def measure(compressobj, flush) -> dict:
+        stream, out = compressobj(), 0
+        start = time.perf_counter()
+        for i in range(0, len(data), CODEC_PACKET):
+            out += len(stream.compress(data[i:i + CODEC_PACKET])) + len(flush(stream))
+        seconds = time.perf_counter() - start
+        return {"mbps": len(data) / seconds / 1e6, "ratio": out / len(data)}
+
+    libs = {}
+    if "zlib" in codecs:
+        libs["zlib"] = measure(lambda: zlib.compressobj(LEVEL),
+                               lambda s: s.flush(zlib.Z_SYNC_FLUSH))
+        from engine.compress.zlib import ZlibEncoder
+        if ZlibEncoder(LEVEL).backend == "isal":
+            from isal import isal_zlib
+            libs["ISA-L"] = measure(lambda: isal_zlib.compressobj(LEVEL),
+                                    lambda s: s.flush(isal_zlib.Z_SYNC_FLUSH))
+    if "zstd" in codecs:
+        libs["zstd"] = measure(
+            lambda: zstandard.ZstdCompressor(level=LEVEL).compressobj(),
+            lambda s: s.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
+    return libs
+
+
 # Summary
 
 def summarise(results: dict) -> dict:
@@ -187,6 +235,10 @@ def print_table(results: dict, out=sys.stdout) -> None:
     limits = ", ".join(f"socket {n}: {v:.2f}" for n, v in s["socket_gbps_median"].items())
     print(f"limits (GB/s): {limits} (N streams, {results['transport']}); "
           f"memcpy {s['memcpy_gbps_median']:.2f}", file=out)
+    if results.get("codec_limits"):
+        libs = ", ".join(f"{name} {v['mbps']:.0f} MB/s x{v['ratio']:.3f}"
+                         for name, v in results["codec_limits"].items())
+        print(f"level {LEVEL}, one core, input MB/s x compressed/input: {libs}", file=out)
     failed = [c for c in s["cells"] if c.get("engine_errors") or c.get("qemu_errors")]
     for c in failed:
         for side in ("engine", "qemu"):
@@ -293,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with Scratch() as scratch:
             image = make_image(scratch, size, results["image"])
+            results["codec_limits"] = codec_limits(image, args.codecs)
             # Each side its own copy: neither can disturb the other's input.
             sources = {}
             for side in ("engine", "qemu") if qemu_ok else ("engine",):
