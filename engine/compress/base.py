@@ -310,6 +310,15 @@ class StreamPageDecoder(PageDecoder):
         if idx.size:
             ram[idx] = np.frombuffer(data, dtype=np.uint8).reshape(idx.size, -1)
 
+    def decode_bytes(self, payload: Payload, npages: int, page_size: int) -> Buffer:
+        """The packet's ``npages`` pages, decoded, as one contiguous buffer.
+
+        For a caller that lands the pages itself (the receiver writes runs
+        to the block's file): no copy into an array first.  The buffer is
+        valid until the next call.
+        """
+        return self._decompress_checked(payload, npages * page_size)
+
     def _decompress_checked(self, payload: Payload, expected: int) -> bytes:
         buf = _joined(payload)
         if expected == 0:

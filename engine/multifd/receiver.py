@@ -120,8 +120,6 @@ class PacketReader:
         self.page_count = page_count
         self.header = bytearray(packet_size(page_count))
         self.payload = bytearray(page_count * page_size + 4096)
-        #: decompressed pages of one packet, on their way to the file
-        self.plain = bytearray(page_count * page_size if self.codec.name != "none" else 0)
         #: the source of zero pages that must be written
         self.zeros = memoryview(bytes(page_count * page_size))
         self.offset = 64  # the coordinator consumed MultiFDInit
@@ -178,10 +176,8 @@ class PacketReader:
                     if fd is None:
                         self.decoder.decode_scatter(view, block.pages, idx)
                     else:
-                        n = len(idx)
-                        out = np.frombuffer(self.plain, np.uint8, n * ps).reshape(n, ps)
-                        self.decoder.decode(view, out)
-                        self._write_runs(fd, idx, memoryview(self.plain))
+                        plain = self.decoder.decode_bytes(view, len(idx), ps)
+                        self._write_runs(fd, idx, memoryview(plain))
                 received.log[idx] = 1
                 self.normal += len(idx)
             if h.zero_pages:
@@ -210,12 +206,17 @@ class PacketReader:
             pwrite_all(fd, data[:len(idx) * ps], int(idx[0]) * ps)
             return
         at = (idx[firsts] * ps).tolist()
+        pwrite = os.pwrite
+        # One call per run, tens per packet: the loop stays inline and only a
+        # short write (rare on tmpfs) goes through pwrite_all.
         if zeros:
             for off, size in zip(at, ((ends - firsts) * ps).tolist()):
-                pwrite_all(fd, data[:size], off)
+                if pwrite(fd, data[:size], off) != size:
+                    pwrite_all(fd, data[:size], off)
         else:
             for a, b, off in zip((firsts * ps).tolist(), (ends * ps).tolist(), at):
-                pwrite_all(fd, data[a:b], off)
+                if pwrite(fd, data[a:b], off) != b - a:
+                    pwrite_all(fd, data[a:b], off)
 
 
 def recv_worker_main(cfg: RecvWorkerConfig, fd_sock: socket.socket) -> None:

@@ -559,3 +559,18 @@ def test_reencode_qemu_7_2_pages(name):
             assert zstandard.ZstdDecompressor().decompressobj().decompress(stream) == plain
         else:
             assert identical
+
+
+@pytest.mark.parametrize("name", STREAM_CODECS)
+def test_decode_bytes_gives_the_packet_as_one_buffer(name):
+    """What the receiver writes to the block's file: the pages back to back,
+    and the same size checks as decode()."""
+    codec = CODECS[name]
+    packets = stream_packets(6, 3, 16)
+    encoder, decoder = codec.new_encoder(), codec.new_decoder()
+    for pages in packets:
+        payload = encoder.encode(pages)
+        assert bytes(decoder.decode_bytes(payload, pages.shape[0], PS)) == pages.tobytes()
+    payload = codec.new_encoder().encode(packets[0])
+    with pytest.raises(CodecError, match="expected"):
+        codec.new_decoder().decode_bytes(payload, packets[0].shape[0] + 1, PS)
