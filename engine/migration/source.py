@@ -58,6 +58,7 @@ from engine.errors import (ChannelBrokenError, ChannelClosedError, ChannelError,
 from engine.machine import RAM_SECTION_ID, GuestState, MachineProfile
 from engine.migration import check_implemented
 from engine.compress.zeropage import zero_page_mask_from_buffer
+from engine.multifd.packet import packet_size
 from engine.migration.ramsave import BATCH_PAGES, RamSaver
 from engine.migration.verify import memory_digests
 from engine.options import MigrationOptions
@@ -125,12 +126,24 @@ class RateLimiter:
             return
         self.window_start, self.used = self.clock(), 0
 
-    def batch_pages(self, page_size: int) -> int:
-        """Pages per batch that keep one batch within a window's budget."""
+    def room(self) -> int | None:
+        """Bytes the current window still allows; None when unlimited."""
         if not self.limit:
-            return BATCH_PAGES
-        budget = int(self.limit * WINDOW_SECONDS) // (page_size + 8)
-        return max(1, min(BATCH_PAGES, budget))
+            return None
+        return max(0, int(self.limit * WINDOW_SECONDS) - self.used)
+
+    def batch_pages(self, bytes_per_page: int, most: int = BATCH_PAGES) -> int:
+        """Pages for the next batch: at most ``most``, and no more than what is
+        left of the window's budget at ``bytes_per_page``.
+
+        What is left, not the whole budget: a batch sized by the budget and
+        sent just under it would let a window carry nearly twice its bytes.
+        At least one page, so a migration always moves.
+        """
+        room = self.room()
+        if room is None:
+            return most
+        return max(1, min(most, room // bytes_per_page))
 
     def disable(self) -> None:
         self.limit = 0
@@ -243,13 +256,25 @@ class SourceMigration:
         # on a destination that stopped reading (QEMU shuts the channels down).
         self.pool.check_abort = self._check_cancel
 
+    def _multifd_reservation(self, npages: int) -> int:
+        """Bytes a batch of ``npages`` may take on the wire, charged to the
+        rate limiter when it is handed to a worker: every page in full plus
+        each packet's header (QEMU 7.2 charges exactly this at hand-off)."""
+        packets = -(-npages // self.pool.page_count)
+        return npages * self.page_size + packets * packet_size(self.pool.page_count)
+
     def _on_multifd_ack(self, ack) -> None:
         with self._lock:
             self.stats.add_normal(ack.normal, 0)
             self.stats.add_zero(ack.zero, 0)
             self.stats.add_multifd_bytes(ack.wire_bytes)
         if self.limiter is not None:
-            self.limiter.account(ack.wire_bytes)
+            # The batch was charged in full when handed out; now that its real
+            # size is known (zero pages and compression make it smaller), give
+            # the difference back, so max-bandwidth limits bytes on the wire,
+            # as it does in QEMU since 8.x.
+            self.limiter.account(ack.wire_bytes
+                                 - self._multifd_reservation(ack.normal + ack.zero))
 
     # -- control from other threads ------------------------------------
     def cancel(self) -> None:
@@ -596,7 +621,9 @@ class SourceMigration:
                 if not self._submit_multifd():
                     break
             else:
-                batch = self.ram.next_batch()
+                batch = self.ram.next_batch(
+                    BATCH_PAGES if limiter is None
+                    else limiter.batch_pages(self.page_size + 8))
                 if batch is None:
                     break
                 self._send(batch.buffers)
@@ -621,7 +648,14 @@ class SourceMigration:
         on the main channel as ZERO records (what QEMU 7.2 always does);
         otherwise the workers find them (multifd) or nobody does (none).
         """
-        item = self.ram.next_pages(BATCH_PAGES_MULTIFD)
+        limiter = self.limiter
+        most = BATCH_PAGES_MULTIFD
+        if limiter is not None:
+            # A page and its share of a packet header, as the reservation counts.
+            header = packet_size(self.pool.page_count)
+            most = limiter.batch_pages(
+                self.page_size - (-header // self.pool.page_count), most)
+        item = self.ram.next_pages(most)
         if item is None:
             return False
         index, idx = item
@@ -632,10 +666,15 @@ class SourceMigration:
             if zero.any():
                 records = [self.ram.encoder.zero_pages(block.idstr, offsets[zero])]
                 self._send(records)
+                nbytes = sum(len(r) for r in records)
                 with self._lock:
-                    self.stats.add_zero(int(zero.sum()), sum(len(r) for r in records))
+                    self.stats.add_zero(int(zero.sum()), nbytes)
+                if limiter is not None:
+                    limiter.account(nbytes)
                 idx = idx[~zero]
         if len(idx):
+            if limiter is not None:
+                limiter.account(self._multifd_reservation(len(idx)))
             self.pool.submit(index, idx.astype(np.uint64))
         self.pool.poll_acks()
         with self._lock:
@@ -763,7 +802,7 @@ class SourceMigration:
                     if time.monotonic() >= deadline:
                         break
                     continue
-                batch = self.ram.next_batch(limiter.batch_pages(self.page_size))
+                batch = self.ram.next_batch(limiter.batch_pages(self.page_size + 8))
                 if batch is None:
                     if not self._pending():
                         break

@@ -221,6 +221,8 @@ class SendPool(_Pool):
         self._seq = 0
         self.packet_num = 0
         self._outstanding = [0] * n
+        #: the worker given the latest batch (round-robin starts after it)
+        self._last = n - 1
         self._round = 0
         try:
             for i in range(n):
@@ -245,12 +247,25 @@ class SendPool(_Pool):
             chunk = pages[start:start + BATCH_PAGES]
             while min(self._outstanding) >= MAX_OUTSTANDING:
                 self._collect_one()
-            worker = int(np.argmin(self._outstanding))
+            worker = self._next_worker()
             batch = ctl.Batch(self._seq, self.packet_num, block_index, chunk)
             self._send(worker, batch)
             self._seq += 1
             self.packet_num += packets_needed(len(chunk), self.page_count)
             self._outstanding[worker] += 1
+
+    def _next_worker(self) -> int:
+        """The least busy worker, taking turns among equals after the last one
+        used, as QEMU's multifd_send_pages walks its channels.  Always the
+        lowest index would leave the other channels idle whenever batches are
+        small and acknowledged quickly (a low max-bandwidth)."""
+        least = min(self._outstanding)
+        for step in range(1, self.n + 1):
+            i = (self._last + step) % self.n
+            if self._outstanding[i] == least:
+                self._last = i
+                return i
+        raise AssertionError("unreachable: some worker has the least outstanding")
 
     def poll_acks(self) -> None:
         """Account for acknowledgements already waiting (never blocks)."""

@@ -109,3 +109,16 @@ def test_sync_keeps_rounds_in_order_across_channels():
             rpool.finish(timeout=30)
             stale = np.flatnonzero(dst.pages[:, 0] != rounds)
             assert len(stale) == 0, f"{len(stale)} stale pages, e.g. {stale[:5]}"
+
+
+def test_batches_take_turns_among_idle_workers():
+    """QEMU's multifd_send_pages walks its channels from the one after the
+    last used: with quickly acknowledged batches every channel gets work,
+    not always the first."""
+    pool = object.__new__(SendPool)          # the choice only, no processes
+    pool.n, pool._outstanding, pool._last = 3, [0, 0, 0], 2
+    assert [pool._next_worker() for _ in range(4)] == [0, 1, 2, 0]
+    pool._outstanding = [1, 0, 1]            # the least busy wins over the turn
+    assert pool._next_worker() == 1
+    pool._outstanding = [1, 1, 1]
+    assert pool._next_worker() == 2          # all equal again: next after 1

@@ -129,3 +129,19 @@ def test_check_block_list_names_block_and_lengths():
         check_block_list(announced, [B("pc.ram", 16 << 20)])
     with pytest.raises(BlockMismatchError, match='Unknown ramblock "pc.ram"'):
         check_block_list(announced, [B("m0", 32 << 20)])
+
+
+def test_rate_limiter_sizes_batches_by_what_is_left_of_the_window():
+    now = [0.0]
+    lim = RateLimiter(10_000, clock=lambda: now[0])  # 1000 bytes per window
+    assert lim.room() == 1000
+    assert lim.batch_pages(100) == 10
+    lim.account(750)
+    assert lim.room() == 250 and lim.batch_pages(100) == 2
+    assert lim.batch_pages(100, most=1) == 1
+    lim.account(300)
+    assert lim.room() == 0 and lim.batch_pages(100) == 1   # always moves a page
+    lim.account(-500)                                       # bytes given back
+    assert lim.room() == 450
+    unlimited = RateLimiter(0)
+    assert unlimited.room() is None and unlimited.batch_pages(100, most=77) == 77
