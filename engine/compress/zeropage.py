@@ -61,14 +61,27 @@ def find_zero_pages(pages: np.ndarray) -> np.ndarray:
 
 
 def zero_page_mask_from_buffer(buf: Buffer, offsets: np.ndarray,
-                               page_size: int = 4096) -> np.ndarray:
+                               page_size: int = 4096,
+                               known_zero: np.ndarray | None = None) -> np.ndarray:
     """Boolean mask, True where the page at ``buf[offset:offset+page_size]`` is zero.
 
     ``buf`` is a RAM block (any buffer: ``SharedMemory.buf``, mmap, ndarray);
     ``offsets`` are byte offsets in it, multiples of ``page_size``, in any
     order.  Runs of adjacent pages are read in place; scattered ones are
-    gathered a few at a time into a small scratch block.
+    gathered a few at a time into a small scratch block.  Pages marked in
+    ``known_zero`` (a mask over ``offsets``: holes of the block's file, see
+    :mod:`engine.ram.holes`) are reported zero without being read.
     """
+    if known_zero is not None:
+        known = np.asarray(known_zero, dtype=bool)
+        offs = np.asarray(offsets)
+        if known.shape != offs.shape:
+            raise ConfigError("known_zero must have one entry per offset")
+        result = known.copy()
+        rest = ~known
+        if rest.any():
+            result[rest] = zero_page_mask_from_buffer(buf, offs[rest], page_size)
+        return result
     if page_size <= 0:
         raise ConfigError(f"page size must be positive, got {page_size}")
     base = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) \

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.ram.holes import block_fd, hole_mask
 from engine.stream import encoder as enc
 from engine.stream.constants import (MAX_DISCARDS_PER_COMMAND, POSTCOPY_RAM_DISCARD_VERSION,
                                      RAM_SAVE_FLAG_PAGE, MigCmd)
@@ -51,7 +52,8 @@ class BatchResult:
 
 def encode_batch(idstr: str, pages: np.ndarray, idx: np.ndarray, page_size: int,
                  detect_zero: bool, staging: np.ndarray | None = None,
-                 encoder: RamRecordEncoder | None = None) -> BatchResult:
+                 encoder: RamRecordEncoder | None = None,
+                 known_zero: np.ndarray | None = None) -> BatchResult:
     """Encode the pages ``idx`` (ascending indexes into ``pages``) as records.
 
     ``staging`` is a reusable ``(>= len(idx), 8 + page_size)`` uint8 array;
@@ -59,9 +61,14 @@ def encode_batch(idstr: str, pages: np.ndarray, idx: np.ndarray, page_size: int,
     every 4 KiB of it.  The returned buffers may point into it, so they must
     be sent before the next call.  ``encoder`` is the channel's record
     encoder (it knows the previous block, for CONTINUE); a fresh one names
-    the block in the first record.
+    the block in the first record.  With ``detect_zero``, pages marked in
+    ``known_zero`` (holes of the block's file) become ZERO records unread.
     """
     encoder = encoder or RamRecordEncoder(page_size)
+    holes = None
+    if detect_zero and known_zero is not None and known_zero.any():
+        holes = idx[known_zero].astype(np.uint64) * np.uint64(page_size)
+        idx = idx[~known_zero]
     n = len(idx)
     rec = staging[:n] if staging is not None else np.empty((n, 8 + page_size), np.uint8)
     np.take(pages, idx, axis=0, out=rec[:, 8:])
@@ -71,11 +78,15 @@ def encode_batch(idstr: str, pages: np.ndarray, idx: np.ndarray, page_size: int,
         nz = int(is_zero.sum())
     else:
         nz = 0
+    zoff = offsets[:0]
     if nz:
         zoff = offsets[is_zero]
         rec = rec[~is_zero]
         offsets = offsets[~is_zero]
     nn = n - nz
+    if holes is not None:
+        zoff = np.sort(np.concatenate((zoff, holes)))
+        nz += len(holes)
     buffers: list = []
     if nn:
         words, name = encoder.record_words(idstr, offsets, RAM_SAVE_FLAG_PAGE)
@@ -241,9 +252,10 @@ class RamSaver:
         """Records for pages ``idx`` (ascending, at most :data:`BATCH_PAGES`) of block
         ``index``; by default for the main channel (its encoder and staging)."""
         block = self.bitmaps[index].block
+        holes = hole_mask(block_fd(block), idx, self.page_size) if self.detect_zero else None
         return encode_batch(block.idstr, block.pages, idx, self.page_size, self.detect_zero,
                             self._staging if staging is None else staging,
-                            self.encoder if encoder is None else encoder)
+                            self.encoder if encoder is None else encoder, known_zero=holes)
 
     # -- postcopy ------------------------------------------------------------------
     def page_size_summary(self) -> int:

@@ -59,6 +59,7 @@ from engine.machine import RAM_SECTION_ID, GuestState, MachineProfile
 from engine.migration import check_implemented
 from engine.compress.zeropage import zero_page_mask_from_buffer
 from engine.multifd.packet import packet_size
+from engine.ram.holes import block_fd, hole_mask
 from engine.migration.ramsave import BATCH_PAGES, RamSaver
 from engine.migration.verify import memory_digests
 from engine.options import MigrationOptions
@@ -662,7 +663,9 @@ class SourceMigration:
         if self.options.param("zero-page-detection") == "legacy":
             block = self.ram.bitmaps[index].block
             offsets = idx.astype(np.uint64) * np.uint64(self.page_size)
-            zero = zero_page_mask_from_buffer(block.buf, offsets, self.page_size)
+            zero = zero_page_mask_from_buffer(
+                block.buf, offsets, self.page_size,
+                known_zero=hole_mask(block_fd(block), idx, self.page_size))
             if zero.any():
                 records = [self.ram.encoder.zero_pages(block.idstr, offsets[zero])]
                 self._send(records)
