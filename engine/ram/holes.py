@@ -22,50 +22,60 @@ import os
 
 import numpy as np
 
-__all__ = ["hole_mask", "block_fd", "MAX_EXTENTS"]
+__all__ = ["hole_mask", "block_fd", "STRIDE", "MAX_PROBES"]
 
-#: data extents looked up per call at most; past them the rest counts as data
-#: (two lseeks per extent: a finely fragmented file is cheaper to just read)
-MAX_EXTENTS = 64
+#: the longest step from a page with data to the next look: steps double
+#: from 1 while data goes on, so a hole shorter than the data run just before
+#: it (and never longer than this) may be read like data, which is only slower
+STRIDE = 32
+#: lseeks per call at most; past them the rest counts as data
+MAX_PROBES = 256
 
 
 def hole_mask(fd: int | None, pages: np.ndarray, page_size: int) -> np.ndarray | None:
     """True for each page of ``pages`` (ascending indexes) that lies in a hole.
 
-    None when there is nothing to gain: no descriptor, or no page in a hole.
-    Moves the descriptor's file offset (all block I/O here is positional).
+    None when there is nothing to gain: no descriptor, or no page found in a
+    hole.  Moves the descriptor's file offset (all block I/O here is
+    positional).
+
+    Only ``SEEK_DATA`` is used.  From a page with data it returns at once;
+    from a hole it walks to the next data, which the caller then need not
+    read.  ``SEEK_HOLE`` from a page with data walks to the next hole, which
+    in a dense file is the end of the file: measured 11 ms per call on a
+    1 GiB tmpfs file, per batch.  So while data goes on, the looks step
+    1, 2, 4 ... up to :data:`STRIDE` pages ahead: a dense batch of 1024
+    pages costs about 36 cheap calls (5 ms per GiB), and a lone data page
+    in a sparse guest costs one look after it.
     """
     if fd is None or len(pages) == 0:
         return None
-    start = int(pages[0]) * page_size
-    end = (int(pages[-1]) + 1) * page_size
-    firsts, ends = [], []          # data extents, in pages, clipped to the span
-    pos = start
-    covered = end                  # up to where the extents were looked up
-    while pos < end:
-        if len(firsts) == MAX_EXTENTS:
-            covered = pos
-            break
+    first, last = int(pages[0]), int(pages[-1])
+    starts, stops = [], []         # hole ranges, in pages
+    p, probes, step = first, 0, 1
+    while p <= last and probes < MAX_PROBES:
+        probes += 1
         try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
+            data = os.lseek(fd, p * page_size, os.SEEK_DATA) // page_size
         except OSError as exc:
-            if exc.errno == errno.ENXIO:      # no data from pos to the end of file
+            if exc.errno == errno.ENXIO:      # no data from p to the end of file
+                starts.append(p)
+                stops.append(last + 1)
                 break
             return None                        # not supported here: read everything
-        if data >= end:
-            break
-        hole = os.lseek(fd, data, os.SEEK_HOLE)
-        firsts.append(data // page_size)
-        ends.append(-(-min(hole, end) // page_size))
-        pos = hole
+        if data > p:
+            starts.append(p)
+            stops.append(min(data, last + 1))
+            p, step = data + 1, 1
+        else:
+            p += step
+            step = min(2 * step, STRIDE)
+    if not starts:
+        return None
     idx = np.asarray(pages, dtype=np.int64)
-    if firsts:
-        # The extent that could hold each page: the first one ending after it.
-        k = np.searchsorted(np.asarray(ends), idx, side="right")
-        in_data = (k < len(firsts)) & (np.asarray(firsts + [0])[k] <= idx)
-    else:
-        in_data = np.zeros(len(idx), dtype=bool)
-    holes = ~in_data & (idx * page_size < covered)
+    # The hole range that could hold each page: the last one starting at or before it.
+    k = np.searchsorted(np.asarray(starts), idx, side="right") - 1
+    holes = (k >= 0) & (idx < np.asarray(stops)[np.maximum(k, 0)])
     return holes if holes.any() else None
 
 
