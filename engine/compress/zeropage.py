@@ -18,8 +18,9 @@ import numpy as np
 
 from engine.compress.base import Buffer
 from engine.errors import ConfigError
+from engine.ram.holes import block_fd, hole_mask
 
-__all__ = ["find_zero_pages", "zero_page_mask_from_buffer"]
+__all__ = ["find_zero_pages", "zero_page_mask_from_buffer", "block_zero_page_mask"]
 
 # Pages gathered per step in zero_page_mask_from_buffer: 64 x 4 KiB = 256 KiB,
 # which stays in L2 and measured fastest among 64..1024.
@@ -119,3 +120,16 @@ def zero_page_mask_from_buffer(buf: Buffer, offsets: np.ndarray,
             np.take(table, chunk, axis=0, out=scratch[:k], mode="clip")
             _rows_are_zero(scratch[:k], out=result[start:start + k])
     return result
+
+
+def block_zero_page_mask(block, pages: np.ndarray, page_size: int) -> np.ndarray:
+    """Boolean mask over ``pages`` (ascending page indexes of a RAM block):
+    True where the page is zero.
+
+    Pages in holes of the block's file are zero without a read, which on
+    tmpfs would also allocate them (:mod:`engine.ram.holes`); the rest are
+    read from the block's memory.
+    """
+    offsets = np.asarray(pages).astype(np.uint64) * np.uint64(page_size)
+    return zero_page_mask_from_buffer(block.buf, offsets, page_size,
+                                      known_zero=hole_mask(block_fd(block), pages, page_size))

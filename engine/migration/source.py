@@ -57,9 +57,8 @@ from engine.errors import (ChannelBrokenError, ChannelClosedError, ChannelError,
                            StateError)
 from engine.machine import RAM_SECTION_ID, GuestState, MachineProfile
 from engine.migration import check_implemented
-from engine.compress.zeropage import zero_page_mask_from_buffer
+from engine.compress.zeropage import block_zero_page_mask
 from engine.multifd.packet import packet_size
-from engine.ram.holes import block_fd, hole_mask
 from engine.migration.ramsave import BATCH_PAGES, RamSaver
 from engine.migration.verify import memory_digests
 from engine.options import MigrationOptions
@@ -653,20 +652,17 @@ class SourceMigration:
         most = BATCH_PAGES_MULTIFD
         if limiter is not None:
             # A page and its share of a packet header, as the reservation counts.
-            header = packet_size(self.pool.page_count)
-            most = limiter.batch_pages(
-                self.page_size - (-header // self.pool.page_count), most)
+            full = self.pool.page_count
+            most = limiter.batch_pages(-(-self._multifd_reservation(full) // full), most)
         item = self.ram.next_pages(most)
         if item is None:
             return False
         index, idx = item
         if self.options.param("zero-page-detection") == "legacy":
             block = self.ram.bitmaps[index].block
-            offsets = idx.astype(np.uint64) * np.uint64(self.page_size)
-            zero = zero_page_mask_from_buffer(
-                block.buf, offsets, self.page_size,
-                known_zero=hole_mask(block_fd(block), idx, self.page_size))
+            zero = block_zero_page_mask(block, idx, self.page_size)
             if zero.any():
+                offsets = idx.astype(np.uint64) * np.uint64(self.page_size)
                 records = [self.ram.encoder.zero_pages(block.idstr, offsets[zero])]
                 self._send(records)
                 nbytes = sum(len(r) for r in records)

@@ -23,11 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.compress import get_codec, payload_nbytes
-from engine.compress.zeropage import zero_page_mask_from_buffer
+from engine.compress.zeropage import block_zero_page_mask
 from engine.multifd import control as ctl
 from engine.multifd.packet import MultiFDInit, MultiFDPacketHeader
 from engine.multifd.worker import control_socket
-from engine.ram.holes import block_fd, hole_mask
 
 #: bytes of send buffer asked for on a unix-socket channel (see widen_unix_send_buffer)
 UNIX_SNDBUF = 1 << 20
@@ -74,13 +73,8 @@ class PacketWriter:
         idx = pages.astype(np.int64)
         offsets = idx.astype(np.uint64) * np.uint64(ps)
         # One look at the whole batch: the per-call cost is paid once, not per packet.
-        if self.zero_detect:
-            # Holes of the block's file are zero without a read (which would
-            # also allocate them on tmpfs): see engine.ram.holes.
-            zero = zero_page_mask_from_buffer(
-                block.buf, offsets, ps, known_zero=hole_mask(block_fd(block), idx, ps))
-        else:
-            zero = np.zeros(len(idx), dtype=bool)
+        zero = (block_zero_page_mask(block, idx, ps) if self.zero_detect
+                else np.zeros(len(idx), dtype=bool))
         nocomp = self.codec.name == "none"
         if nocomp:
             runs = self._nocomp_runs(block.buf, idx, zero)
