@@ -378,17 +378,27 @@ def figures(info: dict, wall: float, size: int) -> dict:
 # ---------------------------------------------------------------------------
 # Machine limits
 
-_SENDER = r"""
+#: Start of every baseline child script (``python -c``): ``connect(family,
+#: address)`` opens a stream socket to a ``unix`` path or a ``tcp`` host:port
+#: (TCP_NODELAY, as the migrations' channels have).
+CHILD_CONNECT = r"""
 import socket, sys
+
+def connect(family, address):
+    if family == "unix":
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    else:
+        host, port = address.rsplit(":", 1)
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        address = (host, int(port))
+    s.connect(address)
+    return s
+"""
+
+_SENDER = CHILD_CONNECT + r"""
 family, address, total, chunk = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-if family == "unix":
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-else:
-    host, port = address.rsplit(":", 1)
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    address = (host, int(port))
-s.connect(address)
+s = connect(family, address)
 buf = memoryview(bytearray(b"\xa5") * chunk)
 left = total
 while left:

@@ -53,7 +53,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py
 
-from common import (IMAGE_SEED, REPO, BenchError, ManagedProcess, Scratch,  # noqa: E402
+from common import (CHILD_CONNECT, IMAGE_SEED, REPO, BenchError, ManagedProcess, Scratch,  # noqa: E402
                     RUN_FAILURES,
                     check_run_args, check_shm_free, engine_uri,
                     exit_through_finally_on_signals, host_info, human_size, make_image,
@@ -92,17 +92,9 @@ def cell_key(faults: str, vcpus: int, preempt: bool) -> str:
 # ---------------------------------------------------------------------------
 # Baseline: a request/reply round trip between two processes
 
-_ECHO = r"""
-import socket, sys
+_ECHO = CHILD_CONNECT + r"""
 family, address, req, reply = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-if family == "unix":
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-else:
-    host, port = address.rsplit(":", 1)
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    address = (host, int(port))
-s.connect(address)
+s = connect(family, address)
 buf = bytearray(req)
 view = memoryview(buf)
 out = bytes(b"\x5a") * reply
