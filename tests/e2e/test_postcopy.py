@@ -195,6 +195,20 @@ def _start_destination(dg, opts, faults, listener):
     return dst, t, result
 
 
+def _postcopy_into(dg, sg, opts, faults):
+    """Migrate ``sg`` into ``dg``, postcopy after the first pass; returns the
+    source migration, the destination, the source's info and the destination's
+    result."""
+    listener = listen("tcp:127.0.0.1:0")
+    dst, t, result = _start_destination(dg, opts, faults, listener)
+    src = SourceMigration(sg, PROFILE, opts, vcpus=sg.nvcpus, postcopy_after=1)
+    with connect(listener.uri) as ch:
+        info = src.run(ch, listener.uri)
+    t.join(TIMEOUT)
+    listener.close()
+    return src, dst, info, result
+
+
 @pytest.mark.parametrize("faults", FAULT_MODES)
 def test_postcopy_device_failure_resumes_the_source_which_migrates_again(pair, faults):
     """The destination cannot load the device state inside the package (it has
@@ -202,13 +216,7 @@ def test_postcopy_device_failure_resumes_the_source_which_migrates_again(pair, f
     takes the precopy error path: failed, guest running, memory its own."""
     sg, bad = pair(src_vcpus=2, dst_vcpus=1)
     opts = make_options({"postcopy-ram": True}, {"downtime-limit": 1})
-    listener = listen("tcp:127.0.0.1:0")
-    dst, t, result = _start_destination(bad, opts, faults, listener)
-    src = SourceMigration(sg, PROFILE, opts, vcpus=2, postcopy_after=1)
-    with connect(listener.uri) as ch:
-        info = src.run(ch, listener.uri)
-    t.join(TIMEOUT)
-    listener.close()
+    src, dst, info, result = _postcopy_into(bad, sg, opts, faults)
     seen = [s for _, s in src.state.history]
     assert info.status == "failed", seen
     assert S.POSTCOPY_DEVICE in seen and S.POSTCOPY_ACTIVE not in seen
@@ -220,13 +228,7 @@ def test_postcopy_device_failure_resumes_the_source_which_migrates_again(pair, f
     # The same source guest migrates again, to a destination that fits.
     good = Guest.create([("ram0", RAM)], vcpus=2, workload=WORKLOAD, start=False)
     try:
-        listener = listen("tcp:127.0.0.1:0")
-        dst, t, result = _start_destination(good, opts, faults, listener)
-        src = SourceMigration(sg, PROFILE, opts, vcpus=2, postcopy_after=1)
-        with connect(listener.uri) as ch:
-            info = src.run(ch, listener.uri)
-        t.join(TIMEOUT)
-        listener.close()
+        src, dst, info, result = _postcopy_into(good, sg, opts, faults)
         assert info.status == "completed", info.error_desc
         assert result["info"].status == "completed", result["info"].error_desc
         assert dst.ab_result is not None and dst.ab_result.ok
