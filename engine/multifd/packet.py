@@ -34,7 +34,7 @@ __all__ = [
     "MULTIFD_MAGIC", "MULTIFD_VERSION", "MULTIFD_FLAG_SYNC",
     "MULTIFD_FLAG_DEVICE_STATE", "MULTIFD_PACKET_SIZE",
     "MULTIFD_INIT_SIZE", "MULTIFD_HEADER_FIXED_SIZE", "RAMBLOCK_IDSTR_SIZE",
-    "MultiFDInit", "MultiFDPacketHeader",
+    "MultiFDInit", "MultiFDPacketHeader", "RamPacketBatch",
     "packet_size", "multifd_packet_count",
 ]
 
@@ -58,6 +58,8 @@ _INIT = struct.Struct(">II16sB39x")
 # magic, version, flags, pages_alloc, normal_pages, next_packet_size,
 # packet_num, zero_pages, 4 + 24 reserved bytes, ramblock idstr.
 _HEADER = struct.Struct(">IIIIIIQI28x256s")
+# next_packet_size alone, at byte 20 of a header
+_NEXT_PACKET_SIZE = struct.Struct(">I")
 assert _INIT.size == MULTIFD_INIT_SIZE
 assert _HEADER.size == MULTIFD_HEADER_FIXED_SIZE
 
@@ -372,3 +374,103 @@ class MultiFDPacketHeader:
 
     def __hash__(self) -> int:
         return hash(self._key())
+
+
+def _header_dtype(page_count: int) -> np.dtype:
+    """``MultiFDPacket_t`` as a numpy record (big-endian, no padding)."""
+    return np.dtype([("magic", ">u4"), ("version", ">u4"), ("flags", ">u4"),
+                     ("pages_alloc", ">u4"), ("normal_pages", ">u4"),
+                     ("next_packet_size", ">u4"), ("packet_num", ">u8"),
+                     ("zero_pages", ">u4"), ("reserved", "V28"),
+                     ("ramblock", f"S{RAMBLOCK_IDSTR_SIZE}"),
+                     ("offsets", ">u8", (page_count,))])
+
+
+class RamPacketBatch:
+    """The headers of every packet a batch of pages makes, packed at once.
+
+    A sender splits a batch of ``pages`` (ascending page indexes of one
+    block) into packets of ``page_count`` pages, in order.  Each packet lists
+    its normal pages first, then its zero pages, each group in ascending
+    order, which is what :meth:`MultiFDPacketHeader.ram` makes of one packet;
+    the bytes are the same.  Packing all headers with a few array operations
+    instead of one :class:`MultiFDPacketHeader` per packet takes the
+    per-packet Python off a worker's hot path.
+
+    ``next_packet_size`` starts as ``normal * page_size`` (nocomp's payload);
+    a codec's sender sets each packet's real size with :meth:`set_payload_size`
+    once it has compressed it.
+    """
+
+    __slots__ = ("page_count", "header_size", "headers", "normal", "zero", "order",
+                 "_records")
+
+    def __init__(self, *, flags: int, first_packet_num: int, ramblock: str,
+                 pages: np.ndarray, zero: np.ndarray, page_size: int,
+                 page_count: int = 128) -> None:
+        n = len(pages)
+        if len(zero) != n:
+            raise LocalProtocolError(f"{len(zero)} zero flags for {n} pages")
+        npackets = -(-n // page_count)
+        name = ramblock.encode("utf-8", "surrogateescape")
+        if len(name) >= RAMBLOCK_IDSTR_SIZE:
+            raise LocalProtocolError(
+                f"RAMBlock name of {len(name)} bytes is too long "
+                f"(max {RAMBLOCK_IDSTR_SIZE - 1})")
+        if not 0 <= flags <= _U32:
+            raise LocalProtocolError(f"flags {flags} does not fit be32")
+        if first_packet_num < 0 or first_packet_num + npackets - 1 > _U64:
+            raise LocalProtocolError(
+                f"packet_num {first_packet_num + npackets - 1} does not fit be64")
+        if page_count * page_size > _U32:
+            raise LocalProtocolError(f"{page_count} pages of {page_size} bytes "
+                                     "do not fit next_packet_size")
+        self.page_count = page_count
+        self.header_size = packet_size(page_count)
+        records = np.zeros(npackets, dtype=_header_dtype(page_count))
+        self._records = records
+        self.headers = memoryview(records.view(np.uint8))
+        zero = np.asarray(zero, dtype=bool)
+        packet = np.arange(n) // page_count
+        # Stable: within a packet, normal pages (key 2p) come before zero ones
+        # (2p + 1), each group keeping the batch's ascending order.
+        self.order = np.argsort(packet * 2 + zero, kind="stable")
+        zeros = np.bincount(packet, weights=zero, minlength=npackets).astype(np.int64)
+        sizes = np.full(npackets, page_count, dtype=np.int64)
+        if n % page_count:
+            sizes[-1] = n % page_count
+        normal = sizes - zeros
+        table = np.zeros(npackets * page_count, dtype=np.uint64)
+        table[:n] = np.asarray(pages, dtype=np.uint64)[self.order] * np.uint64(page_size)
+        records["magic"] = MULTIFD_MAGIC
+        records["version"] = MULTIFD_VERSION
+        records["flags"] = flags
+        records["pages_alloc"] = page_count
+        records["normal_pages"] = normal
+        records["next_packet_size"] = normal * page_size
+        records["packet_num"] = np.arange(first_packet_num, first_packet_num + npackets,
+                                          dtype=np.uint64)
+        records["zero_pages"] = zeros
+        records["ramblock"] = name
+        records["offsets"] = table.reshape(npackets, page_count)
+        #: normal and zero pages per packet
+        self.normal: list[int] = normal.tolist()
+        self.zero: list[int] = zeros.tolist()
+
+    def __len__(self) -> int:
+        return len(self.normal)
+
+    def header(self, k: int) -> memoryview:
+        """The wire bytes of packet ``k``'s header."""
+        return self.headers[k * self.header_size:(k + 1) * self.header_size]
+
+    def normal_positions(self, k: int) -> np.ndarray:
+        """Positions in the batch of packet ``k``'s normal pages, in payload order."""
+        first = k * self.page_count
+        return self.order[first:first + self.normal[k]]
+
+    def set_payload_size(self, k: int, size: int) -> None:
+        """Set packet ``k``'s ``next_packet_size`` (its codec payload's length)."""
+        if not 0 <= size <= _U32:
+            raise LocalProtocolError(f"next_packet_size {size} does not fit be32")
+        _NEXT_PACKET_SIZE.pack_into(self.headers, k * self.header_size + 20, size)

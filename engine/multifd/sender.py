@@ -25,7 +25,7 @@ import numpy as np
 from engine.compress import get_codec, payload_nbytes
 from engine.compress.zeropage import block_zero_page_mask
 from engine.multifd import control as ctl
-from engine.multifd.packet import MultiFDInit, MultiFDPacketHeader
+from engine.multifd.packet import MultiFDInit, MultiFDPacketHeader, RamPacketBatch
 from engine.multifd.worker import control_socket
 
 #: bytes of send buffer asked for on a unix-socket channel (see widen_unix_send_buffer)
@@ -71,47 +71,39 @@ class PacketWriter:
         block = self.blocks[block_index]
         ps, pc = self.page_size, self.page_count
         idx = pages.astype(np.int64)
-        offsets = idx.astype(np.uint64) * np.uint64(ps)
         # One look at the whole batch: the per-call cost is paid once, not per packet.
         zero = (block_zero_page_mask(block, idx, ps) if self.zero_detect
                 else np.zeros(len(idx), dtype=bool))
-        nocomp = self.codec.name == "none"
-        if nocomp:
-            runs = self._nocomp_runs(block.buf, idx, zero)
-        out: list = []
-        normal_total = zero_total = sent = 0
-        for k, start in enumerate(range(0, len(idx), pc)):
-            z = zero[start:start + pc]
-            off = offsets[start:start + pc]
-            normal_off, zero_off = off[~z], off[z]
-            if nocomp:
-                payload = runs[k]
-            elif len(normal_off):
-                normal_idx = idx[start:start + pc][~z]
-                payload = self.encoder.encode_gather(block.pages, normal_idx)
-            else:
-                payload = []
-            size = len(normal_off) * ps if nocomp else payload_nbytes(payload)
-            header = MultiFDPacketHeader.ram(
-                flags=self.codec.flag, packet_num=first_packet_num + k,
-                ramblock=block.idstr, normal=normal_off, zero=zero_off,
-                next_packet_size=size, page_count=pc).pack(pc)
-            if nocomp:
-                # nocomp payloads are views of guest memory: the whole batch goes
-                # out in one scatter-gather send (a few system calls, not one per
-                # packet).
-                out.append(header)
-                out.extend(payload)
-            else:
+        batch = RamPacketBatch(flags=self.codec.flag, first_packet_num=first_packet_num,
+                               ramblock=block.idstr, pages=idx, zero=zero,
+                               page_size=ps, page_count=pc)
+        normal_total = sum(batch.normal)
+        if self.codec.name == "none":
+            # nocomp payloads are views of guest memory: the whole batch goes
+            # out in one scatter-gather send (a few system calls, not one per
+            # packet).
+            out: list = []
+            for k, runs in enumerate(self._nocomp_runs(block.buf, idx, zero)):
+                out.append(batch.header(k))
+                out.extend(runs)
+            if out:
+                self.channel.sendmsg_all(out)
+            sent = len(batch) * batch.header_size + normal_total * ps
+        else:
+            sent = 0
+            for k in range(len(batch)):
+                if batch.normal[k]:
+                    payload = self.encoder.encode_gather(block.pages,
+                                                         idx[batch.normal_positions(k)])
+                    size = payload_nbytes(payload)
+                else:
+                    payload, size = [], 0
+                batch.set_payload_size(k, size)
                 # A codec's output is only valid until its next call.
-                self.channel.sendmsg_all([header, *payload])
-            sent += len(header) + size
-            normal_total += len(normal_off)
-            zero_total += len(zero_off)
-        if out:
-            self.channel.sendmsg_all(out)
+                self.channel.sendmsg_all([batch.header(k), *payload])
+                sent += batch.header_size + size
         self.wire_bytes += sent
-        return normal_total, zero_total, sent
+        return normal_total, len(idx) - normal_total, sent
 
     def _nocomp_runs(self, buf: memoryview, idx: np.ndarray, zero: np.ndarray) -> list:
         """Per packet of the batch, its normal pages as views of ``buf``: one per run

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from engine.errors import LocalProtocolError, RemoteProtocolError
 from engine.multifd.packet import (
     MULTIFD_FLAG_SYNC, MULTIFD_MAGIC, MULTIFD_VERSION, MultiFDInit,
-    MultiFDPacketHeader, multifd_packet_count, packet_size,
+    MultiFDPacketHeader, RamPacketBatch, multifd_packet_count, packet_size,
 )
 
 
@@ -249,6 +249,61 @@ def test_pack_refuses_more_offsets_than_page_count():
                                      normal=np.arange(9) * 4096, next_packet_size=1)
     with pytest.raises(LocalProtocolError, match="9 offsets"):
         header.pack(8)
+
+
+# -- a batch's headers packed at once ----------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_batch_headers_are_the_per_packet_headers(data):
+    """Every header a RamPacketBatch packs is byte for byte the one
+    MultiFDPacketHeader.ram makes of that packet: normal pages first, then
+    zero pages, the last packet partial, packets without normal pages too."""
+    page_count = data.draw(st.sampled_from([1, 4, 8, 128]))
+    n = data.draw(st.integers(0, 3 * page_count + 3))
+    pages = np.array(sorted(data.draw(st.sets(st.integers(0, 10_000), min_size=n,
+                                              max_size=n))), dtype=np.int64)
+    zero = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), dtype=bool)
+    first = data.draw(st.integers(0, 2**40))
+    batch = RamPacketBatch(flags=0x02, first_packet_num=first, ramblock="pc.ram",
+                           pages=pages, zero=zero, page_size=4096, page_count=page_count)
+    assert len(batch) == -(-n // page_count)
+    for k in range(len(batch)):
+        sl = slice(k * page_count, (k + 1) * page_count)
+        p, z = pages[sl], zero[sl]
+        expected = MultiFDPacketHeader.ram(
+            flags=0x02, packet_num=first + k, ramblock="pc.ram",
+            normal=p[~z] * 4096, zero=p[z] * 4096,
+            next_packet_size=int((~z).sum()) * 4096, page_count=page_count)
+        assert bytes(batch.header(k)) == expected.pack(page_count)
+        assert (batch.normal[k], batch.zero[k]) == (int((~z).sum()), int(z.sum()))
+        assert pages[batch.normal_positions(k)].tolist() == p[~z].tolist()
+
+
+def test_batch_payload_size_is_set_per_packet():
+    pages = np.arange(10, dtype=np.int64)
+    batch = RamPacketBatch(flags=0x04, first_packet_num=7, ramblock="m0", pages=pages,
+                           zero=np.zeros(10, bool), page_size=4096, page_count=4)
+    batch.set_payload_size(1, 1234)
+    parsed = [MultiFDPacketHeader.unpack(batch.header(k), 4) for k in range(3)]
+    assert [h.next_packet_size for h in parsed] == [4 * 4096, 1234, 2 * 4096]
+    assert [h.packet_num for h in parsed] == [7, 8, 9]
+    with pytest.raises(LocalProtocolError, match="be32"):
+        batch.set_payload_size(0, 2**32)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(ramblock="r" * 256), "too long"),
+    (dict(first_packet_num=-1), "be64"),
+    (dict(first_packet_num=2**64 - 1), "be64"),   # the second packet would overflow
+    (dict(zero=np.zeros(3, bool)), "3 zero flags for 5 pages"),
+])
+def test_batch_refuses_what_the_format_cannot_carry(kwargs, message):
+    args = dict(flags=0, first_packet_num=0, ramblock="m0", pages=np.arange(5),
+                zero=np.zeros(5, bool), page_size=4096, page_count=4)
+    args.update(kwargs)
+    with pytest.raises(LocalProtocolError, match=message):
+        RamPacketBatch(**args)
 
 
 # -- QEMU 7.2 captures ------------------------------------------------------------
