@@ -23,6 +23,13 @@ bytes.  engine GB/s is size / total-time (zero pages included, as QEMU's
 figures are quoted); "/socket" divides it by the socket limit for the cell's
 channel count, "/memcpy" by the memcpy rate.
 
+The engine's work floor, measured in every repeat: the engine's own page work
+for the image (source worker's PacketWriter, destination worker's
+PacketReader, over an in-memory channel in one process) as CPU seconds per
+side; "floor" is max(total / CPUs, source / N, destination / N), which no
+schedule of N channels on this host can beat, and "floor/QEMU" the best
+ratio the work allows.
+
 What the compression libraries can do, measured once per run on one core: the
 image's first 64 MiB of non-zero pages compressed as 512 KiB packets through
 one stream with a flush after each (as a channel does), for QEMU's library
@@ -41,25 +48,30 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections import deque
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py
 
 from common import (DOWNTIME_LIMIT_MS, IMAGE_SEED, MAX_BANDWIDTH, BenchError,  # noqa: E402
                     RUN_FAILURES,
                     Scratch, add_run_args, make_image, check_run_args, check_shm_free, copy_file,
+                    first_difference,
                     exit_through_finally_on_signals,
                     host_info, human_size, median, memcpy_limit, qemu_status,
                     run_engine, run_qemu, socket_limit, write_json, run_failed)
 from engine.errors import EngineError  # noqa: E402
+from engine.multifd.pool import BATCH_PAGES as FLOOR_BATCH_PAGES  # noqa: E402
 from engine.options import parse_size  # noqa: E402
 from engine.ram.image import MIXED  # noqa: E402
 
 CODECS = ("none", "zlib", "zstd")
 #: compression level for both programs (1 is the default of both)
 LEVEL = 1
-#: /dev/shm files alive at once: image, engine and QEMU sources, one destination
-SHM_FILES = 4
+#: /dev/shm files alive at once: image, engine and QEMU sources, and either one
+#: migration's destination or the work floor's source and destination
+SHM_FILES = 5
 #: engine/QEMU total-time the engine should reach: (channels or None for any, codec) -> at most
 TARGETS = {(2, "none"): 0.4, (None, "zlib"): 0.5, (None, "zstd"): 0.5}
 
@@ -122,6 +134,104 @@ def run_cell(scratch: Scratch, sources: dict, image: Path, size: int, args,
     return out
 
 
+def work_floor(scratch: Scratch, image: Path, size: int, codec: str,
+               zero_detect: bool) -> dict:
+    """CPU seconds the engine's own page work for the image takes, per side.
+
+    One process runs a source worker's :class:`PacketWriter` and a
+    destination worker's :class:`PacketReader` batch by batch over an
+    in-memory channel (a copy on send, one on receive, like a socket), from
+    a mapped copy of the image into a fresh file: zero detection, codec,
+    landing, packet headers, and the Python around them; no processes, no
+    sockets, no coordinator.  Whatever the schedule, N channels on C CPUs
+    cannot beat max(total / C, source / N, destination / N) of it.
+    """
+    import time
+
+    import numpy as np
+
+    from engine.multifd.receiver import PacketReader
+    from engine.multifd.sender import PacketWriter
+    from engine.ram.block import RamBlock
+
+    src_path, dst_path = scratch.shm("floor-src"), scratch.shm("floor-dst")
+    copy_file(image, src_path)
+    scratch.hold(src_path)
+    src = RamBlock.create("pc.ram", size, mem_path=str(src_path))
+    try:
+        dst = RamBlock.create("pc.ram", size, mem_path=str(dst_path))
+        scratch.hold(dst_path)
+        try:
+            channel = _MemoryChannel()
+            writer = PacketWriter(channel, [src], codec, LEVEL, zero_detect)
+            received = SimpleNamespace(log=np.zeros(size // 4096, dtype=np.uint8))
+            reader = PacketReader(channel, 0, [dst], [received], [True], codec)
+            source = destination = 0.0
+            packet_num = 0
+            for first in range(0, size // 4096, FLOOR_BATCH_PAGES):
+                pages = np.arange(first, min(first + FLOOR_BATCH_PAGES, size // 4096))
+                t = time.thread_time()
+                writer.send_batch(0, pages, packet_num)
+                source += time.thread_time() - t
+                packet_num += -(-len(pages) // writer.page_count)
+                t = time.thread_time()
+                while channel.pending:
+                    reader.read_packet()
+                destination += time.thread_time() - t
+        finally:
+            dst.close()
+        diff = first_difference(image, dst_path)
+        if diff:
+            raise BenchError(f"work floor: the destination is not the image: {diff}")
+    finally:
+        src.close()
+        scratch.remove(src_path)
+        scratch.remove(dst_path)
+    return {"source_cpu_s": source, "destination_cpu_s": destination}
+
+
+class _MemoryChannel:
+    """A channel in memory: what is sent is copied, and read back in order."""
+
+    def __init__(self) -> None:
+        self._chunks: deque = deque()
+        self.pending = 0
+
+    def sendmsg_all(self, buffers) -> None:
+        for b in buffers:
+            data = bytes(b)
+            if data:
+                self._chunks.append(memoryview(data))
+                self.pending += len(data)
+
+    def sendall(self, data) -> None:
+        self.sendmsg_all([data])
+
+    def recv_into(self, buf, nbytes: int = 0, flags: int = 0) -> int:
+        view = memoryview(buf)[:nbytes or len(buf)]
+        done = 0
+        while done < len(view) and self._chunks:
+            head = self._chunks[0]
+            n = min(len(head), len(view) - done)
+            view[done:done + n] = head[:n]
+            done += n
+            if n == len(head):
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = head[n:]
+        self.pending -= done
+        return done
+
+    def recvmsg_into(self, buffers) -> tuple:
+        total = 0
+        for b in buffers:
+            n = self.recv_into(b)
+            total += n
+            if n < memoryview(b).nbytes:
+                break
+        return (total,)
+
+
 # ---------------------------------------------------------------------------
 # Codec limits
 
@@ -172,6 +282,11 @@ def summarise(results: dict) -> dict:
     sock = {n: median(r["socket_gbps"].get(str(n)) for r in reps)
             for n in results["channels"]}
     memcpy = median(r["memcpy_gbps"] for r in reps)
+    work = {codec: {side: median(r["work_floor"][codec][side] for r in reps
+                                 if codec in r.get("work_floor", {}))
+                    for side in ("source_cpu_s", "destination_cpu_s")}
+            for codec in results["codecs"]}
+    cpus = results["host"]["cpus"] or 1
     cells = []
     for channels in results["channels"]:
         for codec in results["codecs"]:
@@ -189,9 +304,16 @@ def summarise(results: dict) -> dict:
                                    "transferred_bytes", "multifd_bytes", "guest_gbps")}
                     cell[side]["runs"] = len(ok)
             eng, qemu = cell.get("engine"), cell.get("qemu")
+            w = work.get(codec, {})
+            if w.get("source_cpu_s") is not None:
+                src_s, dst_s = w["source_cpu_s"], w["destination_cpu_s"]
+                cell["floor_ms"] = 1000 * max((src_s + dst_s) / cpus, src_s / channels,
+                                              dst_s / channels)
             if eng:
                 cell["engine_over_socket"] = eng["guest_gbps"] / sock[channels]
                 cell["engine_over_memcpy"] = eng["guest_gbps"] / memcpy
+                if "floor_ms" in cell:
+                    cell["engine_over_floor"] = eng["total_time_ms"] / cell["floor_ms"]
             if eng and qemu:
                 cell["engine_over_qemu"] = eng["total_time_ms"] / qemu["total_time_ms"]
             target = target_for(channels, codec)
@@ -201,7 +323,7 @@ def summarise(results: dict) -> dict:
                                       if "engine_over_qemu" in cell else None)
             cells.append(cell)
     return {"socket_gbps_median": {str(k): v for k, v in sock.items()},
-            "memcpy_gbps_median": memcpy, "cells": cells}
+            "memcpy_gbps_median": memcpy, "work_cpu_s_median": work, "cells": cells}
 
 
 def print_table(results: dict, out=sys.stdout) -> None:
@@ -216,9 +338,10 @@ def print_table(results: dict, out=sys.stdout) -> None:
           f"QEMU: {results.get('qemu_version', results.get('qemu_skipped'))}", file=out)
     qlabel = results.get("qemu_version_short", "qemu")
     print(f"{'cell':<10}{'engine':>9}{qlabel:>13}{'engine/':>9}{'engine':>8}"
-          f"{'/socket':>9}{'/memcpy':>9}{'target':>8}{'met':>5}", file=out)
+          f"{'/socket':>9}{'/memcpy':>9}{'floor':>7}{'engine/':>9}{'floor/':>8}"
+          f"{'target':>8}{'met':>5}", file=out)
     print(f"{'':<10}{'ms':>9}{'ms':>13}{'QEMU':>9}{'GB/s':>8}{'':>9}{'':>9}"
-          f"{'':>8}{'':>5}", file=out)
+          f"{'ms':>7}{'floor':>9}{'QEMU':>8}{'':>8}{'':>5}", file=out)
     for c in s["cells"]:
         eng, qemu = c.get("engine"), c.get("qemu")
         e_ms = f"{eng['total_time_ms']:.0f}" if eng else "FAILED"
@@ -228,13 +351,25 @@ def print_table(results: dict, out=sys.stdout) -> None:
         gbps = f"{eng['guest_gbps']:.2f}" if eng else "-"
         so = f"{c['engine_over_socket']:.2f}" if eng else "-"
         mc = f"{c['engine_over_memcpy']:.2f}" if eng else "-"
+        floor = f"{c['floor_ms']:.0f}" if "floor_ms" in c else "-"
+        over_floor = f"{c['engine_over_floor']:.2f}" if "engine_over_floor" in c else "-"
+        floor_qemu = (f"{c['floor_ms'] / qemu['total_time_ms']:.2f}"
+                      if qemu and "floor_ms" in c else "-")
         tgt = f"<={c['target']:.1f}" if "target" in c else ""
         met = {True: "yes", False: "NO", None: "?"}[c["target_met"]] if "target" in c else ""
         print(f"{cell_key(c['channels'], c['codec']):<10}{e_ms:>9}{q_ms:>13}{ratio:>9}"
-              f"{gbps:>8}{so:>9}{mc:>9}{tgt:>8}{met:>5}", file=out)
+              f"{gbps:>8}{so:>9}{mc:>9}{floor:>7}{over_floor:>9}{floor_qemu:>8}"
+              f"{tgt:>8}{met:>5}", file=out)
     limits = ", ".join(f"socket {n}: {v:.2f}" for n, v in s["socket_gbps_median"].items())
     print(f"limits (GB/s): {limits} (N streams, {results['transport']}); "
           f"memcpy {s['memcpy_gbps_median']:.2f}", file=out)
+    work = ", ".join(f"{codec} {v['source_cpu_s'] * 1000:.0f}+{v['destination_cpu_s'] * 1000:.0f}"
+                     for codec, v in s.get("work_cpu_s_median", {}).items()
+                     if v.get("source_cpu_s") is not None)
+    if work:
+        print(f"work floor: the engine's page work in one process, ms CPU source+destination: "
+              f"{work}; floor = max(total / {results['host']['cpus']} CPUs, "
+              "each side / channels)", file=out)
     if results.get("codec_limits"):
         libs = ", ".join(f"{name} {v['mbps']:.0f} MB/s x{v['ratio']:.3f}"
                          for name, v in results["codec_limits"].items())
@@ -358,9 +493,17 @@ def main(argv: list[str] | None = None) -> int:
                     row["socket_gbps"][str(n)] = socket_limit(scratch, size, args.uri,
                                                               args.timeout, streams=n)
                 row["memcpy_gbps"] = memcpy_limit(size)
+                row["work_floor"] = {
+                    codec: work_floor(scratch, image, size, codec,
+                                      args.zero_page_detection != "none")
+                    for codec in args.codecs}
                 limits = ", ".join(f"{n}: {v:.2f}" for n, v in row["socket_gbps"].items())
+                floors = ", ".join(f"{c} {v['source_cpu_s'] * 1000:.0f}+"
+                                   f"{v['destination_cpu_s'] * 1000:.0f}"
+                                   for c, v in row["work_floor"].items())
                 print(f"repeat {rep}/{args.repeat}: socket GB/s {limits}; "
-                      f"memcpy {row['memcpy_gbps']:.2f} GB/s", flush=True)
+                      f"memcpy {row['memcpy_gbps']:.2f} GB/s; work ms CPU "
+                      f"(source+destination) {floors}", flush=True)
                 for channels in args.channels:
                     for codec in args.codecs:
                         cell = run_cell(scratch, sources, image, size, args, channels,

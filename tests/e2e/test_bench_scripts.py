@@ -44,6 +44,7 @@ def test_multifd_matrix_reports_every_cell_and_the_codec_libraries(tmp_path):
             # Compressed: fewer bytes on the wire than the non-zero half of RAM.
             assert eng["multifd_bytes"] < (16 << 20) // 2
         assert cell["engine_over_socket"] > 0 and cell["engine_over_memcpy"] > 0
+        assert cell["floor_ms"] > 0 and cell["engine_over_floor"] > 0
         if QEMU_OK:
             assert cell["qemu"]["total_time_ms"] > 0 and cell["engine_over_qemu"] > 0
             assert f"{n}ch-{codec}" in r.stdout
@@ -56,6 +57,13 @@ def test_multifd_matrix_reports_every_cell_and_the_codec_libraries(tmp_path):
     for lib in libs.values():
         assert lib["mbps"] > 0 and 0 < lib["ratio"] < 1
     assert "one core" in r.stdout and "ISA-L" in r.stdout
+    # The engine's own page work, per codec and side, behind the floor column
+    # (it checked its destination against the image, or the run had failed).
+    work = res["summary"]["work_cpu_s_median"]
+    assert set(work) == {"none", "zlib", "zstd"}
+    for sides in work.values():
+        assert sides["source_cpu_s"] > 0 and sides["destination_cpu_s"] > 0
+    assert "work floor" in r.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
