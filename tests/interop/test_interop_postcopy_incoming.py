@@ -76,25 +76,25 @@ QEMU_FAIL = ("failed", "cancelled", "postcopy-paused")
 WHEN = [pytest.param("at-once", id="at-once"), pytest.param("mid-pass", id="mid-pass")]
 
 
-def _second_path(shm_path: Path, suffix: str) -> Path:
-    # Same prefix so the suite's /dev/shm leak check covers it.
-    return shm_path.with_name(f"{shm_path.name}-{suffix}")
-
-
 @contextlib.contextmanager
-def _ram_files(*paths: Path):
-    """Create the RAM files, keep them open while the test runs, remove them.
+def _ram_files(shm_path: Path):
+    """Yield (QEMU's RAM file holding the image, the engine's holding STALE_BYTE).
 
-    Other test sessions may run on this machine, and their leak check takes
-    an ``engine-*`` file in /dev/shm that no process has open for a leak of
-    theirs and deletes it.  Ours are open from creation to the last
-    comparison, whether QEMU and the engine have them mapped yet or not.
+    The engine's file is ``shm_path`` plus a suffix, so the suite's
+    /dev/shm leak check covers it.  Other test sessions may run on this
+    machine, and their leak check takes an ``engine-*`` file in /dev/shm
+    that no process has open for a leak of theirs and deletes it.  Ours are
+    open from creation to the last comparison, whether QEMU and the engine
+    have them mapped yet or not, and removed afterwards.
     """
+    paths = (shm_path, shm_path.with_name(f"{shm_path.name}-engine"))
     fds = []
     try:
         for path in paths:
             fds.append(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-        yield
+        fill_image(paths[0], SIZE, SEED)
+        _fill_stale(paths[1])
+        yield paths
     finally:
         for fd in fds:
             os.close(fd)
@@ -249,11 +249,7 @@ def _check_report(data: dict, info: dict, faults: str, vcpus: int, multifd: int)
 @pytest.mark.parametrize("when", WHEN)
 @pytest.mark.parametrize("faults", ["userfaultfd", "software"])
 def test_qemu_postcopy_to_engine_incoming(faults, when, engine_cmd, tmp_shm_path, tmp_path):
-    qemu_ram = tmp_shm_path
-    engine_ram = _second_path(tmp_shm_path, "engine")
-    with _ram_files(qemu_ram, engine_ram):
-        fill_image(qemu_ram, SIZE, SEED)
-        _fill_stale(engine_ram)
+    with _ram_files(tmp_shm_path) as (qemu_ram, engine_ram):
         info, data = _migrate_to_engine(engine_cmd, qemu_ram, engine_ram, tmp_path,
                                         faults=faults, when=when, vcpus=1)
         _check_report(data, info, faults, vcpus=1, multifd=0)
@@ -266,11 +262,7 @@ def test_qemu_postcopy_to_engine_incoming(faults, when, engine_cmd, tmp_shm_path
 
 def test_qemu_postcopy_to_engine_without_vcpus(engine_cmd, tmp_shm_path, tmp_path):
     """No vCPU registers: pages are written in place, no userfaultfd copy."""
-    qemu_ram = tmp_shm_path
-    engine_ram = _second_path(tmp_shm_path, "engine")
-    with _ram_files(qemu_ram, engine_ram):
-        fill_image(qemu_ram, SIZE, SEED)
-        _fill_stale(engine_ram)
+    with _ram_files(tmp_shm_path) as (qemu_ram, engine_ram):
         info, data = _migrate_to_engine(engine_cmd, qemu_ram, engine_ram, tmp_path,
                                         faults="userfaultfd", when="mid-pass", vcpus=0)
         _check_report(data, info, "userfaultfd", vcpus=0, multifd=0)
@@ -287,11 +279,7 @@ def test_qemu_multifd_postcopy_to_engine_incoming(faults, engine_cmd, tmp_shm_pa
     in ram_load_postcopy), and closes them only at cleanup.  The engine
     destination keeps its workers until then and syncs the open ones.
     """
-    qemu_ram = tmp_shm_path
-    engine_ram = _second_path(tmp_shm_path, "engine")
-    with _ram_files(qemu_ram, engine_ram):
-        fill_image(qemu_ram, SIZE, SEED)
-        _fill_stale(engine_ram)
+    with _ram_files(tmp_shm_path) as (qemu_ram, engine_ram):
         try:
             info, data = _migrate_to_engine(engine_cmd, qemu_ram, engine_ram, tmp_path,
                                             faults=faults, when="mid-pass", vcpus=1,
@@ -387,11 +375,7 @@ def test_qemu_postcopy_serves_engine_page_requests(faults, tmp_shm_path):
     ranges it decoded from QEMU's bytes: exactly the pages it had not
     received when postcopy started.
     """
-    qemu_ram = tmp_shm_path
-    engine_ram = _second_path(tmp_shm_path, "engine")
-    with _ram_files(qemu_ram, engine_ram):
-        fill_image(qemu_ram, SIZE, SEED)
-        _fill_stale(engine_ram)
+    with _ram_files(tmp_shm_path) as (qemu_ram, engine_ram):
         guest = mig = listener = None
         out: dict = {}
         try:
