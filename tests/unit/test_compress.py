@@ -22,17 +22,11 @@ from engine.errors import (
     CodecError, ConfigError, InvalidParameterError, RemoteProtocolError,
 )
 from engine.multifd.packet import MultiFDInit, MultiFDPacketHeader, packet_size
+from tests.captures import CAPTURES
 
 PS = 4096
 STREAM_CODECS = ("zlib", "zstd")
 
-
-def _captures_dir() -> Path:
-    here = Path(__file__).resolve().parents[3] / "shared" / "reference" / "qemu-7.2-captures"
-    return here if here.is_dir() else Path("/work/shared/reference/qemu-7.2-captures")
-
-
-CAPTURES = _captures_dir()
 
 # -- page material -------------------------------------------------------------
 

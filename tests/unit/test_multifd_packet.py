@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,14 +13,9 @@ from engine.multifd.packet import (
     MULTIFD_FLAG_SYNC, MULTIFD_MAGIC, MULTIFD_VERSION, MultiFDInit,
     MultiFDPacketHeader, RamPacketBatch, multifd_packet_count, packet_size,
 )
+from tests.captures import CAPTURES
 
 
-def _captures_dir() -> Path:
-    here = Path(__file__).resolve().parents[3] / "shared" / "reference" / "qemu-7.2-captures"
-    return here if here.is_dir() else Path("/work/shared/reference/qemu-7.2-captures")
-
-
-CAPTURES = _captures_dir()
 needs_captures = pytest.mark.skipif(
     not (CAPTURES / "ram-4MiB.img").is_file(), reason=f"no QEMU 7.2 captures in {CAPTURES}")
 

@@ -15,20 +15,12 @@ from engine.stream import (NEED_DATA, Configuration, DeviceState, Eof, FileHeade
                            RamRecordEncoder, RamZero, SectionEnd, SectionFooter, SectionPart,
                            SectionStart, StreamDecoder, VMDescription,
                            build_vmdesc)
-
-
-def _captures() -> Path:
-    here = Path(__file__).resolve()
-    for root in (here.parents[3] / "shared", Path("/work/shared")):
-        path = root / "reference" / "qemu-7.2-captures"
-        if path.is_dir():
-            return path
-    pytest.skip("QEMU 7.2 captures not found")
+from tests.captures import require_captures
 
 
 @pytest.fixture(scope="module")
 def captures() -> Path:
-    return _captures()
+    return require_captures()
 
 
 @pytest.fixture(scope="module")

@@ -24,26 +24,19 @@ from engine.stress import leaks
 from engine.stress.faults import Relay, Trigger
 from engine.stress.matrix import Fault
 from engine.transport import listen
+from tests.captures import require_captures
 
 TIMEOUT = 30
 
 
-def _captures() -> Path:
-    for root in (Path(__file__).resolve().parents[3] / "shared", Path("/work/shared")):
-        path = root / "reference" / "qemu-7.2-captures"
-        if path.is_dir():
-            return path
-    pytest.skip("QEMU 7.2 captures not found")
-
-
 @pytest.fixture(scope="module")
 def stream() -> bytes:
-    return (_captures() / "precopy-file.stream").read_bytes()
+    return (require_captures() / "precopy-file.stream").read_bytes()
 
 
 @pytest.fixture(scope="module")
 def image() -> np.ndarray:
-    return np.fromfile(_captures() / "ram-4MiB.img", dtype=np.uint8)
+    return np.fromfile(require_captures() / "ram-4MiB.img", dtype=np.uint8)
 
 
 class Pair:
