@@ -221,13 +221,19 @@ def test_parameters(make_vm):
 
 # -- migrations between two machines ----------------------------------------------------
 
-def test_precopy_with_pause_before_switchover(make_vm, tmp_path):
+def _pausing_pair(make_vm, tmp_path):
+    """(source with pause-before-switchover, deferred destination, a unix URI),
+    both sending events, the source's start-up events forgotten."""
     src, dst = make_vm(), make_vm(incoming="defer")
     src.events.clear()
     _events_on(src, dst)
     src("migrate-set-capabilities",
         capabilities=[{"capability": "pause-before-switchover", "state": True}])
-    uri = f"unix:{tmp_path}/mig.sock"
+    return src, dst, f"unix:{tmp_path}/mig.sock"
+
+
+def test_precopy_with_pause_before_switchover(make_vm, tmp_path):
+    src, dst, uri = _pausing_pair(make_vm, tmp_path)
     dst("migrate-incoming", uri=uri)
     info = dst("query-migrate")
     assert info == {"status": "setup", "socket-address": [
@@ -269,12 +275,7 @@ def test_precopy_with_pause_before_switchover(make_vm, tmp_path):
 
 
 def test_cancel_restarts_the_source_and_the_destination_reports_failure(make_vm, tmp_path):
-    src, dst = make_vm(), make_vm(incoming="defer")
-    src.events.clear()
-    _events_on(src, dst)
-    src("migrate-set-capabilities",
-        capabilities=[{"capability": "pause-before-switchover", "state": True}])
-    uri = f"unix:{tmp_path}/mig.sock"
+    src, dst, uri = _pausing_pair(make_vm, tmp_path)
     dst("migrate-incoming", uri=uri, **{"exit-on-error": False})
     src("migrate", uri=uri)
     src.wait_migration("pre-switchover")
