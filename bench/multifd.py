@@ -151,7 +151,7 @@ def work_floor(scratch: Scratch, image: Path, size: int, codec: str,
     import numpy as np
 
     from engine.multifd.receiver import PacketReader
-    from engine.multifd.sender import PacketWriter
+    from engine.multifd.sender import PacketWriter, packets_needed
     from engine.ram.block import RamBlock
 
     src_path, dst_path = scratch.shm("floor-src"), scratch.shm("floor-dst")
@@ -173,7 +173,7 @@ def work_floor(scratch: Scratch, image: Path, size: int, codec: str,
                 t = time.thread_time()
                 writer.send_batch(0, pages, packet_num)
                 source += time.thread_time() - t
-                packet_num += -(-len(pages) // writer.page_count)
+                packet_num += packets_needed(len(pages), writer.page_count)
                 t = time.thread_time()
                 while channel.pending:
                     reader.read_packet()

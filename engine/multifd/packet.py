@@ -147,6 +147,23 @@ class MultiFDInit:
         return cls(uuid, channel_id)
 
 
+def _idstr(ramblock: str) -> bytes:
+    """The RAMBlock name for the NUL-padded idstr field, checked to fit it."""
+    name = ramblock.encode("utf-8", "surrogateescape")
+    if len(name) >= RAMBLOCK_IDSTR_SIZE:
+        raise LocalProtocolError(
+            f"RAMBlock name of {len(name)} bytes is too long "
+            f"(max {RAMBLOCK_IDSTR_SIZE - 1})")
+    return name
+
+
+def _check_fits(field_name: str, value: int, limit: int = _U32) -> None:
+    """Raise :class:`LocalProtocolError` unless ``value`` fits a be32 (or be64) field."""
+    if not 0 <= value <= limit:
+        width = "be64" if limit == _U64 else "be32"
+        raise LocalProtocolError(f"{field_name} {value} does not fit {width}")
+
+
 def _as_offsets(offsets) -> np.ndarray:
     arr = np.array(offsets, dtype=np.uint64, copy=True).reshape(-1)
     arr.setflags(write=False)
@@ -251,18 +268,11 @@ class MultiFDPacketHeader:
         if used > page_count:
             raise LocalProtocolError(
                 f"{used} offsets do not fit a packet of {page_count} pages")
-        name = self.ramblock.encode("utf-8", "surrogateescape")
-        if len(name) >= RAMBLOCK_IDSTR_SIZE:
-            raise LocalProtocolError(
-                f"RAMBlock name of {len(name)} bytes is too long "
-                f"(max {RAMBLOCK_IDSTR_SIZE - 1})")
+        name = _idstr(self.ramblock)
         for fname in ("flags", "pages_alloc", "normal_pages",
                       "next_packet_size", "zero_pages"):
-            value = getattr(self, fname)
-            if not 0 <= value <= _U32:
-                raise LocalProtocolError(f"{fname} {value} does not fit be32")
-        if not 0 <= self.packet_num <= _U64:
-            raise LocalProtocolError(f"packet_num {self.packet_num} does not fit be64")
+            _check_fits(fname, getattr(self, fname))
+        _check_fits("packet_num", self.packet_num, _U64)
         _HEADER.pack_into(buf, offset, MULTIFD_MAGIC, MULTIFD_VERSION,
                           self.flags, self.pages_alloc, self.normal_pages,
                           self.next_packet_size, self.packet_num,
@@ -412,16 +422,10 @@ class RamPacketBatch:
         if len(zero) != n:
             raise LocalProtocolError(f"{len(zero)} zero flags for {n} pages")
         npackets = -(-n // page_count)
-        name = ramblock.encode("utf-8", "surrogateescape")
-        if len(name) >= RAMBLOCK_IDSTR_SIZE:
-            raise LocalProtocolError(
-                f"RAMBlock name of {len(name)} bytes is too long "
-                f"(max {RAMBLOCK_IDSTR_SIZE - 1})")
-        if not 0 <= flags <= _U32:
-            raise LocalProtocolError(f"flags {flags} does not fit be32")
-        if first_packet_num < 0 or first_packet_num + npackets - 1 > _U64:
-            raise LocalProtocolError(
-                f"packet_num {first_packet_num + npackets - 1} does not fit be64")
+        name = _idstr(ramblock)
+        _check_fits("flags", flags)
+        _check_fits("packet_num", first_packet_num, _U64)
+        _check_fits("packet_num", first_packet_num + max(npackets - 1, 0), _U64)
         if page_count * page_size > _U32:
             raise LocalProtocolError(f"{page_count} pages of {page_size} bytes "
                                      "do not fit next_packet_size")
@@ -471,6 +475,5 @@ class RamPacketBatch:
 
     def set_payload_size(self, k: int, size: int) -> None:
         """Set packet ``k``'s ``next_packet_size`` (its codec payload's length)."""
-        if not 0 <= size <= _U32:
-            raise LocalProtocolError(f"next_packet_size {size} does not fit be32")
+        _check_fits("next_packet_size", size)
         _NEXT_PACKET_SIZE.pack_into(self.headers, k * self.header_size + 20, size)
