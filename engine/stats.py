@@ -78,11 +78,11 @@ class RamStats:
     pages_per_second: int = 0
     """Pages (normal + zero) sent per second in the last window."""
     precopy_bytes: int = 0
-    """Main-channel RAM bytes sent while the guest ran."""
+    """RAM bytes (main channel and multifd) sent while the guest ran."""
     downtime_bytes: int = 0
-    """Main-channel RAM bytes sent while the guest was stopped."""
+    """RAM bytes (main channel and multifd) sent while the guest was stopped."""
     postcopy_bytes: int = 0
-    """Main-channel RAM bytes sent after the switch to postcopy."""
+    """RAM bytes (main channel and multifd) sent after the switch to postcopy."""
     dirty_sync_missed_zero_copy: int = 0
     """Syncs where a zero-copy flush reported a copy fallback."""
 
@@ -321,9 +321,17 @@ class StatsAccumulator:
             self._main_bytes += n
 
     def add_multifd_bytes(self, n: int) -> None:
-        """Bytes written on multifd channels, packet headers included."""
+        """Bytes written on multifd channels, packet headers included.
+
+        They count as precopy, downtime or postcopy bytes too, by when they
+        were reported: QAPI defines downtime-bytes as the bytes sent while
+        the guest is paused, and with multifd nearly all of those travel on
+        the multifd channels (QEMU's own counter sees only the main
+        channel's share, so it reads about 0 for a multifd migration).
+        """
         with self._lock:
             self._multifd_bytes += n
+            self._ram_bytes[self._phase] += n
 
     def add_postcopy_requests(self, n: int = 1) -> None:
         """Page requests received from the destination."""

@@ -289,7 +289,8 @@ class QemuVM:
     def __init__(self, mem_path: str | os.PathLike, size: int | str = "64M", *,
                  incoming: str | None = None, name: str = "qemu",
                  extra_args: Sequence[str] = (), binary: str = QEMU_BINARY,
-                 start_timeout: float = 30.0, command_timeout: float = 30.0):
+                 start_timeout: float = 30.0, command_timeout: float = 30.0,
+                 prealloc: bool = False):
         self.name = name
         self.mem_path = Path(mem_path)
         self.size = parse_size(size)
@@ -305,7 +306,8 @@ class QemuVM:
         self.argv = [
             binary, "-M", "none,memory-backend=m0", "-m", size_arg,
             "-object", f"memory-backend-file,id=m0,size={size_arg},"
-                       f"mem-path={self.mem_path},share=on",
+                       f"mem-path={self.mem_path},share=on"
+                       + (",prealloc=on" if prealloc else ""),
             "-nodefaults", "-display", "none", "-S",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
             *(["-incoming", incoming] if incoming is not None else []),

@@ -407,6 +407,11 @@ class SourceMigration:
                 self.guest.stop()
                 self.guest_state.note_stopped()
             self.stats.vm_stopped()
+            # The guest is stopped: whatever is left goes out as fast as the
+            # channels carry it (QEMU checks max-bandwidth only while iterating;
+            # a cap here would stretch the downtime, and with multifd it shrank
+            # every hand-out to a page or two).
+            self.limiter = None
             if self.options.cap("pause-before-switchover"):
                 self.state.transition(S.PRE_SWITCHOVER)
                 while not self._continue.wait(0.05):
