@@ -18,7 +18,7 @@ import numpy as np
 
 from engine.compress.base import Buffer
 from engine.errors import ConfigError
-from engine.ram.holes import block_fd, hole_mask
+from engine.ram.holes import HoleMap, block_fd
 
 __all__ = ["find_zero_pages", "zero_page_mask_from_buffer", "block_zero_page_mask"]
 
@@ -122,14 +122,18 @@ def zero_page_mask_from_buffer(buf: Buffer, offsets: np.ndarray,
     return result
 
 
-def block_zero_page_mask(block, pages: np.ndarray, page_size: int) -> np.ndarray:
+def block_zero_page_mask(block, pages: np.ndarray, page_size: int,
+                         holes: HoleMap | None = None) -> np.ndarray:
     """Boolean mask over ``pages`` (ascending page indexes of a RAM block):
     True where the page is zero.
 
     Pages in holes of the block's file are zero without a read, which on
     tmpfs would also allocate them (:mod:`engine.ram.holes`); the rest are
-    read from the block's memory.
+    read from the block's memory.  A caller that scans the block batch by
+    batch passes its :class:`~engine.ram.holes.HoleMap` of the block's file.
     """
+    if holes is None:
+        holes = HoleMap(block_fd(block), page_size)
     offsets = np.asarray(pages).astype(np.uint64) * np.uint64(page_size)
     return zero_page_mask_from_buffer(block.buf, offsets, page_size,
-                                      known_zero=hole_mask(block_fd(block), pages, page_size))
+                                      known_zero=holes.mask(pages))

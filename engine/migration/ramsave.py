@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.ram.holes import block_fd, hole_mask
+from engine.ram.holes import HoleMap, block_fd
 from engine.stream import encoder as enc
 from engine.stream.constants import (MAX_DISCARDS_PER_COMMAND, POSTCOPY_RAM_DISCARD_VERSION,
                                      RAM_SAVE_FLAG_PAGE, MigCmd)
@@ -145,11 +145,13 @@ def discard_commands(idstr: str, starts: np.ndarray, lengths: np.ndarray) -> byt
 class BlockBitmap:
     """The migration bitmap of one RAM block plus a scan cursor."""
 
-    def __init__(self, block, dirty_log):
+    def __init__(self, block, dirty_log, page_size: int):
         self.block = block
         self.log = dirty_log
         self.bits = np.ones(block.npages, dtype=bool)
         self.cursor = 0
+        #: the holes of the block's file, learned during a pass
+        self.holes = HoleMap(block_fd(block), page_size)
 
     def sync(self) -> int:
         """Merge the dirty log into the bitmap; returns newly dirtied pages."""
@@ -185,7 +187,8 @@ class RamSaver:
     def __init__(self, guest, page_size: int, detect_zero: bool):
         self.page_size = page_size
         self.detect_zero = detect_zero
-        self.bitmaps = [BlockBitmap(b, guest.dirty_log(b.idstr)) for b in guest.blocks]
+        self.bitmaps = [BlockBitmap(b, guest.dirty_log(b.idstr), page_size)
+                        for b in guest.blocks]
         self._index = {bm.block.idstr: i for i, bm in enumerate(self.bitmaps)}
         self._current = 0
         self._staging = self.new_staging()
@@ -220,6 +223,7 @@ class RamSaver:
     def _rewind(self) -> None:
         for bm in self.bitmaps:
             bm.cursor = 0
+            bm.holes.forget()       # a new pass: pages may hold data now
         self._current = 0
 
     def rewind(self) -> None:
@@ -251,8 +255,9 @@ class RamSaver:
                staging: np.ndarray | None = None) -> BatchResult:
         """Records for pages ``idx`` (ascending, at most :data:`BATCH_PAGES`) of block
         ``index``; by default for the main channel (its encoder and staging)."""
-        block = self.bitmaps[index].block
-        holes = hole_mask(block_fd(block), idx, self.page_size) if self.detect_zero else None
+        bm = self.bitmaps[index]
+        block = bm.block
+        holes = bm.holes.mask(idx) if self.detect_zero else None
         return encode_batch(block.idstr, block.pages, idx, self.page_size, self.detect_zero,
                             self._staging if staging is None else staging,
                             self.encoder if encoder is None else encoder, known_zero=holes)

@@ -664,8 +664,9 @@ class SourceMigration:
             return False
         index, idx = item
         if self.options.param("zero-page-detection") == "legacy":
-            block = self.ram.bitmaps[index].block
-            zero = block_zero_page_mask(block, idx, self.page_size)
+            bm = self.ram.bitmaps[index]
+            block = bm.block
+            zero = block_zero_page_mask(block, idx, self.page_size, bm.holes)
             if zero.any():
                 offsets = idx.astype(np.uint64) * np.uint64(self.page_size)
                 records = [self.ram.encoder.zero_pages(block.idstr, offsets[zero])]

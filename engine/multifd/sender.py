@@ -27,6 +27,7 @@ from engine.compress.zeropage import block_zero_page_mask
 from engine.multifd import control as ctl
 from engine.multifd.packet import MultiFDInit, MultiFDPacketHeader, RamPacketBatch
 from engine.multifd.worker import control_socket
+from engine.ram.holes import HoleMap, block_fd
 
 #: bytes of send buffer asked for on a unix-socket channel (see widen_unix_send_buffer)
 UNIX_SNDBUF = 1 << 20
@@ -59,6 +60,8 @@ class PacketWriter:
         self.page_size = page_size
         self.page_count = page_count
         self.wire_bytes = 0
+        #: holes of each block's file, learned since the last SYNC (every pass has one)
+        self.holes = [HoleMap(block_fd(b), page_size) for b in blocks]
 
     def send_init(self, uuid: bytes, channel_id: int) -> None:
         data = MultiFDInit(uuid, channel_id).pack()
@@ -72,7 +75,7 @@ class PacketWriter:
         ps, pc = self.page_size, self.page_count
         idx = pages.astype(np.int64)
         # One look at the whole batch: the per-call cost is paid once, not per packet.
-        zero = (block_zero_page_mask(block, idx, ps) if self.zero_detect
+        zero = (block_zero_page_mask(block, idx, ps, self.holes[block_index]) if self.zero_detect
                 else np.zeros(len(idx), dtype=bool))
         batch = RamPacketBatch(flags=self.codec.flag, first_packet_num=first_packet_num,
                                ramblock=block.idstr, pages=idx, zero=zero,
@@ -128,6 +131,8 @@ class PacketWriter:
         return runs
 
     def send_sync(self, packet_num: int) -> int:
+        for holes in self.holes:
+            holes.forget()
         header = MultiFDPacketHeader.sync(packet_num).pack(self.page_count)
         self.channel.sendall(header)
         self.wire_bytes += len(header)

@@ -90,7 +90,7 @@ class FakeBlock:
 
 def test_block_bitmap_rounds_and_sync():
     log = FakeLog()
-    bm = BlockBitmap(FakeBlock(1000), log)
+    bm = BlockBitmap(FakeBlock(1000), log, 4096)
     assert bm.pending() == 1000                     # first round: everything
     taken = np.concatenate([bm.take(256) for _ in range(4)])
     assert sorted(taken.tolist()) == list(range(1000))

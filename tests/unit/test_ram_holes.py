@@ -138,3 +138,37 @@ def test_block_digest_reads_the_file_and_leaves_holes_alone(tmp_shm_path, exact)
         assert digest == hashlib.sha256(bytes(block.buf)).hexdigest()
         assert block_fd(block) == block.fd
     assert block_fd(object()) is None
+
+
+def test_a_hole_map_asks_once_per_hole_during_a_pass(sparse, exact, monkeypatch):
+    """Batch by batch through a block: one SEEK_DATA per hole, not per batch
+    (from inside a hole of fallocated tmpfs pages each call walks to the hole's
+    end, page by page); the answers are those of hole_mask."""
+    calls = []
+    real = os.lseek
+
+    def counting(fd, pos, how):
+        calls.append(pos // PS)
+        return real(fd, pos, how)
+
+    os.posix_fallocate(sparse, 0, 64 * PS)              # as RamBlock.create reserves
+    expected = hole_mask(sparse, np.arange(64), PS)
+    monkeypatch.setattr(holes.os, "lseek", counting)
+    hmap = holes.HoleMap(sparse, PS)
+    got = np.concatenate([hmap.mask(np.arange(b, b + 4)) for b in range(0, 64, 4)])
+    assert np.array_equal(got, expected)
+    # One look per hole and one per data page at a batch's edge, instead of
+    # one or more in every one of the 16 batches.
+    assert calls == [0, 4, 11, 12, 13, 40, 41]
+
+
+def test_a_hole_map_forgets_at_a_new_pass(sparse, exact):
+    hmap = holes.HoleMap(sparse, PS)
+    assert hmap.mask(np.arange(20, 24)).all()
+    os.pwrite(sparse, b"\1" * PS, 22 * PS)
+    # Within the pass the write comes after the look: the page is dirty again
+    # and goes in the next pass, so the map may still call it a hole...
+    assert hmap.mask(np.array([22])).all()
+    hmap.forget()
+    # ...but the next pass looks again.
+    assert hmap.mask(np.arange(20, 24)).tolist() == [True, True, False, True]
