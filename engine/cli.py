@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(engine or QEMU) instead of starting a local one")
     m.add_argument("--uri", metavar="URI", help="transport for the local destination "
                    "(default: unix socket in a private directory)")
-    m.add_argument("--no-verify", action="store_true", help="skip the memory comparison")
+    m.add_argument("--no-verify", action="store_true", help="skip checking the destination (memory digests, the ab pattern)")
     m.add_argument("--postcopy-after", type=int, default=None, metavar="N",
                    help="with --cap postcopy-ram=on: switch to postcopy after N dirty-bitmap "
                         "passes (QMP migrate-start-postcopy)")

@@ -45,8 +45,10 @@ class LocalDestination:
                "--machine", args.machine, "--ram", str(args.ram),
                "--vcpus", str(args.vcpus), "--workload", args.workload or "ab",
                "--dirty-rate", str(args.dirty_rate), "--hot-set", str(args.hot_set),
-               "--json", self.report_path, "--verify", "--quiet",
+               "--json", self.report_path, "--quiet",
                "--postcopy-faults", args.postcopy_faults]
+        if not args.no_verify:
+            cmd.append("--verify")
         if args.ram_id:
             cmd += ["--ram-id", args.ram_id]
         if args.dst_mem_path:
@@ -192,6 +194,11 @@ def run_migrate(args) -> int:
     guest = dest = mig = sampler = None
     connected = False   # whether the local destination has a source to lose
     try:
+        if target is None and not isinstance(local, FileAddress):
+            # The local destination starts while the source guest is made:
+            # both are process start-ups, and neither needs the other yet.
+            dest = LocalDestination(args, args.uri or
+                                    f"unix:{os.path.join(workdir, 'migration.sock')}", workdir)
         guest = Guest.create([(ram_id, args.ram, args.mem_path)], vcpus=args.vcpus,
                              workload=workload, start=workload.name != "none")
         if args.postcopy_after is not None and not options.cap("postcopy-ram"):
@@ -221,8 +228,6 @@ def run_migrate(args) -> int:
             uri = local.uri
             channel = connect(local)
         else:
-            dest = LocalDestination(args, args.uri or
-                                    f"unix:{os.path.join(workdir, 'migration.sock')}", workdir)
             mig.prepare()            # multifd workers start while the destination does
             uri = dest.wait_listening()
             channel = _connect_retry(uri, time.monotonic() + 10)
