@@ -35,6 +35,9 @@ def _add_guest_options(p: argparse.ArgumentParser, *, ram_default: str | None) -
                         "its content is the guest memory")
     p.add_argument("--ram-id", metavar="NAME",
                    help="RAM block name (default: the machine's, 'm0' for -M none)")
+    p.add_argument("--prealloc", action="store_true",
+                   help="populate guest RAM at start-up, like QEMU's memory-backend "
+                        "prealloc=on (a migration then writes to memory already there)")
     p.add_argument("--machine", default="engine", help="machine profile: engine or none")
     p.add_argument("--vcpus", type=int, default=1, metavar="N")
     p.add_argument("--workload", default=None, choices=("none", "ab", "random"))

@@ -30,14 +30,16 @@ def run_incoming(args) -> int:
     def factory(announced):
         blocks = [(b.idstr, b.used_length, args.mem_path if i == 0 else None)
                   for i, b in enumerate(announced.blocks)]
-        g = Guest.create(blocks, vcpus=args.vcpus, workload=workload, start=False)
+        g = Guest.create(blocks, vcpus=args.vcpus, workload=workload, start=False,
+                             prealloc=args.prealloc)
         made.append(g)
         return g
 
     try:
         if args.ram is not None:
             guest = Guest.create([(ram_id, args.ram, args.mem_path)], vcpus=args.vcpus,
-                                 workload=workload, start=False)
+                                 workload=workload, start=False,
+                             prealloc=args.prealloc)
             made.append(guest)
         mig = DestinationMigration(profile, options, guest=guest,
                                    guest_factory=None if guest else factory,

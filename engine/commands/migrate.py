@@ -49,6 +49,8 @@ class LocalDestination:
                "--postcopy-faults", args.postcopy_faults]
         if not args.no_verify:
             cmd.append("--verify")
+        if args.prealloc:
+            cmd.append("--prealloc")
         if args.ram_id:
             cmd += ["--ram-id", args.ram_id]
         if args.dst_mem_path:
@@ -200,7 +202,8 @@ def run_migrate(args) -> int:
             dest = LocalDestination(args, args.uri or
                                     f"unix:{os.path.join(workdir, 'migration.sock')}", workdir)
         guest = Guest.create([(ram_id, args.ram, args.mem_path)], vcpus=args.vcpus,
-                             workload=workload, start=workload.name != "none")
+                             workload=workload, start=workload.name != "none",
+                             prealloc=args.prealloc)
         if args.postcopy_after is not None and not options.cap("postcopy-ram"):
             raise ConfigError("--postcopy-after needs --cap postcopy-ram=on")
         if args.postcopy_after is not None and args.postcopy_after < 0:

@@ -58,7 +58,8 @@ def run(args) -> int:
     server: QMPServer | None = None
     machine: Machine | None = None
     guest = Guest.create([(ram_id, args.ram, args.mem_path)], vcpus=args.vcpus,
-                         workload=workload, start=False)
+                         workload=workload, start=False,
+                             prealloc=args.prealloc)
     try:
         machine = Machine(guest, profile, options, vcpus=args.vcpus,
                           incoming=args.incoming, start_paused=args.start_paused,

@@ -24,6 +24,7 @@ from engine.errors import (BlockMismatchError, ChannelClosedError, ChannelError,
                            MigrationError, RemoteProtocolError)
 from engine.machine import GuestState, MachineProfile
 from engine.migration import check_implemented
+from engine.migration.ramload import RamLoader
 from engine.migration.verify import memory_digests
 from engine.options import MigrationOptions
 from engine.state import MigrationState, MigrationStatus as S
@@ -84,7 +85,9 @@ class DestinationMigration:
         self.vmdesc: dict | None = None
         self.digests: dict[str, str] | None = None
         self.ab_result = None
-        self.pages = self.zero_pages = 0
+        #: lands precopy pages, once the block list has come
+        self.ram: RamLoader | None = None
+        self._placed_pages = self._placed_zero = 0
         self._lock = threading.Lock()
         self._rp_open = False
         self._stats = None
@@ -214,7 +217,7 @@ class DestinationMigration:
         self.state.transition(S.ACTIVE)
         try:
             dec = StreamDecoder(self.machine.lookup(self.vcpus), page_size=self.page_size,
-                                channel="main")
+                                channel="main", page_runs=True)
             while True:
                 try:
                     self._load(dec)
@@ -273,8 +276,6 @@ class DestinationMigration:
         return self.postcopy is not None and self.postcopy.state.value == "running"
 
     def _load(self, dec: StreamDecoder) -> None:
-        buf = bytearray(RECV_CHUNK)
-        mv = memoryview(buf)
         seen_eof = False
         while True:
             if not seen_eof and (self.pool is not None or self._postcopy_listening()):
@@ -284,7 +285,8 @@ class DestinationMigration:
                 while not self._wait_readable(fd, 0.1):
                     pass
             try:
-                n = self.channel.recv_into(mv)
+                # Straight into the decoder's store: no copy of the stream.
+                n = self.channel.recv_into(dec.get_buffer(RECV_CHUNK))
             except socket.timeout:
                 if seen_eof:
                     return  # no vmdesc followed the EOF: fine, it is optional
@@ -298,7 +300,7 @@ class DestinationMigration:
                     return
                 dec.feed_eof()
             else:
-                dec.feed(mv[:n])
+                dec.buffer_updated(n)
             while True:
                 event = dec.next_event()
                 if event is ev.NEED_DATA:
@@ -384,34 +386,13 @@ class DestinationMigration:
                 raise
 
     def _handle(self, event) -> None:
-        if self._postcopy_placing and isinstance(event, (ev.RamPage, ev.RamZero)):
-            # Postcopy: the vCPUs may be running on this memory, so a page
-            # goes in whole and only if it is not there yet (QEMU's
-            # place_page: UFFDIO_COPY, EEXIST ignored).
-            if isinstance(event, ev.RamPage):
-                self.postcopy.place(event.block, event.offset, event.data)
-                self.pages += 1
+        if isinstance(event, (ev.RamPages, ev.RamZeros)):
+            if self._postcopy_placing:
+                self._place(event)
             else:
-                self.postcopy.place_zero(event.block, event.offset)
-                self.zero_pages += 1
+                self.ram.apply(event)
             return
-        if isinstance(event, ev.RamPage):
-            dst = self._bufs[event.block]
-            dst[event.offset:event.offset + self.page_size] = event.data
-            self.pages += 1
-            self._received[event.block][event.offset // self.page_size] = True
-        elif isinstance(event, ev.RamZero):
-            self.zero_pages += 1
-            page = event.offset // self.page_size
-            received = self._received[event.block]
-            # A page nobody wrote is already zero: leaving it alone means the
-            # destination never faults in memory for a zero page.
-            if received[page] or not self._fresh[event.block]:
-                view = self._u64[event.block][page]
-                if view.any():
-                    view[:] = 0
-            received[page] = True
-        elif isinstance(event, (ev.RamEOS, ev.RamFlush)):
+        if isinstance(event, (ev.RamEOS, ev.RamFlush)):
             # QEMU 7.2 syncs the multifd channels at every RAM section's EOS;
             # later QEMUs at MULTIFD_FLUSH.  Either way: wait for all, release.
             if self.pool is not None:
@@ -489,7 +470,30 @@ class DestinationMigration:
             raise RemoteProtocolError(
                 f"{type(event).__name__} is not supported by this destination", channel="main")
 
+    @property
+    def pages(self) -> int:
+        """Pages received with their contents (main channel, then placed)."""
+        return (self.ram.pages if self.ram is not None else 0) + self._placed_pages
+
+    @property
+    def zero_pages(self) -> int:
+        """Zero pages received (main channel, then placed)."""
+        return (self.ram.zero_pages if self.ram is not None else 0) + self._placed_zero
+
     # -- postcopy -------------------------------------------------------------------
+    def _place(self, event) -> None:
+        """Postcopy: the vCPUs may be running on this memory, so a page goes in
+        whole and only if it is not there yet (QEMU's place_page: UFFDIO_COPY,
+        EEXIST ignored)."""
+        if isinstance(event, ev.RamPages):
+            for offset, data in zip(event.offsets.tolist(), event.data):
+                self.postcopy.place(event.block, offset, data)
+            self._placed_pages += len(event)
+        else:
+            for offset in event.offsets.tolist():
+                self.postcopy.place_zero(event.block, offset)
+            self._placed_zero += len(event)
+
     def _require_postcopy(self, what: str) -> None:
         if self.postcopy is None or self.postcopy.state.value == "none":
             raise RemoteProtocolError(f"{what} without POSTCOPY_ADVISE", channel="main")
@@ -511,8 +515,8 @@ class DestinationMigration:
             event = nested.next_event()
             if event is ev.NEED_DATA:
                 break
-            if isinstance(event, (ev.RamPage, ev.RamZero, ev.RamBlockList, ev.Packaged,
-                                  ev.Eof)):
+            if isinstance(event, (ev.RamPage, ev.RamZero, ev.RamPages, ev.RamZeros,
+                                  ev.RamBlockList, ev.Packaged, ev.Eof)):
                 raise RemoteProtocolError(
                     f"{type(event).__name__} inside a PACKAGED blob", channel="main (package)")
             self._handle(event)
@@ -558,8 +562,6 @@ class DestinationMigration:
         with self._lock:
             self._stats = StatsAccumulator(total, self.page_size)
             self._stats.start()
-        self._bufs = {b.idstr: b.buf for b in self.guest.blocks}
-        self._u64 = {b.idstr: b.pages.view(np.uint64) for b in self.guest.blocks}
         self.prepare()      # postcopy's fault handler (and multifd's workers) need the guest
         advise, self._pending_advise = self._pending_advise, None
         if advise is not None:
@@ -585,7 +587,7 @@ class DestinationMigration:
         else:
             self._received = {b.idstr: np.zeros(b.npages, dtype=bool)
                               for b in self.guest.blocks}
-        self._fresh = {b.idstr: b.fresh for b in self.guest.blocks}
+        self.ram = RamLoader(self.guest.blocks, self._received, self.page_size)
 
     def _load_device(self, event: ev.DeviceState) -> None:
         for dev in self.machine.devices(self.vcpus):

@@ -17,7 +17,6 @@ copies on the destination.
 """
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,9 +27,6 @@ from engine.multifd import control as ctl
 from engine.multifd.packet import MultiFDInit, MultiFDPacketHeader, RamPacketBatch
 from engine.multifd.worker import control_socket
 from engine.ram.holes import HoleMap, block_fd
-
-#: bytes of send buffer asked for on a unix-socket channel (see widen_unix_send_buffer)
-UNIX_SNDBUF = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -139,19 +135,6 @@ class PacketWriter:
         return len(header)
 
 
-def widen_unix_send_buffer(channel) -> None:
-    """Give a unix-socket channel a send buffer of :data:`UNIX_SNDBUF` bytes.
-
-    With the default (~200 KiB) a batch's send blocks and wakes the receiver
-    many times per packet; measured on 2 cores, a 1 MiB buffer cut the CPU
-    time of both ends by about a tenth.  TCP keeps its autotuning (setting
-    SO_SNDBUF would switch it off); the kernel caps the value at wmem_max.
-    """
-    sock = getattr(channel, "sock", None)
-    if isinstance(sock, socket.socket) and sock.family == socket.AF_UNIX:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
-
-
 def packets_needed(npages: int, page_count: int = 128) -> int:
     return -(-npages // page_count)
 
@@ -170,7 +153,6 @@ def send_worker_main(cfg: SendWorkerConfig) -> None:
                 msg = ctl.decode(sock.recv_multipart(copy=False))
                 if isinstance(msg, ctl.Connect):
                     channel = connect(msg.uri)
-                    widen_unix_send_buffer(channel)
                     writer = PacketWriter(channel, blocks, cfg.codec, cfg.level,
                                           cfg.zero_detect, cfg.page_size, cfg.page_count)
                     writer.send_init(msg.uuid, msg.channel_id)

@@ -105,7 +105,7 @@ class Guest:
     @classmethod
     def create(cls, blocks: Sequence[tuple], vcpus: int = 1,
                workload: WorkloadSpec = WorkloadSpec("none"), start: bool = True, *,
-               page_size: int = DEFAULT_PAGE_SIZE,
+               page_size: int = DEFAULT_PAGE_SIZE, prealloc: bool = False,
                startup_timeout: float = STARTUP_TIMEOUT) -> "Guest":
         """Create a guest with new blocks and *vcpus* vCPU processes.
 
@@ -114,7 +114,9 @@ class Guest:
         block in a new shared-memory segment, a path maps that file (see
         :meth:`RamBlock.create`).  The call returns once every vCPU has
         mapped the memory; with *start* the vCPUs are then running, without
-        it they wait for :meth:`start` (QEMU's ``-S``).
+        it they wait for :meth:`start` (QEMU's ``-S``).  *prealloc* populates
+        every block in this process first (:meth:`RamBlock.populate`, QEMU's
+        ``prealloc=on``).
         """
         _check_vcpus(vcpus)
         res = _Resources()
@@ -125,6 +127,8 @@ class Guest:
                 idstr, size, mem_path = (*spec, None)[:3]
                 res.owned_blocks.append(
                     RamBlock.create(idstr, size, mem_path=mem_path, page_size=page_size))
+                if prealloc:
+                    res.owned_blocks[-1].populate()
             guest = cls(res, res.owned_blocks, vcpus, workload)
         except BaseException:
             with contextlib.suppress(Exception):   # keep the original error

@@ -24,11 +24,22 @@ After ``feed_eof()`` the same situation is a truncated stream and raises
 :class:`RemoteProtocolError`.  Any error is final: the decoder raises it again
 on every later call.
 
-Speed: bytes are appended to one ``bytearray``, consumed by index and
-compacted on ``feed()``; a PAGE record becomes a :class:`RamPage` whose data
-is a read-only memoryview slice of that buffer (no copy).  PAGE|CONTINUE
+Speed: bytes are appended to one store, consumed by index; when it is full
+the unconsumed tail moves to a new one (:meth:`StreamDecoder._room`).  A
+transport can receive straight into the store (:meth:`StreamDecoder.get_buffer`,
+:meth:`StreamDecoder.buffer_updated`) instead of handing bytes to
+:meth:`StreamDecoder.feed`, which copies them.  A PAGE record becomes a
+:class:`RamPage` whose data is a read-only memoryview slice of the store (no
+copy).  PAGE|CONTINUE
 records, nearly all of a precopy stream, take a short path through
-:meth:`StreamDecoder.next_event`.
+:meth:`StreamDecoder.next_event`.  With ``page_runs=True`` they do not come one
+by one at all: every run of PAGE|CONTINUE (or ZERO|CONTINUE) records that is
+whole in the buffer is checked with a few array operations (flags, bounds,
+fill bytes) and yielded as one :class:`RamPages` (:class:`RamZeros`) whose
+pages are a strided view of the buffer, so a receiver lands a run with one
+array assignment instead of one Python step per page.  A record the array
+check refuses ends the run, and the per-record reader then takes it (and
+raises the error it deserves).
 """
 from __future__ import annotations
 
@@ -37,6 +48,8 @@ import struct
 from collections import deque
 from enum import Enum
 from typing import Callable, Iterable
+
+import numpy as np
 
 from engine.errors import LocalProtocolError, RemoteProtocolError
 
@@ -56,7 +69,7 @@ from .events import (
     NEED_DATA, Configuration, DeviceState, EnableColo, Eof, Event, FileHeader,
     OpenReturnPath, Packaged, Ping, PostcopyAdvise, PostcopyListen, PostcopyRamDiscard,
     PostcopyResume, PostcopyRun, RamBlockInfo, RamBlockList, RamEOS, RamFlush, RamPage,
-    RamZero, RecvBitmap, SectionEnd, SectionFooter, SectionPart, SectionStart,
+    RamPages, RamZero, RamZeros, RecvBitmap, SectionEnd, SectionFooter, SectionPart, SectionStart,
     SwitchoverStart, VMDescription,
 )
 from .vmstate import NeedData, VMStateDescription, need
@@ -68,6 +81,12 @@ _COMMAND = struct.Struct(">HH")
 _FOOTER = struct.Struct(">BI")
 
 _PAGE_CONTINUE = RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE
+_ZERO_CONTINUE = RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE
+#: records one RamPages/RamZeros event may hold (16 MiB of pages at most)
+MAX_RUN_RECORDS = 4096
+#: smallest store the decoder allocates, bytes
+_MIN_STORE = 64 << 10
+_NO_STORE = np.empty(0, np.uint8)
 
 _UNSUPPORTED_RAM_FLAGS = {
     RAM_SAVE_FLAG_FULL: "FULL",
@@ -118,7 +137,10 @@ class StreamDecoder:
       guest physical address;
     * ``ram_records_only`` with ``ram_blocks`` - a channel of bare RAM records
       (the postcopy preempt channel): no header, no sections, the blocks come
-      from the main channel's block list; an EOS ends it.
+      from the main channel's block list; an EOS ends it;
+    * ``page_runs`` - yield PAGE and ZERO records as :class:`RamPages` and
+      :class:`RamZeros` runs (a run of one for a record that names its block)
+      instead of one :class:`RamPage` / :class:`RamZero` each.
 
     Feed bytes with :meth:`feed`, signal the end with :meth:`feed_eof`, and
     pull events with :meth:`next_event` until it returns ``NEED_DATA``.  After
@@ -132,7 +154,7 @@ class StreamDecoder:
                  host_page_size: int | None = None,
                  block_page_size: Callable[[str], int] | None = None,
                  ignore_shared: bool = False, ram_records_only: bool = False,
-                 ram_blocks: Iterable[RamBlockInfo] = ()):
+                 ram_blocks: Iterable[RamBlockInfo] = (), page_runs: bool = False):
         if page_size <= 0 or page_size & (page_size - 1) or page_size > 1 << 30:
             raise ValueError(f"page_size {page_size} is not a power of two")
         self._lookup_vmsd = lookup_vmsd
@@ -145,11 +167,14 @@ class StreamDecoder:
         self._host_page_size = host_page_size or page_size
         self._block_page_size = block_page_size
         self._ignore_shared = ignore_shared
+        self._page_runs = page_runs
 
-        self._buf = bytearray()
-        self._pos = 0            # consumed bytes of _buf
-        self._base = 0           # stream offset of _buf[0]
-        self._view: memoryview | None = None
+        self._store = _NO_STORE  # the bytes: _store[_pos:_end] are not consumed yet
+        self._mv = memoryview(self._store)
+        self._pos = 0            # consumed bytes of _store
+        self._end = 0            # bytes of _store holding data
+        self._base = 0           # stream offset of _store[0]
+        self._data: memoryview | None = None    # read-only view of _store[:_end]
         self._eof = False
         self._wait_for = 0       # stream offset the buffer must reach before a retry
         self._error: RemoteProtocolError | None = None
@@ -198,7 +223,7 @@ class StreamDecoder:
         stream may end: after EOF, after the VMDESCRIPTION, between elements of a
         PACKAGED blob, between records of a records-only channel.
         ``next_event()`` then returns NEED_DATA."""
-        if not self._eof or self._pos != len(self._buf):
+        if not self._eof or self._pos != self._end:
             return False
         if self._records_only:
             return True
@@ -208,26 +233,59 @@ class StreamDecoder:
         """Append bytes (any buffer) received from the channel."""
         if self._eof:
             raise LocalProtocolError("feed() after feed_eof()", channel=self._channel)
-        if not len(data):
+        data = memoryview(data).cast("B")
+        n = len(data)
+        if not n:
             return
-        if self._view is not None:
-            self._view.release()
-            self._view = None
-        buf, pos = self._buf, self._pos
-        if pos:
-            # Dropping the consumed head is O(1) for a bytearray; if a RamPage
-            # view still pins the buffer, copy the unconsumed tail instead.
-            try:
-                del buf[:pos]
-            except BufferError:
-                buf = self._buf = bytearray(memoryview(buf)[pos:])
-            self._base += pos
-            self._pos = 0
-        try:
-            buf += data
-        except BufferError:
-            buf = self._buf = bytearray(buf)
-            buf += data
+        self._room(n)
+        self._mv[self._end:self._end + n] = data
+        self._end += n
+        self._data = None
+
+    def get_buffer(self, size: int) -> memoryview:
+        """A writable view of ``size`` bytes after what the decoder holds: a
+        transport receives straight into it (``recv_into``) and then calls
+        :meth:`buffer_updated`, saving the copy :meth:`feed` makes.  Valid
+        until that call (as asyncio's ``BufferedProtocol.get_buffer``)."""
+        if self._eof:
+            raise LocalProtocolError("get_buffer() after feed_eof()", channel=self._channel)
+        self._room(size)
+        return self._mv[self._end:self._end + size]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` bytes were written at the start of the last :meth:`get_buffer`."""
+        if nbytes < 0 or self._end + nbytes > len(self._store):
+            raise LocalProtocolError(f"buffer_updated({nbytes}) past the buffer",
+                                     channel=self._channel)
+        self._end += nbytes
+        self._data = None
+
+    def _room(self, nbytes: int) -> None:
+        """Make room for ``nbytes`` more after the data.
+
+        A full store is never reused: events may still hold views of the
+        bytes already consumed (a RamPage's data, a RamPages run), and those
+        must not change under them.  So the unconsumed tail (usually less
+        than one record) moves to a new store, and the old one lives as long
+        as some view of it does.  np.empty: no time spent zeroing bytes that
+        are about to be overwritten.
+        """
+        if self._end + nbytes <= len(self._store):
+            return
+        tail = self._end - self._pos
+        store = np.empty(max(2 * (tail + nbytes), _MIN_STORE), np.uint8)
+        store[:tail] = self._store[self._pos:self._end]
+        self._base += self._pos
+        self._pos, self._end = 0, tail
+        self._store, self._mv = store, memoryview(store)
+        self._data = None
+
+    def _view(self) -> memoryview:
+        """The bytes held, read-only (what the readers parse)."""
+        data = self._data
+        if data is None:
+            data = self._data = self._mv[:self._end].toreadonly()
+        return data
 
     def feed_eof(self) -> None:
         """The channel ended: no more bytes will come."""
@@ -242,11 +300,10 @@ class StreamDecoder:
         list, the live sections and the ADVISE survive.  The resumed source
         sends no header, so parsing starts between elements.
         """
-        if self._view is not None:
-            self._view.release()
-            self._view = None
-        self._buf = bytearray()
-        self._pos = self._base = self._wait_for = 0
+        self._store = _NO_STORE
+        self._mv = memoryview(self._store)
+        self._data = None
+        self._pos = self._end = self._base = self._wait_for = 0
         self._eof = False
         self._error = None
         self._pending.clear()
@@ -265,25 +322,27 @@ class StreamDecoder:
             return self._pending.popleft()
         if self._error is not None:
             raise self._error
-        if self._state is _State.RAM:
+        if self._state is _State.RAM and self._page_runs:
+            run = self._ram_run()
+            if run is not None:
+                return run
+        elif self._state is _State.RAM:
             # Short path for the common record: PAGE|CONTINUE within bounds.
-            buf, pos = self._buf, self._pos
+            pos = self._pos
             end = pos + 8 + self._page_size
             block = self._last_block
-            if end <= len(buf) and block is not None:
+            if end <= self._end and block is not None:
+                buf = self._view()
                 (word,) = _BE64.unpack_from(buf, pos)
                 flags = word & self._flag_mask
                 if flags == _PAGE_CONTINUE and (word ^ flags) < block.used_length \
                         and block.used_length - (word ^ flags) >= self._page_size:
-                    view = self._view
-                    if view is None:
-                        view = self._view = memoryview(buf).toreadonly()
                     self._pos = end
-                    return RamPage(block.idstr, word ^ flags, view[pos + 8:end])
-        if self._base + len(self._buf) < self._wait_for and not self._eof:
+                    return RamPage(block.idstr, word ^ flags, buf[pos + 8:end])
+        if self._base + self._end < self._wait_for and not self._eof:
             return NEED_DATA    # the element being assembled is still incomplete
         while True:
-            buf, pos = self._buf, self._pos
+            buf, pos = self._view(), self._pos
             if pos == len(buf):
                 if not self._eof:
                     return NEED_DATA
@@ -305,6 +364,50 @@ class StreamDecoder:
                     self._pending.extend(events[1:])
                 return events[0]
 
+    def _ram_run(self) -> RamPages | RamZeros | None:
+        """``page_runs``: the run of PAGE|CONTINUE (or ZERO|CONTINUE) records at
+        the cursor, as far as it is whole in the buffer and valid; None when
+        the next record is not one of those (the per-record reader takes it)."""
+        block = self._last_block
+        pos = self._pos
+        avail = self._end - pos
+        if block is None or avail < 8:
+            return None
+        buf = self._view()
+        (word,) = _BE64.unpack_from(buf, pos)
+        kind = word & self._flag_mask
+        ps = self._page_size
+        if kind == _PAGE_CONTINUE:
+            stride = 8 + ps
+        elif kind == _ZERO_CONTINUE:
+            stride = 9
+        else:
+            return None
+        n = min(avail // stride, MAX_RUN_RECORDS)
+        if n == 0:
+            return None
+        words = np.ndarray((n,), dtype=">u8", buffer=buf, offset=pos,
+                           strides=(stride,)).astype(np.uint64)
+        flags = words & np.uint64(self._flag_mask)
+        offsets = words ^ flags
+        ok = (flags == np.uint64(kind)) & (offsets <= np.uint64(block.used_length - ps))
+        if kind == _ZERO_CONTINUE:
+            fill = np.ndarray((n,), dtype=np.uint8, buffer=buf, offset=pos + 8,
+                              strides=(stride,))
+            ok &= fill == 0
+        if not ok.all():
+            n = int(np.argmin(ok))
+            if n == 0:
+                return None     # the per-record reader says what is wrong with it
+            offsets = offsets[:n]
+        self._pos = pos + n * stride
+        if kind == _ZERO_CONTINUE:
+            return RamZeros(block.idstr, offsets)
+        data = np.ndarray((n, ps), dtype=np.uint8, buffer=buf, offset=pos + 8,
+                          strides=(stride, 1))
+        data.flags.writeable = False
+        return RamPages(block.idstr, offsets, data)
+
     def _fail(self, message: str, buf_offset: int) -> RemoteProtocolError:
         offset = self._base + buf_offset
         err = RemoteProtocolError(f"{message} at offset {offset}", channel=self._channel)
@@ -313,10 +416,7 @@ class StreamDecoder:
         return err
 
     def _page_view(self, start: int, end: int) -> memoryview:
-        view = self._view
-        if view is None:
-            view = self._view = memoryview(self._buf).toreadonly()
-        return view[start:end]
+        return self._view()[start:end]
 
     # -- readers: each parses one element from buf[pos:] and commits only at its end ---
     # They return the events and set self._pos; errors carry offsets into buf.
@@ -508,14 +608,18 @@ class StreamDecoder:
                     f"(used_length {block.used_length:#x})", offset=pos)
             if kind == RAM_SAVE_FLAG_PAGE:
                 need(buf, p, self._page_size, f"RAM page data ({self._page_size} bytes)")
-                event: Event = RamPage(block.idstr, addr, self._page_view(p, p + self._page_size))
+                data = self._page_view(p, p + self._page_size)
+                event: Event = (RamPages(block.idstr, np.array([addr], np.uint64),
+                                         np.frombuffer(data, np.uint8).reshape(1, -1))
+                                if self._page_runs else RamPage(block.idstr, addr, data))
                 p += self._page_size
             else:
                 need(buf, p, 1, "zero page fill byte")
                 if buf[p]:
                     raise RemoteProtocolError(
                         f"zero page with fill byte {buf[p]:#04x}, expected 0", offset=p)
-                event = RamZero(block.idstr, addr)
+                event = (RamZeros(block.idstr, np.array([addr], np.uint64))
+                         if self._page_runs else RamZero(block.idstr, addr))
                 p += 1
             self._last_block = block
         elif kind == RAM_SAVE_FLAG_MEM_SIZE:

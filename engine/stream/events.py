@@ -142,6 +142,35 @@ class RamZero(Event):
     offset: int
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class RamPages(Event):
+    """Consecutive PAGE records of one block, each continuing the one before.
+
+    Yielded instead of :class:`RamPage` by a decoder made with
+    ``page_runs=True``.  ``offsets`` is a 1-D uint64 array of byte offsets
+    (as sent: any order, repeats allowed), ``data`` an ``(n, page_size)``
+    uint8 array whose rows are the pages, a read-only view into the
+    decoder's buffer with the same lifetime as :attr:`RamPage.data`.
+    """
+    block: str
+    offsets: Any
+    data: Any
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RamZeros(Event):
+    """Consecutive ZERO records of one block (:class:`RamZero` in bulk, with
+    ``page_runs=True``): ``offsets`` is a 1-D uint64 array of byte offsets."""
+    block: str
+    offsets: Any
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+
 @dataclass(frozen=True, slots=True)
 class RamFlush(Event):
     """MULTIFD_FLUSH: every multifd channel's pages so far must land before what follows."""
@@ -231,7 +260,8 @@ class SwitchoverStart(Command):
 __all__ = [
     "NEED_DATA", "Event", "FileHeader", "Configuration", "SectionStart", "SectionPart",
     "SectionEnd", "SectionFooter", "DeviceState", "Eof", "VMDescription",
-    "RamBlockInfo", "RamBlockList", "RamPage", "RamZero", "RamFlush", "RamEOS",
+    "RamBlockInfo", "RamBlockList", "RamPage", "RamZero", "RamPages", "RamZeros", "RamFlush",
+    "RamEOS",
     "Command", "OpenReturnPath", "Ping", "PostcopyAdvise", "PostcopyListen",
     "PostcopyRun", "PostcopyRamDiscard", "Packaged", "EnableColo", "PostcopyResume",
     "RecvBitmap", "SwitchoverStart",

@@ -68,13 +68,21 @@ def test_migrate_random_workload_with_return_path(tmp_path):
     assert_verified(res, report)
 
 
-def test_migrate_file_backed_both_sides(tmp_shm_path, tmp_path):
+@pytest.mark.parametrize("destination", ["new", "used-prealloc"])
+def test_migrate_file_backed_both_sides(tmp_shm_path, tmp_path, destination):
+    """Onto a new file (its zeros trusted), or onto a used one, populated first
+    (QEMU's prealloc=on): every zero page there must be cleared."""
     src, dst = tmp_shm_path, str(tmp_shm_path) + "-dst"
     write_mixed_image(src, 32 << 20, seed=3)
+    extra = []
+    if destination == "used-prealloc":
+        write_mixed_image(dst, 32 << 20, seed=4)
+        extra = ["--prealloc"]
     report = tmp_path / "r.json"
     try:
         res = run(["migrate", "--ram", "32M", "--mem-path", src, "--dst-mem-path", dst,
-                   "--workload", "none", "--machine", "none", "--json", str(report)])
+                   "--workload", "none", "--machine", "none", "--json", str(report),
+                   *extra])
         assert_verified(res, report)
         with open(src, "rb") as a, open(dst, "rb") as b:
             assert a.read() == b.read()

@@ -96,14 +96,37 @@ def test_block_bitmap_rounds_and_sync():
     assert sorted(taken.tolist()) == list(range(1000))
     assert bm.pending() == 0 and len(bm.take(256)) == 0
     log.pending = np.array([5, 500, 999])          # harvest: unique, ascending
-    bm.cursor = 0
+    bm.seek(0)
     assert bm.sync() == 3
     assert bm.take(256).tolist() == [5, 500, 999]
     log.pending = np.array([7])
     bm.sync()
-    bm.cursor = 0
+    bm.seek(0)
     log.pending = np.array([7, 8])                  # 7 already pending: only 8 is new
     assert bm.sync() == 1
+    assert bm.pending() == 2 == np.count_nonzero(bm.bits)
+
+
+def test_block_bitmap_keeps_its_count_and_skips_what_was_taken_meanwhile():
+    """take, take_range, take_page and set_missing keep pending() equal to the
+    bits; pages a request took out of the scan's way are not taken twice."""
+    log = FakeLog()
+    bm = BlockBitmap(FakeBlock(1000), log, 4096)
+    first = bm.take(100)
+    assert first.tolist() == list(range(100))
+    # A request takes 150..159 and one page; the scan goes on after them.
+    assert bm.take_range(150, 10).tolist() == list(range(150, 160))
+    assert bm.take_page(170) and not bm.take_page(170)
+    assert bm.take(5).tolist() == [171, 172, 173, 174, 175]
+    assert bm.pending() == np.count_nonzero(bm.bits) == 1000 - 100 - 10 - 1 - 5
+    bm.seek(0)
+    rest = np.concatenate([bm.take(64) for _ in range(20)])
+    assert 150 not in rest and 170 not in rest and 100 in rest
+    assert bm.pending() == 0
+    received = np.zeros(1000, bool)
+    received[::2] = True
+    bm.set_missing(received)
+    assert bm.pending() == 500 and bm.take(3).tolist() == [1, 3, 5]
 
 
 def test_rate_limiter_budget_per_window():

@@ -10,7 +10,7 @@ import pytest
 from engine.compress import get_codec
 from engine.multifd.packet import MultiFDPacketHeader, packet_size
 from engine.multifd.receiver import PacketReader
-from engine.multifd.sender import UNIX_SNDBUF, PacketWriter, widen_unix_send_buffer
+from engine.multifd.sender import PacketWriter
 from engine.ram.block import RamBlock
 
 PS = 4096
@@ -115,22 +115,3 @@ def test_batch_round_trip_through_a_reader(src, codec):
         others = [p for p in range(24) if p not in sent]
         assert (dst.pages[others] == 0xFF).all()     # fresh: zero pages left alone
         assert np.flatnonzero(received.log).tolist() == sorted(BATCH.tolist())
-
-
-def test_unix_channel_gets_a_wider_send_buffer():
-    with open("/proc/sys/net/core/wmem_max") as f:
-        wmem_max = int(f.read())
-    a, b = socket.socketpair()
-    with a, b:
-        widen_unix_send_buffer(type("Ch", (), {"sock": a})())
-        # Linux reports twice what was set, after capping it at wmem_max.
-        assert a.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == \
-            2 * min(UNIX_SNDBUF, wmem_max)
-
-
-def test_tcp_channel_keeps_autotuning():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        before = s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        widen_unix_send_buffer(type("Ch", (), {"sock": s})())
-        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == before
-    widen_unix_send_buffer(object())                 # no socket (fd, exec): nothing to do

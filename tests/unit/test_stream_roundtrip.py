@@ -13,8 +13,8 @@ from engine.stream import encoder as enc
 from engine.stream import (NEED_DATA, Configuration, DeviceState, EnableColo, Eof,
                            FileHeader, OpenReturnPath, Packaged, Ping, PostcopyAdvise,
                            PostcopyListen, PostcopyRamDiscard, PostcopyResume, PostcopyRun,
-                           RamBlockInfo, RamBlockList, RamEOS, RamFlush, RamPage,
-                           RamRecordEncoder, RamZero, RecvBitmap, SectionEnd, SectionFooter,
+                           RamBlockInfo, RamBlockList, RamEOS, RamFlush, RamPage, RamPages,
+                           RamRecordEncoder, RamZero, RamZeros, RecvBitmap, SectionEnd, SectionFooter,
                            SectionPart, SectionStart, StreamDecoder,
                            SwitchoverStart, VMDescription, build_vmdesc,
                            parse_config_capabilities)
@@ -38,6 +38,13 @@ def events_of(data: bytes, chunk: int | None = None, **kw) -> list:
             continue
         if isinstance(ev, RamPage):
             ev = ("page", ev.block, ev.offset, bytes(ev.data))
+        elif isinstance(ev, RamPages):      # page_runs: one event per run of records
+            assert ev.data.shape == (len(ev), TPS) and not ev.data.flags.writeable
+            out += [("page", ev.block, int(o), bytes(d)) for o, d in zip(ev.offsets, ev.data)]
+            continue
+        elif isinstance(ev, RamZeros):
+            out += [RamZero(ev.block, int(o)) for o in ev.offsets]
+            continue
         out.append(ev)
 
 
@@ -189,9 +196,9 @@ _records = st.lists(st.tuples(st.sampled_from(["page", "zero", "flush"]), _names
                     max_size=40)
 
 
-@settings(max_examples=60, deadline=None)
-@given(_records, st.integers(1, 9000), st.booleans())
-def test_ram_records_round_trip(records, chunk, vectorised):
+@settings(max_examples=80, deadline=None)
+@given(_records, st.integers(1, 9000), st.booleans(), st.booleans())
+def test_ram_records_round_trip(records, chunk, vectorised, runs):
     blocks = [("pc.ram", 16 * TPS), ("m0", 16 * TPS), ("vga.vram", 16 * TPS)]
     rec = RamRecordEncoder()
     body, expected = [], []
@@ -212,7 +219,7 @@ def test_ram_records_round_trip(records, chunk, vectorised):
     data = (enc.section_start(7, "ram", 0, 4) + enc.ram_block_list(blocks) + enc.ram_eos()
             + enc.section_footer(7) + enc.section_part(7) + b"".join(body) + enc.ram_eos()
             + enc.section_footer(7))
-    got = events_of(data, chunk=chunk, expect_header=False)
+    got = events_of(data, chunk=chunk, expect_header=False, page_runs=runs)
     assert got[5:-2] == expected
     assert got[-2:] == [RamEOS(), SectionFooter(7)]
 
@@ -242,3 +249,94 @@ def test_records_only_channel():
     kw = dict(ram_records_only=True, ram_blocks=[RamBlockInfo("m0", 2 * TPS)])
     assert events_of(data, chunk=100, **kw) == [("page", "m0", TPS, page(1)), RamZero("m0", 0)]
     assert events_of(data + enc.ram_eos(), **kw)[-1] == RamEOS()
+
+
+def _run_stream(body: bytes, blocks=(("m0", 64 * TPS),)) -> bytes:
+    return (enc.section_start(1, "ram", 0, 4) + enc.ram_block_list(list(blocks))
+            + enc.ram_eos() + enc.section_footer(1) + enc.section_part(1) + body)
+
+
+def _all_events(dec: StreamDecoder, data: bytes) -> list:
+    dec.feed(data)
+    out = []
+    while (ev := dec.next_event()) is not NEED_DATA:
+        out.append(ev)
+    return out
+
+
+def test_page_runs_come_as_one_event_per_run():
+    """A batch as the source sends it (pages, then its zero pages) arrives as
+    one RamPages and one RamZeros, whatever the order of the offsets."""
+    rec = RamRecordEncoder()
+    idx = np.array([9, 3, 4, 5, 40, 41, 63, 0], np.uint64)
+    pages = np.stack([np.frombuffer(page(int(i)), np.uint8) for i in idx])
+    zeros = np.array([1, 2, 7], np.uint64) * np.uint64(TPS)
+    body = bytes(rec.pages("m0", idx * np.uint64(TPS), pages)) + rec.zero_pages("m0", zeros)
+    dec = StreamDecoder(lookup_qemu_vmsd, expect_header=False, page_runs=True)
+    got = [e for e in _all_events(dec, _run_stream(body)) if isinstance(e, (RamPages, RamZeros))]
+    # The first record names its block: a run of one; the rest continue it.
+    assert [type(e).__name__ for e in got] == ["RamPages", "RamPages", "RamZeros"]
+    assert [len(e) for e in got] == [1, 7, 3]
+    assert np.concatenate([got[0].offsets, got[1].offsets]).tolist() == (idx * TPS).tolist()
+    assert np.array_equal(np.concatenate([got[0].data, got[1].data]), pages)
+    assert got[2].offsets.tolist() == zeros.tolist()
+
+
+@pytest.mark.parametrize("bad,message,at", [
+    (lambda r: r.page_header("m0", 64 * TPS), "outside block 'm0'", 0),
+    (lambda r: r.zero_page("m0", 5 * TPS)[:-1] + b"\x01", "fill byte 0x01", 8),
+    (lambda r: (5 * TPS | 0x800 | 0x20).to_bytes(8, "big"), "Unknown combination", 0),
+    (lambda r: (5 * TPS | 0x40 | 0x20).to_bytes(8, "big"), "XBZRLE", 0),
+])
+def test_a_bad_record_ends_a_run_and_is_refused_at_its_offset(bad, message, at):
+    """The records before it are delivered; the bad one raises with its own offset."""
+    rec = RamRecordEncoder()
+    good = b"".join(rec.page("m0", i * TPS, page(i)) for i in range(5))
+    head = _run_stream(good)
+    data = head + bad(rec) + bytes(TPS)
+    dec = StreamDecoder(lookup_qemu_vmsd, expect_header=False, page_runs=True)
+    got = []
+    with pytest.raises(Exception) as info:
+        dec.feed(data)
+        while (ev := dec.next_event()) is not NEED_DATA:
+            got.append(ev)
+    assert message in str(info.value)
+    assert f"offset {len(head) + at}" in str(info.value)
+    assert sum(len(e) for e in got if isinstance(e, RamPages)) == 5
+
+
+@pytest.mark.parametrize("runs", [False, True])
+def test_receiving_into_the_decoder_gives_the_same_events(runs):
+    """get_buffer / buffer_updated (a transport's recv_into) and feed() are two
+    ways of giving the decoder bytes; mixed, in odd sizes, the events are the
+    same, and views held across store changes keep their bytes."""
+    rec = RamRecordEncoder()
+    data = _run_stream(b"".join(rec.page("m0", i * TPS, page(i)) + rec.zero_page("m0", 40 * TPS)
+                                for i in range(30))) + enc.ram_eos() + enc.section_footer(1)
+    expected = events_of(data, expect_header=False, page_runs=runs)
+    dec = StreamDecoder(lookup_qemu_vmsd, expect_header=False, page_runs=runs)
+    got, held, i, turn = [], [], 0, 0
+    while i < len(data):
+        size = (997, 5000, 70000)[turn % 3]
+        piece = data[i:i + size]
+        if turn % 2:
+            dec.feed(piece)
+        else:
+            buf = dec.get_buffer(size)
+            buf[:len(piece)] = piece
+            dec.buffer_updated(len(piece))
+        i, turn = i + len(piece), turn + 1
+        while (e := dec.next_event()) is not NEED_DATA:
+            held.append(e)
+    for e in held:          # expanded only now, after every store change
+        if isinstance(e, RamPages):
+            got += [("page", e.block, int(o), bytes(d)) for o, d in zip(e.offsets, e.data)]
+        elif isinstance(e, RamZeros):
+            got += [RamZero(e.block, int(o)) for o in e.offsets]
+        elif isinstance(e, RamPage):
+            got.append(("page", e.block, e.offset, bytes(e.data)))
+        else:
+            got.append(e)
+    assert got == expected
+    with pytest.raises(LocalProtocolError):
+        dec.buffer_updated(1 << 30)

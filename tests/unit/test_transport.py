@@ -648,3 +648,16 @@ def test_tcp_into_network_namespace():
             proc.stdout.close()
         assert out.split() == [hashlib.sha256(data).hexdigest(), "0"]
         assert proc.returncode == 0
+
+
+def test_outgoing_unix_channel_gets_a_wide_send_buffer(tmp_path):
+    """The connecting side sends the pages; a wide buffer saves the ping-pong
+    of blocking and waking per batch.  (TCP is left to its autotuning.)"""
+    from engine.transport import UNIX_SNDBUF
+    with open("/proc/sys/net/core/wmem_max") as f:
+        wmem_max = int(f.read())
+    with listen(f"unix:{tmp_path}/s.sock") as lst, connect(lst.uri) as ch:
+        # Linux reports twice what was set, after capping it at wmem_max.
+        assert ch.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == \
+            2 * min(UNIX_SNDBUF, wmem_max)
+        lst.accept(timeout=5).close()
