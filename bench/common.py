@@ -60,6 +60,16 @@ class BenchError(EngineError):
     """A measurement could not be made or its result is wrong."""
 
 
+#: how each program's destination RAM starts (see bench/README.md, "Modes")
+MODES = {
+    "resident": "destination RAM filled and populated before the clock "
+                "(QEMU prealloc=on, engine --prealloc, on a pre-filled file)",
+    "fresh": "destination RAM new: neither program populates it before the clock "
+             "(QEMU without prealloc, engine without --prealloc)",
+}
+GIB = 1 << 30
+
+
 # ---------------------------------------------------------------------------
 # Scratch space
 
@@ -125,6 +135,28 @@ class Scratch:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def prepare_destination(scratch: "Scratch", path: Path, size: int, mode: str) -> None:
+    """The destination's RAM file as ``mode`` wants it, before the clock.
+
+    ``resident``: a file of ``size`` zero bytes, every page written (so the
+    memory exists and the host has backed it); each program then also maps
+    it populated (QEMU's prealloc=on, the engine's --prealloc).  ``fresh``:
+    no file; the destination creates it and pays for every page it touches
+    during the migration.
+    """
+    scratch.remove(path)
+    if mode == "fresh":
+        return
+    zeros = np.zeros(COMPARE_CHUNK, np.uint8)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for off in range(0, size, COMPARE_CHUNK):
+            os.pwrite(fd, zeros[:min(COMPARE_CHUNK, size - off)], off)
+    finally:
+        os.close(fd)
+    scratch.hold(path)
 
 
 def copy_file(src: Path, dst: Path) -> None:
@@ -255,29 +287,34 @@ def engine_uri(scratch: Scratch, transport: str, name: str) -> str:
 
 
 def run_engine(scratch: Scratch, image: Path, src_ram: Path, size: int, transport: str,
-               name: str, timeout: float, *, caps: Mapping[str, bool] | None = None,
+               mode: str, name: str, timeout: float, *, caps: Mapping[str, bool] | None = None,
                params: Mapping[str, object] | None = None) -> dict:
     """One engine-to-engine migration of ``src_ram``; checked against ``image``.
 
     ``engine incoming URI --mem-path DST`` and ``engine migrate --to URI
-    --mem-path SRC --workload none``, two fresh processes, both given
-    ``caps`` and ``params``.  ``name`` names logs and sockets.  Returns
-    :func:`figures`; raises :class:`BenchError` if either side did not
+    --mem-path SRC --workload none``, two fresh processes with no vCPUs (as
+    QEMU's ``-M none`` has none), both given ``caps`` and ``params``; the
+    destination is prepared for ``mode`` (:func:`prepare_destination`).
+    ``name`` names logs and sockets.  Returns :func:`figures`, with the CPU
+    time both sides report (``x-cpu-time``: coordinator and workers, during
+    the migration); raises :class:`BenchError` if either side did not
     complete or the destination's RAM is not the image.
     """
     scratch.check(src_ram)
     dst_ram = scratch.shm("engine-dst")
-    scratch.remove(dst_ram)  # a fresh file, as QEMU's destination gets
+    prepare_destination(scratch, dst_ram, size, mode)
     uri = engine_uri(scratch, transport, name)
     dst_json, src_json = scratch.dir / f"{name}-incoming.json", scratch.dir / f"{name}-migrate.json"
     engine = [sys.executable, "-m", "engine"]
-    ram = ["--machine", "none", "--ram", str(size)]
+    ram = ["--machine", "none", "--ram", str(size), "--vcpus", "0"]
     options = engine_option_args(caps or {}, params or {})
-    with ManagedProcess([*engine, "incoming", uri, *ram, "--mem-path", dst_ram, *options,
-                         "--quiet", "--json", dst_json, "--timeout", str(timeout)],
+    prealloc = ["--prealloc"] if mode == "resident" else []
+    with ManagedProcess([*engine, "incoming", uri, *ram, "--mem-path", dst_ram, *prealloc,
+                         *options, "--quiet", "--json", dst_json, "--timeout", str(timeout)],
                         scratch.dir, f"{name}-incoming", cwd=REPO) as dst:
         listening = wait_listening(dst, timeout)
-        scratch.hold(dst_ram)  # created by now, and mapped by the destination
+        if mode == "fresh":
+            scratch.hold(dst_ram)  # created by now, and mapped by the destination
         start = time.perf_counter()
         with ManagedProcess([*engine, "migrate", "--to", listening, *ram,
                              "--mem-path", src_ram, "--workload", "none", *options,
@@ -300,7 +337,8 @@ def run_engine(scratch: Scratch, image: Path, src_ram: Path, size: int, transpor
     scratch.remove(dst_ram)
     if diff:
         raise BenchError(f"engine destination RAM is not the image: {diff}")
-    return figures(info, wall, size)
+    cpu = (info.get("x-cpu-time", 0) + dst_info.get("x-cpu-time", 0)) / 1000
+    return figures(info, wall, size, cpu)
 
 
 # ---------------------------------------------------------------------------
@@ -316,23 +354,36 @@ def qemu_status(disabled_by: str | None = None) -> tuple[bool, str, str]:
     return True, why, "qemu " + why.split("version", 1)[-1].split()[0]
 
 
+def _qemu_cpu(*vms) -> float:
+    """CPU seconds (user + system, every thread) the QEMU processes used so far."""
+    import psutil
+    total = 0.0
+    for vm in vms:
+        t = psutil.Process(vm.proc.pid).cpu_times()
+        total += t.user + t.system
+    return total
+
+
 def run_qemu(scratch: Scratch, image: Path, src_ram: Path, size: int, transport: str,
-             name: str, timeout: float, *, caps: Mapping[str, bool] | None = None,
+             mode: str, name: str, timeout: float, *, caps: Mapping[str, bool] | None = None,
              params: Mapping[str, object] | None = None) -> dict:
     """One QEMU-to-QEMU migration of ``src_ram``; checked against ``image``.
 
     Two ``-M none`` VMs (``tests/qemu.py``), both given ``caps`` and
     ``params`` before the destination listens (``migrate-incoming``) and the
-    source starts.  Returns :func:`figures`; wall is ``migrate`` until
-    ``completed`` was seen.
+    source starts; the destination prepared for ``mode``, with prealloc=on
+    when resident.  Returns :func:`figures`; wall is ``migrate`` until
+    ``completed`` was seen, and CPU both processes' time over the same span.
     """
     scratch.check(src_ram)
     dst_ram = scratch.shm("qemu-dst")
-    scratch.remove(dst_ram)
+    prepare_destination(scratch, dst_ram, size, mode)
     common = dict(start_timeout=timeout, command_timeout=timeout)
     with QemuVM(src_ram, size, name=f"{name}-src", **common) as src, \
-            QemuVM(dst_ram, size, incoming="defer", name=f"{name}-dst", **common) as dst:
-        scratch.hold(dst_ram)
+            QemuVM(dst_ram, size, incoming="defer", name=f"{name}-dst",
+                   prealloc=mode == "resident", **common) as dst:
+        if mode == "fresh":
+            scratch.hold(dst_ram)
         for vm in (src, dst):
             if caps:
                 vm.set_caps(dict(caps))
@@ -344,20 +395,23 @@ def run_qemu(scratch: Scratch, image: Path, src_ram: Path, size: int, transport:
         else:
             dst.migrate_incoming("tcp:127.0.0.1:0")
             uri = f"tcp:127.0.0.1:{dst.incoming_port(timeout)}"
+        cpu0 = _qemu_cpu(src, dst)
         start = time.perf_counter()
         src.migrate(uri)
         info = src.wait_for_status("completed", timeout=timeout, poll=0.005)
         wall = time.perf_counter() - start
-        dst.wait_for_status("completed", timeout=timeout)
+        dst.wait_for_status("completed", timeout=timeout, poll=0.005)
+        cpu = _qemu_cpu(src, dst) - cpu0
     diff = first_difference(image, dst_ram)
     scratch.remove(dst_ram)
     if diff:
         raise BenchError(f"QEMU destination RAM is not the image: {diff}")
-    return figures(info, wall, size)
+    return figures(info, wall, size, cpu)
 
 
-def figures(info: dict, wall: float, size: int) -> dict:
-    """The numbers a run contributes, from a completed ``query-migrate`` reply.
+def figures(info: dict, wall: float, size: int, cpu_s: float) -> dict:
+    """The numbers a run contributes, from a completed ``query-migrate`` reply
+    and the CPU seconds both sides spent during the migration.
 
     ``transferred`` is what the side reports: QEMU 7.2 counts multifd pages
     before compression, so for it this is not the bytes on the wire.
@@ -372,7 +426,74 @@ def figures(info: dict, wall: float, size: int) -> dict:
             "normal_pages": ram.get("normal"), "zero_pages": ram.get("duplicate"),
             "dirty_sync_count": ram.get("dirty-sync-count"),
             "guest_gbps": size / seconds / 1e9,
-            "wire_gbps": int(ram.get("transferred", 0)) / seconds / 1e9}
+            "wire_gbps": int(ram.get("transferred", 0)) / seconds / 1e9,
+            "cpu_s": cpu_s, "cpu_s_per_gib": cpu_s / (size / GIB)}
+
+
+# ---------------------------------------------------------------------------
+# Cells: the engine next to QEMU
+
+#: the figures of one side that a cell reports as medians over its runs
+SIDE_FIGURES = ("total_time_ms", "wall_s", "downtime_ms", "transferred_bytes",
+                "multifd_bytes", "guest_gbps", "cpu_s", "cpu_s_per_gib")
+
+
+def compare_cell(runs: list[dict], target: float | None,
+                 cpu_target: float | None = None) -> dict:
+    """One cell from its runs (``{"engine": figures, "qemu": figures}`` each, a
+    side's figures replaced by ``{"error": text}`` where it failed): medians
+    per side, engine/QEMU for time and CPU, and the verdicts against
+    ``target`` (time) and ``cpu_target`` (CPU), None where a side is missing."""
+    cell: dict = {}
+    for side in ("engine", "qemu"):
+        ok = [r[side] for r in runs if side in r and "error" not in r[side]]
+        errors = [r[side]["error"] for r in runs if side in r and "error" in r[side]]
+        if errors:
+            cell[f"{side}_errors"] = errors
+        if ok:
+            cell[side] = {k: median(x.get(k) for x in ok) for k in SIDE_FIGURES}
+            cell[side]["runs"] = len(ok)
+    eng, qemu = cell.get("engine"), cell.get("qemu")
+    if eng and qemu:
+        cell["engine_over_qemu"] = eng["total_time_ms"] / qemu["total_time_ms"]
+        if qemu["cpu_s"]:
+            cell["cpu_engine_over_qemu"] = eng["cpu_s"] / qemu["cpu_s"]
+    for name, limit, ratio in (("target", target, "engine_over_qemu"),
+                               ("cpu_target", cpu_target, "cpu_engine_over_qemu")):
+        if limit is not None:
+            cell[name] = limit
+            cell[f"{name}_met"] = cell[ratio] <= limit if ratio in cell else None
+    return cell
+
+
+def print_cells(cells: list[dict], qlabel: str, out) -> None:
+    """The table of cells (each with a ``key``): time, downtime and CPU per GiB
+    of both programs, the ratios and the verdicts."""
+    print(f"{'cell':<24}{'total-time ms':>22}{'downtime ms':>14}{'CPU s/GiB':>19}"
+          f"{'target':>15}", file=out)
+    print(f"{'':<24}{'engine':>8}{'QEMU':>7}{'e/Q':>7}{'engine':>8}{'QEMU':>6}"
+          f"{'engine':>8}{'QEMU':>6}{'e/Q':>6}{'time':>8}{'cpu':>7}", file=out)
+    verdict = {True: "ok", False: "NO", None: "?"}
+
+    def fmt(d, key, spec):
+        return format(d[key], spec) if d and d.get(key) is not None else "-"
+
+    for c in cells:
+        eng, qemu = c.get("engine"), c.get("qemu")
+        time_t = (f"{verdict[c['target_met']]}<={c['target']:g}" if "target" in c else "")
+        cpu_t = (f"{verdict[c['cpu_target_met']]}<={c['cpu_target']:g}"
+                 if "cpu_target" in c else "")
+        e_ms = fmt(eng, "total_time_ms", ".0f") if eng else "FAILED"
+        q_ms = fmt(qemu, "total_time_ms", ".0f") if qemu or not c.get("qemu_errors") \
+            else "FAILED"
+        print(f"{c['key']:<24}{e_ms:>8}{q_ms:>7}{fmt(c, 'engine_over_qemu', '.2f'):>7}"
+              f"{fmt(eng, 'downtime_ms', '.0f'):>8}{fmt(qemu, 'downtime_ms', '.0f'):>6}"
+              f"{fmt(eng, 'cpu_s_per_gib', '.2f'):>8}{fmt(qemu, 'cpu_s_per_gib', '.2f'):>6}"
+              f"{fmt(c, 'cpu_engine_over_qemu', '.2f'):>6}{time_t:>8}{cpu_t:>7}", file=out)
+    for c in cells:
+        for side in ("engine", "qemu"):
+            for err in c.get(f"{side}_errors", ()):
+                print(f"{c['key']} {side} failed: {err}", file=out)
 
 
 # ---------------------------------------------------------------------------
@@ -498,12 +619,29 @@ def add_run_args(ap, *, size: str = "1G", timeout: float = 600.0) -> None:
     """The options every benchmark takes: size, repeats, transport, json, timeout."""
     ap.add_argument("--size", default=size, help=f"guest RAM size, QEMU suffixes (default {size})")
     ap.add_argument("--repeat", type=int, default=3, help="runs; medians are reported (default 3)")
-    ap.add_argument("--uri", choices=("unix", "tcp"), default="unix",
-                    help="transport: unix socket or tcp on 127.0.0.1 (default unix)")
+    ap.add_argument("--uri", type=choice_list("unix", "tcp"), default=["unix", "tcp"],
+                    help="transports, comma-separated: unix socket, tcp on 127.0.0.1 "
+                         "(default unix,tcp)")
+    ap.add_argument("--mode", type=choice_list(*MODES), default=["resident"],
+                    help="destination memory, comma-separated: resident (populated before "
+                         "the clock, as prealloc=on) or fresh (default resident)")
     ap.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
     ap.add_argument("--timeout", type=float, default=timeout,
                     help=f"seconds any single step may take (default {timeout:g})")
     ap.add_argument("--no-qemu", action="store_true", help="measure the engine only")
+
+
+def choice_list(*choices: str):
+    """An argparse type: a comma-separated list of some of ``choices``, in order given."""
+    import argparse
+
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in values if v not in choices]
+        if not values or bad:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)}: {text}")
+        return list(dict.fromkeys(values))
+    return parse
 
 
 def check_run_args(args, parse_size) -> int | None:

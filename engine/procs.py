@@ -80,3 +80,44 @@ def spawn(target, args: tuple, name: str) -> multiprocessing.Process:
                 os.environ.pop(key, None)
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     return proc
+
+
+class CpuMeter:
+    """CPU seconds (user + system) one side of a migration spends from
+    :meth:`start` to :meth:`stop`: this process and its helper processes
+    (multifd workers, the fault handler), not the guest's vCPUs, whose time
+    is the guest's own.
+
+    ``helpers()`` lists the helpers' pids when asked.  One that exits and is
+    reaped in between still counts: its time moves to this process's
+    ``children`` times, which are counted too (which is also why vCPUs reaped
+    meanwhile, rare, would count).
+    """
+
+    def __init__(self, helpers):
+        self._helpers = helpers
+        self._start: float | None = None
+        self.seconds: float | None = None
+
+    def _now(self) -> float:
+        import psutil
+        me = psutil.Process()
+        t = me.cpu_times()
+        total = t.user + t.system + t.children_user + t.children_system
+        for pid in self._helpers():
+            try:
+                h = psutil.Process(pid).cpu_times()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue            # reaped: counted in children_* above
+            total += h.user + h.system
+        return total
+
+    def start(self) -> None:
+        self._start = self._now()
+        self.seconds = None
+
+    def stop(self) -> float | None:
+        """The CPU seconds since :meth:`start` (None if it never started)."""
+        if self._start is not None and self.seconds is None:
+            self.seconds = max(0.0, self._now() - self._start)
+        return self.seconds

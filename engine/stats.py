@@ -227,6 +227,8 @@ class StatsAccumulator:
         self._pages_per_second = 0
         self._expected_downtime = downtime_limit
 
+        self._cpu_ms: int | None = None
+
         self._period_start: float | None = None
         self._period_dirty = 0
         self._dirty_pages_rate = 0
@@ -298,6 +300,12 @@ class StatsAccumulator:
             transfer_ms = total_ms - self._setup_time
             if transfer_ms > 0:
                 self._mbps = self._transferred() * 8.0 / transfer_ms / 1000
+
+    def set_cpu_seconds(self, seconds: float) -> None:
+        """CPU time this side's processes spent on the migration (reported as
+        the engine's ``x-cpu-time``, ms; QEMU has no such member)."""
+        with self._lock:
+            self._cpu_ms = round(seconds * 1000)
 
     # -- counters ------------------------------------------------------------
 
@@ -488,6 +496,7 @@ class StatsAccumulator:
                 expected_downtime=self._expected_downtime,
                 ram=ram,
                 error_desc=error_desc,
+                extra={} if self._cpu_ms is None else {"x-cpu-time": self._cpu_ms},
             )
 
 

@@ -408,20 +408,30 @@ class Channel:
         """Send the concatenation of ``buffers`` without joining them; returns the byte
         count.  At most :data:`IOV_MAX` buffers go to one system call, and a short write
         resumes inside the buffer where it stopped."""
-        views = [v for v in map(_byte_view, buffers) if v.nbytes]
+        return self.send_views([v for v in map(_byte_view, buffers) if v.nbytes])
+
+    def send_views(self, views: list) -> int:
+        """:meth:`sendmsg_all` of buffers that already are flat byte buffers
+        (``bytes``, ``bytearray``, 1-D memoryviews of format ``B``), taken as
+        they are: a batch of page records is two buffers per page, and
+        converting each cost as much as sending it.  ``views`` may be changed."""
         total = 0
         i = 0
         while i < len(views):
-            sent = self._send_some(views[i:i + IOV_MAX])
+            chunk = views[i:i + IOV_MAX]
+            sent = self._send_some(chunk)
             total += sent
             self.bytes_sent += sent
-            while sent:
+            if sent == sum(map(len, chunk)):
+                i += len(chunk)
+                continue
+            while sent:                 # a short write: resume where it stopped
                 head = views[i]
-                if sent >= head.nbytes:
-                    sent -= head.nbytes
+                if sent >= len(head):
+                    sent -= len(head)
                     i += 1
                 else:
-                    views[i] = head[sent:]
+                    views[i] = memoryview(head)[sent:]
                     sent = 0
         return total
 

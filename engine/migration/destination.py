@@ -27,6 +27,7 @@ from engine.migration import check_implemented
 from engine.migration.ramload import RamLoader
 from engine.migration.verify import memory_digests
 from engine.options import MigrationOptions
+from engine.procs import CpuMeter
 from engine.state import MigrationState, MigrationStatus as S
 from engine.stats import MigrationInfo, StatsAccumulator
 from engine.stream import events as ev
@@ -110,6 +111,15 @@ class DestinationMigration:
         self._postcopy_placing = False
         self._recover_ready = threading.Event()
         self._closing = threading.Event()
+        #: CPU of this process, its multifd workers and fault handler while loading
+        self.cpu = CpuMeter(self._helper_pids)
+
+    def _helper_pids(self) -> list[int]:
+        pids = [p.pid for p in self.pool.procs] if self.pool is not None else []
+        proc = getattr(getattr(self.postcopy, "handler", None), "_proc", None)
+        if proc is not None and proc.pid is not None:
+            pids.append(proc.pid)
+        return pids
 
     def prepare(self) -> None:
         """Start the multifd workers ahead of the migration (needs the guest)."""
@@ -214,6 +224,7 @@ class DestinationMigration:
         self.channel = channel
         self.listener = listener
         self.multifd_channels = dict(multifd_channels or {})
+        self.cpu.start()
         self.state.transition(S.ACTIVE)
         try:
             dec = StreamDecoder(self.machine.lookup(self.vcpus), page_size=self.page_size,
@@ -608,6 +619,7 @@ class DestinationMigration:
             if self._stats is not None:
                 self._stats.set_remaining(0)
                 self._stats.completed()
+                self._stats.set_cpu_seconds(self.cpu.stop())
         if self.guest is None:
             raise RemoteProtocolError("stream ended without a RAM section", channel="main")
         # In postcopy the guest has been running here since POSTCOPY_RUN;

@@ -37,9 +37,13 @@ from engine.stream.constants import (MAX_DISCARDS_PER_COMMAND, POSTCOPY_RAM_DISC
                                      RAM_SAVE_FLAG_PAGE, MigCmd)
 from engine.stream.encoder import RamRecordEncoder
 
-#: pages per batch: 1 MiB of 4 KiB pages, large enough that the per-batch
-#: Python cost disappears, small enough to keep the rate limiter smooth.
+#: pages per batch in postcopy: 1 MiB of 4 KiB pages, so that a page request
+#: served on the main channel waits behind at most that much background data.
 BATCH_PAGES = 256
+#: pages per batch in precopy (8 MiB): each batch costs tens of microseconds of
+#: Python whatever its size; on a 1 GiB guest going from 256 to 2048 pages cut
+#: both sides' CPU by a fifth.  A rate limit sizes batches by its budget anyway.
+PRECOPY_BATCH_PAGES = 2048
 
 
 
@@ -52,50 +56,52 @@ class BatchResult:
 
 
 def encode_batch(idstr: str, pages: np.ndarray, idx: np.ndarray, page_size: int,
-                 detect_zero: bool, staging: np.ndarray | None = None,
-                 encoder: RamRecordEncoder | None = None,
+                 detect_zero: bool, encoder: RamRecordEncoder | None = None,
                  known_zero: np.ndarray | None = None) -> BatchResult:
     """Encode the pages ``idx`` (ascending indexes into ``pages``) as records.
 
-    ``staging`` is a reusable ``(>= len(idx), 8 + page_size)`` uint8 array;
-    reusing it matters: a fresh 1 MiB array per batch costs a page fault for
-    every 4 KiB of it.  The returned buffers may point into it, so they must
-    be sent before the next call.  ``encoder`` is the channel's record
-    encoder (it knows the previous block, for CONTINUE); a fresh one names
-    the block in the first record.  With ``detect_zero``, pages marked in
-    ``known_zero`` (holes of the block's file) become ZERO records unread.
+    ``pages`` is the block's ``(npages, page_size)`` array.  The buffers are
+    flat byte views for :meth:`~engine.transport.Channel.send_views`: each
+    PAGE record is its 8-byte header and a view of the page in guest memory
+    (the socket copies it from there: no staging copy, which cost as much as
+    the send), then one buffer of ZERO records.  ``encoder`` is the
+    channel's record encoder (it knows the previous block, for CONTINUE); a
+    fresh one names the block in the first record.  With ``detect_zero``,
+    pages marked in ``known_zero`` (holes of the block's file) become ZERO
+    records unread, and the others are tested where they lie.
 
-    Zero pages are found where they lie (runs of adjacent pages are read in
-    place), and only the others are copied to the staging array: half the
-    pages of a typical guest are zero, and copying them only to find that
-    out cost as much again as the test itself.
+    A page the guest rewrites while the socket copies it may go out torn, as
+    in QEMU, which sends from guest memory too: the write dirtied it again,
+    so a later pass sends it whole, and the destination applies that copy
+    after this one.  (The multifd codecs, whose input must hold still, copy
+    first: engine.compress.)
     """
     encoder = encoder or RamRecordEncoder(page_size)
+    offsets = idx.astype(np.uint64) * np.uint64(page_size)
+    zoff = None
     if detect_zero:
-        offsets = idx.astype(np.uint64) * np.uint64(page_size)
         zero = zero_page_mask_from_buffer(pages, offsets, page_size, known_zero=known_zero)
-        zoff = offsets[zero]
-        idx, offsets = idx[~zero], offsets[~zero]
-    else:
-        zoff = None
-        offsets = idx.astype(np.uint64) * np.uint64(page_size)
-    nn = len(idx)
-    nz = 0 if zoff is None else len(zoff)
+        if zero.any():
+            zoff = offsets[zero]
+            offsets = offsets[~zero]
     buffers: list = []
+    nn = len(offsets)
     if nn:
-        rec = staging[:nn] if staging is not None else np.empty((nn, 8 + page_size), np.uint8)
-        np.take(pages, idx, axis=0, out=rec[:, 8:])
         words, name = encoder.record_words(idstr, offsets, RAM_SAVE_FLAG_PAGE)
-        rec[:, :8] = words.view(np.uint8).reshape(nn, 8)
-        flat = memoryview(rec).cast("B")
+        heads = memoryview(words).cast("B")
+        memory = memoryview(pages).cast("B")
+        starts = offsets.tolist()
+        buffers = [None] * (2 * nn)
+        buffers[0::2] = [heads[i:i + 8] for i in range(0, 8 * nn, 8)]
+        buffers[1::2] = [memory[o:o + page_size] for o in starts]
         if name:
             # The counted block name goes between the first header and its page.
-            buffers += [bytes(flat[:8]) + name, flat[8:]]
-        else:
-            buffers.append(flat)
+            buffers[0] = bytes(buffers[0]) + name
+    nz = 0 if zoff is None else len(zoff)
     if nz:
         buffers.append(encoder.zero_pages(idstr, zoff))
-    wire = sum(len(b) for b in buffers)
+    wire = nn * (8 + page_size) + (len(buffers[0]) - 8 if nn else 0) + \
+        (len(buffers[-1]) if nz else 0)
     return BatchResult(buffers, nn, nz, wire)
 
 
@@ -238,15 +244,10 @@ class RamSaver:
                         for b in guest.blocks]
         self._index = {bm.block.idstr: i for i, bm in enumerate(self.bitmaps)}
         self._current = 0
-        self._staging = self.new_staging()
         #: the main channel's record encoder: previous block, for CONTINUE
         self.encoder = RamRecordEncoder(page_size)
         #: held for every read-and-clear of a bitmap (postcopy: two senders)
         self.lock = threading.Lock()
-
-    def new_staging(self) -> np.ndarray:
-        """A staging array for :func:`encode_batch`, for a sender of its own."""
-        return np.empty((BATCH_PAGES, 8 + self.page_size), np.uint8)
 
     @property
     def total_bytes(self) -> int:
@@ -293,20 +294,19 @@ class RamSaver:
 
     def next_batch(self, limit: int = BATCH_PAGES) -> BatchResult | None:
         """Encode the next batch of dirty pages, or None when the round is done."""
-        item = self.next_pages(min(limit, BATCH_PAGES))
+        item = self.next_pages(limit)
         if item is None:
             return None
         return self.encode(item[0], item[1])
 
-    def encode(self, index: int, idx: np.ndarray, encoder: RamRecordEncoder | None = None,
-               staging: np.ndarray | None = None) -> BatchResult:
-        """Records for pages ``idx`` (ascending, at most :data:`BATCH_PAGES`) of block
-        ``index``; by default for the main channel (its encoder and staging)."""
+    def encode(self, index: int, idx: np.ndarray,
+               encoder: RamRecordEncoder | None = None) -> BatchResult:
+        """Records for pages ``idx`` (ascending) of block ``index``; by default for
+        the main channel (its encoder)."""
         bm = self.bitmaps[index]
         block = bm.block
         holes = bm.holes.mask(idx) if self.detect_zero else None
         return encode_batch(block.idstr, block.pages, idx, self.page_size, self.detect_zero,
-                            self._staging if staging is None else staging,
                             self.encoder if encoder is None else encoder, known_zero=holes)
 
     # -- postcopy ------------------------------------------------------------------

@@ -59,9 +59,10 @@ from engine.machine import RAM_SECTION_ID, GuestState, MachineProfile
 from engine.migration import check_implemented
 from engine.compress.zeropage import block_zero_page_mask
 from engine.multifd.packet import packet_size
-from engine.migration.ramsave import BATCH_PAGES, RamSaver
+from engine.migration.ramsave import BATCH_PAGES, PRECOPY_BATCH_PAGES, RamSaver
 from engine.migration.verify import memory_digests
 from engine.options import MigrationOptions
+from engine.procs import CpuMeter
 from engine.state import POSTCOPY_STATES, MigrationState, MigrationStatus as S
 from engine.stats import MigrationInfo, StatsAccumulator
 from engine.stream import encoder as enc
@@ -220,7 +221,6 @@ class SourceMigration:
         self.preempt_channel = None
         self._preempt_lock = threading.Lock()
         self._preempt_encoder = RamRecordEncoder(self.page_size)
-        self._preempt_staging = None
         self._pause_requested = threading.Event()
         self._resume_event = threading.Event()
         self._resume_uri: str | None = None
@@ -231,6 +231,8 @@ class SourceMigration:
         self.pause_error: EngineError | None = None
         self._owned_channels: list = []
         self._saved_switch_interval: float | None = None
+        #: CPU of this process and its multifd workers during the migration
+        self.cpu = CpuMeter(lambda: [p.pid for p in self.pool.procs] if self.pool else [])
 
     def prepare(self) -> None:
         """Start the multifd workers now, before the migration's clock runs.
@@ -386,6 +388,7 @@ class SourceMigration:
         stopped_by_us = False
         self.state.transition(S.SETUP)
         self.stats.start()
+        self.cpu.start()
         try:
             self._setup()
             # A migrate_cancel issued during setup ends it in setup, as in QEMU,
@@ -425,6 +428,7 @@ class SourceMigration:
                 self._await_return_path()
             with self._lock:
                 self.stats.completed()
+                self.stats.set_cpu_seconds(self.cpu.stop())
             self.state.transition(S.COMPLETED)
             if self.compute_digests:
                 # The guest stays stopped after completion (QEMU's postmigrate)
@@ -627,11 +631,11 @@ class SourceMigration:
                     break
             else:
                 batch = self.ram.next_batch(
-                    BATCH_PAGES if limiter is None
-                    else limiter.batch_pages(self.page_size + 8))
+                    PRECOPY_BATCH_PAGES if limiter is None
+                    else limiter.batch_pages(self.page_size + 8, PRECOPY_BATCH_PAGES))
                 if batch is None:
                     break
-                self._send(batch.buffers)
+                self.channel.send_views(batch.buffers)
                 self._account_batch(batch)
                 if limiter is not None:
                     limiter.account(batch.wire_bytes)
@@ -813,7 +817,7 @@ class SourceMigration:
                         break
                     self.ram.rewind()       # pages skipped after a request
                     continue
-                self._send(batch.buffers)
+                self.channel.send_views(batch.buffers)
                 self._account_batch(batch)
                 limiter.account(batch.wire_bytes)
                 if time.monotonic() >= deadline:
@@ -872,7 +876,7 @@ class SourceMigration:
             idx = self.ram.take_range(index, first, count)
             for start in range(0, len(idx), BATCH_PAGES):
                 batch = self.ram.encode(index, idx[start:start + BATCH_PAGES])
-                self._send(batch.buffers)
+                self.channel.send_views(batch.buffers)
                 self._account_batch(batch)
                 if self.limiter is not None:
                     self.limiter.account(batch.wire_bytes)
@@ -917,12 +921,10 @@ class SourceMigration:
             idx = self.ram.take_range(index, first, count)
             if not len(idx):
                 return
-            if self._preempt_staging is None:
-                self._preempt_staging = self.ram.new_staging()
             for start in range(0, len(idx), BATCH_PAGES):
                 batch = self.ram.encode(index, idx[start:start + BATCH_PAGES],
-                                        self._preempt_encoder, self._preempt_staging)
-                channel.sendmsg_all(batch.buffers)
+                                        self._preempt_encoder)
+                channel.send_views(batch.buffers)
                 self._account_batch(batch)
 
     def _send_urgent_page(self, channel, index: int, page: int) -> None:

@@ -38,8 +38,7 @@ def test_encode_batch_round_trips_through_the_decoder(detect_zero):
     pages = rng.integers(0, 256, size=(64, PS), dtype=np.uint8)
     pages[[3, 4, 10, 63]] = 0
     idx = np.array([0, 3, 4, 5, 10, 20, 63])
-    staging = np.empty((256, 8 + PS), np.uint8)
-    res = encode_batch("blk", pages, idx, PS, detect_zero, staging)
+    res = encode_batch("blk", pages, idx, PS, detect_zero)
     data = b"".join(bytes(b) for b in res.buffers)
     assert res.wire_bytes == len(data)
     got = decode_records(data, [("blk", 64 * PS)])
@@ -66,12 +65,17 @@ def test_encode_batch_all_zero_names_its_block_once():
     assert res.wire_bytes == 8 * 9 + 1 + len("m0")
 
 
-def test_encode_batch_snapshot_does_not_follow_later_writes():
+def test_encode_batch_sends_pages_from_guest_memory():
+    """No staging copy: each PAGE record is its header and a view of the page
+    where it lies (a write after this is a dirty page, sent again later)."""
     pages = np.full((4, PS), 7, np.uint8)
-    res = encode_batch("b", pages, np.arange(4), PS, True, np.empty((4, 8 + PS), np.uint8))
-    pages[:] = 9
+    res = encode_batch("b", pages, np.arange(4), PS, True)
+    views = [b for b in res.buffers if len(b) == PS]
+    assert len(views) == 4
+    assert all(np.shares_memory(np.frombuffer(v, np.uint8), pages) for v in views)
+    pages[2] = 9
     got = decode_records(b"".join(bytes(b) for b in res.buffers), [("b", 4 * PS)])
-    assert all(r[3] == bytes([7]) * PS for r in got)
+    assert got[2][3] == bytes([9]) * PS
 
 
 class FakeLog:
