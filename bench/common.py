@@ -62,8 +62,8 @@ class BenchError(EngineError):
 
 #: how each program's destination RAM starts (see bench/README.md, "Modes")
 MODES = {
-    "resident": "destination RAM filled and populated before the clock "
-                "(QEMU prealloc=on, engine --prealloc, on a pre-filled file)",
+    "resident": "destination RAM populated at start-up, before the clock "
+                "(QEMU prealloc=on, engine --prealloc)",
     "fresh": "destination RAM new: neither program populates it before the clock "
              "(QEMU without prealloc, engine without --prealloc)",
 }
@@ -135,28 +135,6 @@ class Scratch:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def prepare_destination(scratch: "Scratch", path: Path, size: int, mode: str) -> None:
-    """The destination's RAM file as ``mode`` wants it, before the clock.
-
-    ``resident``: a file of ``size`` zero bytes, every page written (so the
-    memory exists and the host has backed it); each program then also maps
-    it populated (QEMU's prealloc=on, the engine's --prealloc).  ``fresh``:
-    no file; the destination creates it and pays for every page it touches
-    during the migration.
-    """
-    scratch.remove(path)
-    if mode == "fresh":
-        return
-    zeros = np.zeros(COMPARE_CHUNK, np.uint8)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        for off in range(0, size, COMPARE_CHUNK):
-            os.pwrite(fd, zeros[:min(COMPARE_CHUNK, size - off)], off)
-    finally:
-        os.close(fd)
-    scratch.hold(path)
 
 
 def copy_file(src: Path, dst: Path) -> None:
@@ -294,7 +272,8 @@ def run_engine(scratch: Scratch, image: Path, src_ram: Path, size: int, transpor
     ``engine incoming URI --mem-path DST`` and ``engine migrate --to URI
     --mem-path SRC --workload none``, two fresh processes with no vCPUs (as
     QEMU's ``-M none`` has none), both given ``caps`` and ``params``; the
-    destination is prepared for ``mode`` (:func:`prepare_destination`).
+    destination creates its RAM file, populated at start-up (``--prealloc``)
+    in ``resident`` mode, not in ``fresh``.
     ``name`` names logs and sockets.  Returns :func:`figures`, with the CPU
     time both sides report (``x-cpu-time``: coordinator and workers, during
     the migration); raises :class:`BenchError` if either side did not
@@ -302,7 +281,7 @@ def run_engine(scratch: Scratch, image: Path, src_ram: Path, size: int, transpor
     """
     scratch.check(src_ram)
     dst_ram = scratch.shm("engine-dst")
-    prepare_destination(scratch, dst_ram, size, mode)
+    scratch.remove(dst_ram)     # the destination creates it
     uri = engine_uri(scratch, transport, name)
     dst_json, src_json = scratch.dir / f"{name}-incoming.json", scratch.dir / f"{name}-migrate.json"
     engine = [sys.executable, "-m", "engine"]
@@ -313,8 +292,7 @@ def run_engine(scratch: Scratch, image: Path, src_ram: Path, size: int, transpor
                          *options, "--quiet", "--json", dst_json, "--timeout", str(timeout)],
                         scratch.dir, f"{name}-incoming", cwd=REPO) as dst:
         listening = wait_listening(dst, timeout)
-        if mode == "fresh":
-            scratch.hold(dst_ram)  # created by now, and mapped by the destination
+        scratch.hold(dst_ram)  # created by now, and mapped by the destination
         start = time.perf_counter()
         with ManagedProcess([*engine, "migrate", "--to", listening, *ram,
                              "--mem-path", src_ram, "--workload", "none", *options,
@@ -371,19 +349,18 @@ def run_qemu(scratch: Scratch, image: Path, src_ram: Path, size: int, transport:
 
     Two ``-M none`` VMs (``tests/qemu.py``), both given ``caps`` and
     ``params`` before the destination listens (``migrate-incoming``) and the
-    source starts; the destination prepared for ``mode``, with prealloc=on
+    source starts; the destination creates its RAM file, with prealloc=on
     when resident.  Returns :func:`figures`; wall is ``migrate`` until
     ``completed`` was seen, and CPU both processes' time over the same span.
     """
     scratch.check(src_ram)
     dst_ram = scratch.shm("qemu-dst")
-    prepare_destination(scratch, dst_ram, size, mode)
+    scratch.remove(dst_ram)     # the destination creates it
     common = dict(start_timeout=timeout, command_timeout=timeout)
     with QemuVM(src_ram, size, name=f"{name}-src", **common) as src, \
             QemuVM(dst_ram, size, incoming="defer", name=f"{name}-dst",
                    prealloc=mode == "resident", **common) as dst:
-        if mode == "fresh":
-            scratch.hold(dst_ram)
+        scratch.hold(dst_ram)
         for vm in (src, dst):
             if caps:
                 vm.set_caps(dict(caps))

@@ -1,6 +1,9 @@
 """Multifd throughput: the engine and QEMU 7.2 over 1, 2, 4 channels and each codec.
 
-Every cell of the matrix (``--channels`` x ``--codecs``) migrates the same
+Every cell of the matrix (``--mode`` x ``--uri`` x ``--channels`` x ``--codecs``;
+modes as in bench/precopy.py: ``resident``, the default, has both
+destinations' RAM filled and mapped populated before the clock, ``fresh``
+leaves it new) migrates the same
 mixed image (50% zero, 40% text, 10% random pages; ``engine.ram.image``) of
 ``--size`` bytes, paused, on this host, once with the engine and once with
 QEMU, with the same settings on both sides and on both ends: capability
@@ -11,7 +14,9 @@ default ``multifd``: workers find zero pages); QEMU 7.2 has no such parameter
 and always finds them on the main channel, like the engine's ``legacy``.
 
 The time compared is the source's ``query-migrate`` ``total-time`` (the
-engine's from ``engine migrate --json``).  After every migration the
+engine's from ``engine migrate --json``), next to each side's downtime and
+CPU seconds per GiB (the engine's ``x-cpu-time`` of both sides: coordinators
+and workers; QEMU's two processes from ``migrate`` to ``completed``).  After every migration the
 destination's RAM file is compared with the image, and the source must report
 multifd bytes (the pages went over the multifd channels); either failing marks
 the cell failed, and the benchmark exits 1 after reporting the rest.
@@ -54,10 +59,10 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/common.py
 
-from common import (DOWNTIME_LIMIT_MS, IMAGE_SEED, MAX_BANDWIDTH, BenchError,  # noqa: E402
-                    RUN_FAILURES,
+from common import (DOWNTIME_LIMIT_MS, IMAGE_SEED, MAX_BANDWIDTH, MODES,  # noqa: E402
+                    BenchError, RUN_FAILURES,
                     Scratch, add_run_args, make_image, check_run_args, check_shm_free, copy_file,
-                    first_difference,
+                    compare_cell, first_difference, print_cells,
                     exit_through_finally_on_signals,
                     host_info, human_size, median, memcpy_limit, qemu_status,
                     run_engine, run_qemu, socket_limit, write_json, run_failed)
@@ -72,12 +77,18 @@ LEVEL = 1
 #: /dev/shm files alive at once: image, engine and QEMU sources, and either one
 #: migration's destination or the work floor's source and destination
 SHM_FILES = 5
-#: engine/QEMU total-time the engine should reach: (channels or None for any, codec) -> at most
-TARGETS = {(2, "none"): 0.4, (None, "zlib"): 0.5, (None, "zstd"): 0.5}
+#: engine/QEMU total-time the engine is held to in resident mode:
+#: (channels or None for any, codec) -> at most; fresh mode: no worse than QEMU
+TARGETS = {(2, "none"): 0.8, (2, "zstd"): 0.9, (None, "zlib"): 0.3}
+FRESH_TARGET = 1.0
+#: engine/QEMU CPU seconds the engine is held to (resident, nocomp)
+CPU_TARGETS = {"none": 1.0}
 
 
-def target_for(channels: int, codec: str) -> float | None:
+def target_for(mode: str, channels: int, codec: str) -> float | None:
     """The engine/QEMU time ratio this cell is held to, if any."""
+    if mode == "fresh":
+        return FRESH_TARGET
     return TARGETS.get((channels, codec), TARGETS.get((None, codec)))
 
 
@@ -92,8 +103,10 @@ def cell_options(channels: int, codec: str) -> tuple[dict, dict]:
     return {"multifd": True}, params
 
 
-def cell_key(channels: int, codec: str) -> str:
-    return f"{channels}ch-{codec}"
+def cell_key(channels: int, codec: str, mode: str | None = None,
+             transport: str | None = None) -> str:
+    head = f"{mode}-{transport}-" if mode else ""
+    return f"{head}{channels}ch-{codec}"
 
 
 # ---------------------------------------------------------------------------
@@ -106,11 +119,11 @@ def _checked(fig: dict, side: str) -> dict:
     return fig
 
 
-def run_cell(scratch: Scratch, sources: dict, image: Path, size: int, args,
-             channels: int, codec: str, rep: int, qemu_ok: bool) -> dict:
+def run_cell(scratch: Scratch, sources: dict, image: Path, size: int, args, mode: str,
+             transport: str, channels: int, codec: str, rep: int, qemu_ok: bool) -> dict:
     """Both sides on one cell; each side's figures or its error."""
     caps, params = cell_options(channels, codec)
-    name = f"{cell_key(channels, codec)}-{rep}"
+    name = f"{cell_key(channels, codec, mode, transport)}-{rep}"
     sides = ["engine", "qemu"] if rep % 2 else ["qemu", "engine"]
     out: dict = {}
     for side in sides:
@@ -118,12 +131,12 @@ def run_cell(scratch: Scratch, sources: dict, image: Path, size: int, args,
             continue
         try:
             if side == "engine":
-                fig = run_engine(scratch, image, sources["engine"], size, args.uri,
+                fig = run_engine(scratch, image, sources["engine"], size, transport, mode,
                                  f"engine-{name}", args.timeout, caps=caps,
                                  params={**params,
                                          "zero-page-detection": args.zero_page_detection})
             else:
-                fig = run_qemu(scratch, image, sources["qemu"], size, args.uri,
+                fig = run_qemu(scratch, image, sources["qemu"], size, transport, mode,
                                f"qemu-{name}", args.timeout, caps=caps, params=params)
             out[side] = _checked(fig, side)
         except (EngineError, TimeoutError, OSError) as exc:
@@ -159,8 +172,10 @@ def work_floor(scratch: Scratch, image: Path, size: int, codec: str,
     scratch.hold(src_path)
     src = RamBlock.create("pc.ram", size, mem_path=str(src_path))
     try:
+        # The work, not the host's: a destination whose memory exists already.
         dst = RamBlock.create("pc.ram", size, mem_path=str(dst_path))
         scratch.hold(dst_path)
+        dst.populate()
         try:
             channel = _MemoryChannel()
             writer = PacketWriter(channel, [src], codec, LEVEL, zero_detect)
@@ -206,6 +221,8 @@ class _MemoryChannel:
 
     def sendall(self, data) -> None:
         self.sendmsg_all([data])
+
+    send_views = sendmsg_all
 
     def recv_into(self, buf, nbytes: int = 0, flags: int = 0) -> int:
         view = memoryview(buf)[:nbytes or len(buf)]
@@ -277,10 +294,10 @@ def codec_limits(image: Path, codecs: list[str]) -> dict:
 # Summary
 
 def summarise(results: dict) -> dict:
-    """Per cell: medians over the repeats, ratios and the target verdict."""
+    """Per cell: medians over the repeats, ratios and the verdicts."""
     reps = results["repeats"]
-    sock = {n: median(r["socket_gbps"].get(str(n)) for r in reps)
-            for n in results["channels"]}
+    sock = {t: {n: median(r["socket_gbps"][t].get(str(n)) for r in reps)
+                for n in results["channels"]} for t in results["transports"]}
     memcpy = median(r["memcpy_gbps"] for r in reps)
     work = {codec: {side: median(r["work_floor"][codec][side] for r in reps
                                  if codec in r.get("work_floor", {}))
@@ -288,41 +305,31 @@ def summarise(results: dict) -> dict:
             for codec in results["codecs"]}
     cpus = results["host"]["cpus"] or 1
     cells = []
-    for channels in results["channels"]:
-        for codec in results["codecs"]:
-            key = cell_key(channels, codec)
-            runs = [r["cells"][key] for r in reps if key in r["cells"]]
-            cell: dict = {"channels": channels, "codec": codec}
-            for side in ("engine", "qemu"):
-                ok = [x[side] for x in runs if side in x and "error" not in x[side]]
-                errors = [x[side]["error"] for x in runs if side in x and "error" in x[side]]
-                if errors:
-                    cell[f"{side}_errors"] = errors
-                if ok:
-                    cell[side] = {k: median(x[k] for x in ok) for k in
-                                  ("total_time_ms", "wall_s", "downtime_ms",
-                                   "transferred_bytes", "multifd_bytes", "guest_gbps")}
-                    cell[side]["runs"] = len(ok)
-            eng, qemu = cell.get("engine"), cell.get("qemu")
-            w = work.get(codec, {})
-            if w.get("source_cpu_s") is not None:
-                src_s, dst_s = w["source_cpu_s"], w["destination_cpu_s"]
-                cell["floor_ms"] = 1000 * max((src_s + dst_s) / cpus, src_s / channels,
-                                              dst_s / channels)
-            if eng:
-                cell["engine_over_socket"] = eng["guest_gbps"] / sock[channels]
-                cell["engine_over_memcpy"] = eng["guest_gbps"] / memcpy
-                if "floor_ms" in cell:
-                    cell["engine_over_floor"] = eng["total_time_ms"] / cell["floor_ms"]
-            if eng and qemu:
-                cell["engine_over_qemu"] = eng["total_time_ms"] / qemu["total_time_ms"]
-            target = target_for(channels, codec)
-            if target is not None:
-                cell["target"] = target
-                cell["target_met"] = (cell["engine_over_qemu"] <= target
-                                      if "engine_over_qemu" in cell else None)
-            cells.append(cell)
-    return {"socket_gbps_median": {str(k): v for k, v in sock.items()},
+    for mode in results["modes"]:
+        for transport in results["transports"]:
+            for channels in results["channels"]:
+                for codec in results["codecs"]:
+                    key = cell_key(channels, codec, mode, transport)
+                    cell = compare_cell([r["cells"][key] for r in reps if key in r["cells"]],
+                                        target_for(mode, channels, codec),
+                                        CPU_TARGETS.get(codec) if mode == "resident" else None)
+                    cell.update(key=key, mode=mode, transport=transport, channels=channels,
+                                codec=codec)
+                    eng = cell.get("engine")
+                    w = work.get(codec, {})
+                    if w.get("source_cpu_s") is not None:
+                        src_s, dst_s = w["source_cpu_s"], w["destination_cpu_s"]
+                        cell["floor_ms"] = 1000 * max((src_s + dst_s) / cpus,
+                                                      src_s / channels, dst_s / channels)
+                    if eng:
+                        cell["engine_over_socket"] = (eng["guest_gbps"]
+                                                      / sock[transport][channels])
+                        cell["engine_over_memcpy"] = eng["guest_gbps"] / memcpy
+                        if "floor_ms" in cell:
+                            cell["engine_over_floor"] = eng["total_time_ms"] / cell["floor_ms"]
+                    cells.append(cell)
+    return {"socket_gbps_median": {t: {str(k): v for k, v in d.items()}
+                                   for t, d in sock.items()},
             "memcpy_gbps_median": memcpy, "work_cpu_s_median": work, "cells": cells}
 
 
@@ -330,55 +337,33 @@ def print_table(results: dict, out=sys.stdout) -> None:
     s = results["summary"]
     print(f"\nmultifd, {human_size(results['size_bytes'])} mixed image "
           f"({'/'.join(f'{int(p * 100)}' for p in MIXED)}% zero/text/random pages), "
-          f"{results['transport']} socket, paused guest, median of {results['repeat']}; "
+          f"paused guest, median of {results['repeat']}; "
           f"engine zero-page-detection={results['zero_page_detection']}", file=out)
     host = results["host"]
     print(f"host: {host['cpus']} CPUs, load average {host['loadavg_at_start'][0]:.2f} at "
           f"start, {results['loadavg_at_end'][0]:.2f} at end; "
           f"QEMU: {results.get('qemu_version', results.get('qemu_skipped'))}", file=out)
-    qlabel = results.get("qemu_version_short", "qemu")
-    print(f"{'cell':<10}{'engine':>9}{qlabel:>13}{'engine/':>9}{'engine':>8}"
-          f"{'/socket':>9}{'/memcpy':>9}{'floor':>7}{'engine/':>9}{'floor/':>8}"
-          f"{'target':>8}{'met':>5}", file=out)
-    print(f"{'':<10}{'ms':>9}{'ms':>13}{'QEMU':>9}{'GB/s':>8}{'':>9}{'':>9}"
-          f"{'ms':>7}{'floor':>9}{'QEMU':>8}{'':>8}{'':>5}", file=out)
-    for c in s["cells"]:
-        eng, qemu = c.get("engine"), c.get("qemu")
-        e_ms = f"{eng['total_time_ms']:.0f}" if eng else "FAILED"
-        q_ms = (f"{qemu['total_time_ms']:.0f}" if qemu else
-                "FAILED" if c.get("qemu_errors") else "-")
-        ratio = f"{c['engine_over_qemu']:.2f}" if "engine_over_qemu" in c else "-"
-        gbps = f"{eng['guest_gbps']:.2f}" if eng else "-"
-        so = f"{c['engine_over_socket']:.2f}" if eng else "-"
-        mc = f"{c['engine_over_memcpy']:.2f}" if eng else "-"
-        floor = f"{c['floor_ms']:.0f}" if "floor_ms" in c else "-"
-        over_floor = f"{c['engine_over_floor']:.2f}" if "engine_over_floor" in c else "-"
-        floor_qemu = (f"{c['floor_ms'] / qemu['total_time_ms']:.2f}"
-                      if qemu and "floor_ms" in c else "-")
-        tgt = f"<={c['target']:.1f}" if "target" in c else ""
-        met = {True: "yes", False: "NO", None: "?"}[c["target_met"]] if "target" in c else ""
-        print(f"{cell_key(c['channels'], c['codec']):<10}{e_ms:>9}{q_ms:>13}{ratio:>9}"
-              f"{gbps:>8}{so:>9}{mc:>9}{floor:>7}{over_floor:>9}{floor_qemu:>8}"
-              f"{tgt:>8}{met:>5}", file=out)
-    limits = ", ".join(f"socket {n}: {v:.2f}" for n, v in s["socket_gbps_median"].items())
-    print(f"limits (GB/s): {limits} (N streams, {results['transport']}); "
-          f"memcpy {s['memcpy_gbps_median']:.2f}", file=out)
+    for mode in results["modes"]:
+        print(f"{mode}: {MODES[mode]}", file=out)
+    print_cells(s["cells"], results.get("qemu_version_short", "qemu"), out)
+    for t, d in s["socket_gbps_median"].items():
+        limits = ", ".join(f"{n} streams {v:.2f}" for n, v in d.items())
+        print(f"limits (GB/s), {t}: {limits}; memcpy {s['memcpy_gbps_median']:.2f}", file=out)
+    floors = ", ".join(f"{cell_key(c['channels'], c['codec'])} {c['floor_ms']:.0f}"
+                       for c in s["cells"] if "floor_ms" in c
+                       and c["mode"] == results["modes"][0]
+                       and c["transport"] == results["transports"][0])
     work = ", ".join(f"{codec} {v['source_cpu_s'] * 1000:.0f}+{v['destination_cpu_s'] * 1000:.0f}"
                      for codec, v in s.get("work_cpu_s_median", {}).items()
                      if v.get("source_cpu_s") is not None)
     if work:
         print(f"work floor: the engine's page work in one process, ms CPU source+destination: "
               f"{work}; floor = max(total / {results['host']['cpus']} CPUs, "
-              "each side / channels)", file=out)
+              f"each side / channels), ms: {floors}", file=out)
     if results.get("codec_limits"):
         libs = ", ".join(f"{name} {v['mbps']:.0f} MB/s x{v['ratio']:.3f}"
                          for name, v in results["codec_limits"].items())
         print(f"level {LEVEL}, one core, input MB/s x compressed/input: {libs}", file=out)
-    failed = [c for c in s["cells"] if c.get("engine_errors") or c.get("qemu_errors")]
-    for c in failed:
-        for side in ("engine", "qemu"):
-            for err in c.get(f"{side}_errors", ()):
-                print(f"{cell_key(c['channels'], c['codec'])} {side} failed: {err}", file=out)
 
 
 def plot(results: dict, path: str) -> str | None:
@@ -390,7 +375,7 @@ def plot(results: dict, path: str) -> str | None:
     except ImportError:
         return "the chart needs matplotlib (pip install matplotlib)"
     cells = results["summary"]["cells"]
-    labels = [cell_key(c["channels"], c["codec"]) for c in cells]
+    labels = [c["key"] for c in cells]
     nan = float("nan")  # a side with no figure gets no bar
     eng = [c["engine"]["total_time_ms"] if c.get("engine") else nan for c in cells]
     qemu = [c["qemu"]["total_time_ms"] if c.get("qemu") else nan for c in cells]
@@ -410,7 +395,7 @@ def plot(results: dict, path: str) -> str | None:
     ax.set_yscale("log")  # zlib takes about ten times as long as the rest
     ax.set_ylabel("total-time (ms, log scale), lower is better")
     ax.set_title(f"multifd, {human_size(results['size_bytes'])} mixed image, "
-                 f"{results['transport']} socket, median of {results['repeat']}")
+                 f"median of {results['repeat']}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -463,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     exit_through_finally_on_signals()
 
-    results: dict = {"size_bytes": size, "transport": args.uri, "repeat": args.repeat,
+    results: dict = {"size_bytes": size, "transports": args.uri, "modes": args.mode,
+                     "repeat": args.repeat,
                      "channels": args.channels, "codecs": args.codecs,
                      "zero_page_detection": args.zero_page_detection,
                      "compression_level": LEVEL, "max_bandwidth": MAX_BANDWIDTH,
@@ -489,30 +475,32 @@ def main(argv: list[str] | None = None) -> int:
                 scratch.hold(sources[side])
             for rep in range(1, args.repeat + 1):
                 row: dict = {"socket_gbps": {}, "cells": {}}
-                for n in args.channels:
-                    row["socket_gbps"][str(n)] = socket_limit(scratch, size, args.uri,
-                                                              args.timeout, streams=n)
+                for transport in args.uri:
+                    row["socket_gbps"][transport] = {
+                        str(n): socket_limit(scratch, size, transport, args.timeout, streams=n)
+                        for n in args.channels}
                 row["memcpy_gbps"] = memcpy_limit(size)
                 row["work_floor"] = {
                     codec: work_floor(scratch, image, size, codec,
                                       args.zero_page_detection != "none")
                     for codec in args.codecs}
-                limits = ", ".join(f"{n}: {v:.2f}" for n, v in row["socket_gbps"].items())
                 floors = ", ".join(f"{c} {v['source_cpu_s'] * 1000:.0f}+"
                                    f"{v['destination_cpu_s'] * 1000:.0f}"
                                    for c, v in row["work_floor"].items())
-                print(f"repeat {rep}/{args.repeat}: socket GB/s {limits}; "
-                      f"memcpy {row['memcpy_gbps']:.2f} GB/s; work ms CPU "
-                      f"(source+destination) {floors}", flush=True)
-                for channels in args.channels:
-                    for codec in args.codecs:
-                        cell = run_cell(scratch, sources, image, size, args, channels,
-                                        codec, rep, qemu_ok)
-                        row["cells"][cell_key(channels, codec)] = cell
-                        times = ", ".join(
-                            f"{side} {v['total_time_ms']} ms" for side, v in cell.items()
-                            if "error" not in v)
-                        print(f"  {cell_key(channels, codec):<9} {times}", flush=True)
+                print(f"repeat {rep}/{args.repeat}: memcpy {row['memcpy_gbps']:.2f} GB/s; "
+                      f"work ms CPU (source+destination) {floors}", flush=True)
+                for mode in args.mode:
+                    for transport in args.uri:
+                        for channels in args.channels:
+                            for codec in args.codecs:
+                                key = cell_key(channels, codec, mode, transport)
+                                cell = run_cell(scratch, sources, image, size, args, mode,
+                                                transport, channels, codec, rep, qemu_ok)
+                                row["cells"][key] = cell
+                                times = ", ".join(
+                                    f"{side} {v['total_time_ms']} ms {v['cpu_s']:.2f} s CPU"
+                                    for side, v in cell.items() if "error" not in v)
+                                print(f"  {key:<26} {times}", flush=True)
                 results["repeats"].append(row)
     except RUN_FAILURES as exc:
         return run_failed(exc)

@@ -142,7 +142,8 @@ class DestinationMigration:
         self.pool = RecvPool(int(self.options.param("multifd-channels")), self.guest.blocks,
                              logs,
                              codec=self.options.param("multifd-compression"),
-                             page_size=self.page_size)
+                             page_size=self.page_size,
+                             prealloc=bool(getattr(self.guest, "prealloc", False)))
 
     def close(self) -> None:
         """Kill the multifd workers and free the received bitmaps (idempotent).

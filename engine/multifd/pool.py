@@ -309,7 +309,7 @@ class RecvPool(_Pool):
     role = "receive"
 
     def __init__(self, n: int, blocks, received_logs, *, codec: str = "none",
-                 page_size: int = 4096, page_count: int = 128):
+                 page_size: int = 4096, page_count: int = 128, prealloc: bool = False):
         super().__init__(n)
         self._fd_socks: list[socket.socket] = []
         self.attached: set[int] = set()
@@ -323,7 +323,7 @@ class RecvPool(_Pool):
                 self._fd_socks.append(ours)
                 cfg = RecvWorkerConfig(i, self.endpoint, tuple(b.handle for b in blocks),
                                        tuple(r.handle for r in received_logs), fresh,
-                                       codec, page_size, page_count, os.getpid())
+                                       codec, prealloc, page_size, page_count, os.getpid())
                 try:
                     self.procs.append(spawn(recv_worker_main, (cfg, theirs),
                                             f"engine-multifd-recv-{i}"))

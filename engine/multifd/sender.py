@@ -86,7 +86,7 @@ class PacketWriter:
                 out.append(batch.header(k))
                 out.extend(runs)
             if out:
-                self.channel.sendmsg_all(out)
+                self.channel.send_views(out)
             sent = len(batch) * batch.header_size + normal_total * ps
         else:
             sent = 0

@@ -100,6 +100,8 @@ class RamBlock:
         #: True while the block is known to be all zero because this process
         #: just created it; lets a destination skip zero pages entirely.
         self.fresh = fresh
+        #: True once :meth:`populate` mapped every page in this process
+        self.populated = False
         self.idstr = handle.idstr
         self.used_length = handle.used_length
         self.page_size = handle.page_size
@@ -259,13 +261,13 @@ class RamBlock:
         """
         self._check_open()
         addr = self._array.ctypes.data
-        if _libc.madvise(addr, self.used_length, _MADV_POPULATE_WRITE) == 0:
-            return
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            raise GuestError(f"RAM block {self.idstr!r}: populating {self.used_length} "
-                             f"bytes failed: {os.strerror(err)}")
-        self._pages[:, 0] |= 0      # a write to each page faults it in
+        if _libc.madvise(addr, self.used_length, _MADV_POPULATE_WRITE) != 0:
+            err = ctypes.get_errno()
+            if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise GuestError(f"RAM block {self.idstr!r}: populating {self.used_length} "
+                                 f"bytes failed: {os.strerror(err)}")
+            self._pages[:, 0] |= 0      # a write to each page faults it in
+        self.populated = True
 
     # -- lifecycle ----------------------------------------------------------------
 

@@ -86,6 +86,7 @@ class Guest:
         self.blocks: list[RamBlock] = list(blocks)
         self.workload = workload
         self.nvcpus = nvcpus
+        self.prealloc = False
         self.page_size = self.blocks[0].page_size if self.blocks else DEFAULT_PAGE_SIZE
         self._by_id = {b.idstr: b for b in self.blocks}
         if len(self._by_id) != len(self.blocks):
@@ -134,6 +135,9 @@ class Guest:
             with contextlib.suppress(Exception):   # keep the original error
                 res.close()
             raise
+        #: made with prealloc: helper processes that write its memory populate
+        #: their own mappings too (each process has its own page tables)
+        guest.prealloc = prealloc
         guest._await_vcpus(start, startup_timeout)
         return guest
 

@@ -29,17 +29,21 @@ def run_bench(script: str, *args, timeout=600):
 def test_multifd_matrix_reports_every_cell_and_the_codec_libraries(tmp_path):
     out, png = tmp_path / "multifd.json", tmp_path / "multifd.png"
     r = run_bench("multifd.py", "--size", "16M", "--repeat", "1", "--channels", "1,2",
-                  "--codecs", "none,zlib,zstd", "--json", str(out), "--png", str(png),
-                  *QEMU_ARGS)
+                  "--codecs", "none,zlib,zstd", "--uri", "unix", "--mode", "resident,fresh",
+                  "--json", str(out), "--png", str(png), *QEMU_ARGS)
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads(out.read_text())
     assert res["channels"] == [1, 2] and res["codecs"] == ["none", "zlib", "zstd"]
-    cells = {(c["channels"], c["codec"]): c for c in res["summary"]["cells"]}
-    assert set(cells) == {(n, c) for n in (1, 2) for c in ("none", "zlib", "zstd")}
-    for (n, codec), cell in cells.items():
+    assert res["modes"] == ["resident", "fresh"] and res["transports"] == ["unix"]
+    cells = {(c["mode"], c["channels"], c["codec"]): c for c in res["summary"]["cells"]}
+    assert set(cells) == {(m, n, c) for m in ("resident", "fresh") for n in (1, 2)
+                          for c in ("none", "zlib", "zstd")}
+    for (mode, n, codec), cell in cells.items():
         eng = cell["engine"]
         assert eng["runs"] == 1 and eng["total_time_ms"] > 0
         assert eng["multifd_bytes"] > 0               # the pages went over multifd
+        # CPU clocks tick in 10 ms: a 16 MiB migration may read 0.
+        assert eng["cpu_s"] >= 0 and eng["cpu_s_per_gib"] >= 0 and eng["downtime_ms"] >= 0
         if codec != "none":
             # Compressed: fewer bytes on the wire than the non-zero half of RAM.
             assert eng["multifd_bytes"] < (16 << 20) // 2
@@ -47,10 +51,16 @@ def test_multifd_matrix_reports_every_cell_and_the_codec_libraries(tmp_path):
         assert cell["floor_ms"] > 0 and cell["engine_over_floor"] > 0
         if QEMU_OK:
             assert cell["qemu"]["total_time_ms"] > 0 and cell["engine_over_qemu"] > 0
-            assert f"{n}ch-{codec}" in r.stdout
-    assert cells[(2, "none")]["target"] == 0.4
-    assert cells[(1, "zstd")]["target"] == cells[(2, "zlib")]["target"] == 0.5
-    assert "target" not in cells[(1, "none")]
+            assert cell["qemu"]["cpu_s"] >= 0
+            assert f"{mode}-unix-{n}ch-{codec}" in r.stdout
+    assert cells[("resident", 2, "none")]["target"] == 0.8
+    assert cells[("resident", 2, "none")]["cpu_target"] == 1.0
+    assert cells[("resident", 2, "zstd")]["target"] == 0.9
+    assert cells[("resident", 1, "zlib")]["target"] == cells[("resident", 2, "zlib")]["target"] \
+        == 0.3
+    assert "target" not in cells[("resident", 1, "none")]
+    assert all(cells[("fresh", n, c)]["target"] == 1.0 for n in (1, 2)
+               for c in ("none", "zlib", "zstd"))
     # The libraries behind the codecs, measured on the same image.
     libs = res["codec_limits"]
     assert set(libs) == {"zlib", "ISA-L", "zstd"}
@@ -73,21 +83,33 @@ def test_multifd_bench_refuses_a_bad_size():
     assert "size" in r.stderr
 
 
-def test_precopy_reports_engine_next_to_the_limits(tmp_path):
+def test_precopy_reports_both_modes_and_transports_next_to_the_limits(tmp_path):
     out = tmp_path / "precopy.json"
-    r = run_bench("precopy.py", "--size", "16M", "--repeat", "1", "--json", str(out),
-                  *QEMU_ARGS)
+    r = run_bench("precopy.py", "--size", "16M", "--repeat", "1", "--mode", "resident,fresh",
+                  "--json", str(out), *QEMU_ARGS)
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads(out.read_text())
-    med, ratios = res["median"], res["ratios"]
-    assert med["engine"]["total_time_ms"] > 0 and med["engine"]["transferred_bytes"] > 0
-    assert med["socket_gbps"] > 0 and med["memcpy_gbps"] > 0
-    assert ratios["engine_guest_gbps_over_socket"] > 0
-    if QEMU_OK:
-        assert med["qemu"]["total_time_ms"] > 0
-        assert ratios["engine_over_qemu_total_time"] > 0
-    else:
-        assert "qemu" not in med
+    s = res["summary"]
+    cells = {c["key"]: c for c in s["cells"]}
+    assert set(cells) == {f"{m}-{t}" for m in ("resident", "fresh") for t in ("unix", "tcp")}
+    for key, cell in cells.items():
+        eng = cell["engine"]
+        assert eng["total_time_ms"] > 0 and eng["transferred_bytes"] > 0
+        assert eng["cpu_s"] >= 0 and eng["downtime_ms"] >= 0    # CPU ticks: 10 ms
+        assert cell["engine_over_socket"] > 0 and cell["target"] == 1.0
+        assert ("cpu_target" in cell) == key.startswith("resident")
+        if QEMU_OK:
+            assert cell["qemu"]["total_time_ms"] > 0 and cell["engine_over_qemu"] > 0
+            assert cell["qemu"]["cpu_s"] >= 0
+        else:
+            assert "qemu" not in cell
+    assert s["memcpy_gbps"] > 0 and set(s["socket_gbps"]) == {"unix", "tcp"}
+    # The command line around a migration: start-up and teardown.
+    st = s["startup"]
+    assert st["migrate_wall_s"] > st["migrate_total_time_s"] > 0
+    assert st["incoming_listen_s"] > 0 and set(st["met"]) == {"migrate_overhead_s",
+                                                               "incoming_listen_s"}
+    assert "start-up:" in r.stdout
 
 
 @pytest.mark.parametrize("codec", ["none", "zstd"])

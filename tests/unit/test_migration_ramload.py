@@ -36,7 +36,7 @@ def test_a_run_lands_where_its_offsets_say_and_the_last_copy_wins(tmp_shm_path):
         assert (block.pages[5] == 8).all() and ram.pages == 5
 
 
-def test_zero_pages_clear_only_what_is_not_zero(tmp_shm_path):
+def test_zero_pages_clear_a_used_block(tmp_shm_path):
     block, ram = loader(tmp_shm_path, fresh=False)
     with block:
         block.pages[3] = 0
@@ -49,12 +49,12 @@ def test_zero_pages_clear_only_what_is_not_zero(tmp_shm_path):
 
 def test_a_fresh_block_trusts_its_zeros_until_a_page_arrives(tmp_shm_path):
     """Memory this process created is zero where nothing was received; only a
-    page that was received before is cleared (and read) again."""
+    page that was received before is cleared (or even touched) again."""
     block, ram = loader(tmp_shm_path, fresh=True)
     with block:
         ram.apply(ev.RamPages("m0", offsets(6), np.full((1, PS), 9, np.uint8)))
-        # Stand-in for memory the loader must not read: if it looked, it
-        # would clear this page.
+        # Stand-in for memory the loader must not touch: if it did, it would
+        # clear this page.
         block.pages[2] = 0x77
         ram.apply(ev.RamZeros("m0", offsets(2, 6)))
         assert (block.pages[2] == 0x77).all()               # trusted, untouched

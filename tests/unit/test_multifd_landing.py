@@ -1,4 +1,5 @@
-"""The receive side landing pages in a real RAM block through its file descriptor."""
+"""The receive side landing pages in a real RAM block: through its file descriptor,
+or (a destination made with prealloc) straight into its populated mapping."""
 from __future__ import annotations
 
 import socket
@@ -22,11 +23,27 @@ class Log:
         self.log = np.zeros(NPAGES, np.uint8)
 
 
+def _block(populated: bool):
+    block = RamBlock.create("m0", NPAGES * PS)
+    block.array[:] = 0xFF           # so that any write shows
+    if populated:
+        block.populate()
+    return block
+
+
+@pytest.fixture(params=["file", "mapping"])
+def dst(request, monkeypatch):
+    """A block filled with 0xFF, landed in through its file or its mapping."""
+    with _block(request.param == "mapping") as block:
+        if block.populated:
+            # The mapping path never writes through the file.
+            monkeypatch.setattr(receiver.os, "pwrite", None)
+        yield block
+
+
 @pytest.fixture
-def dst():
-    """A fresh block filled with 0xFF, so that any write shows."""
-    with RamBlock.create("m0", NPAGES * PS) as block:
-        block.array[:] = 0xFF
+def file_dst():
+    with _block(False) as block:
         yield block
 
 
@@ -98,7 +115,8 @@ def test_compressed_pages_land_through_the_file(dst):
         assert dst.pages[p].tobytes() == (page(p) if p in normal else b"\xff" * PS), p
 
 
-def test_short_writes_are_resumed(dst, monkeypatch):
+def test_short_writes_are_resumed(file_dst, monkeypatch):
+    dst = file_dst
     real = receiver.os.pwrite
     calls = []
 

@@ -30,6 +30,8 @@ class RecordingChannel:
         self.calls.append(data)
         return len(data)
 
+    send_views = sendmsg_all
+
     def sendall(self, data):
         self.calls.append(bytes(data))
 
