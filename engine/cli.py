@@ -9,10 +9,12 @@ option costs nothing to undo.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 
+from engine import trace
 from engine.errors import ConfigError, EngineError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MISMATCH = 0, 1, 2, 3
@@ -57,6 +59,10 @@ def _add_guest_options(p: argparse.ArgumentParser, *, ram_default: str | None) -
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="engine", description=__doc__.splitlines()[0])
+    ap.add_argument("--trace", metavar="PATTERN",
+                    help="trace events matching these comma-separated globs to stderr, "
+                         "like QEMU's -trace (e.g. 'migrate_set_state,multifd_*'); "
+                         f"the {trace.ENV} environment variable does the same")
     sub = ap.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("migrate", help="migrate a live guest (to a local destination by default)")
@@ -119,6 +125,11 @@ def _on_sigterm(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.trace:
+        # Set for the children too: workers, vCPUs and the local destination
+        # trace the same events into the same stderr.
+        os.environ[trace.ENV] = args.trace
+    trace.enable_from_env()
     # A service manager or CI timeout stops us with SIGTERM: leave nothing
     # behind then either (worker processes, segments, socket files).
     if threading.current_thread() is threading.main_thread():

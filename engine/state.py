@@ -77,6 +77,8 @@ from enum import Enum
 from types import MappingProxyType
 from typing import Callable, Iterable, Literal, Mapping
 
+from engine.trace import trace
+
 from engine.errors import StateError
 
 __all__ = [
@@ -308,6 +310,7 @@ class MigrationState:
             raise StateError(old.value, new.value, self.role)
         self._status = new
         self._history.append((self._clock(), new))
+        trace("migrate_set_state", role=self.role, old=old.value, new=new.value)
         self._cond.notify_all()
         if self._on_change is not None:
             self._on_change(old, new)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +35,10 @@ from engine.errors import ChannelError, ConfigError, MigrationError
 DESTINATION_START_SECONDS = 60
 #: how long the local destination may take to exit at each step of kill()
 DESTINATION_EXIT_SECONDS = 10
+
+
+#: a line of engine.trace output: pid@seconds:event
+_TRACE_LINE = re.compile(r"^\d+@\d+\.\d+:\w")
 
 
 class LocalDestination:
@@ -79,6 +84,11 @@ class LocalDestination:
 
     def _read_stderr(self):
         for line in self.proc.stderr:
+            if _TRACE_LINE.match(line):
+                # The destination's trace points join ours, as they happen.
+                sys.stderr.write(line)
+                sys.stderr.flush()
+                continue
             self._err.append(line)
 
     def wait_listening(self) -> str:

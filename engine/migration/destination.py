@@ -27,7 +27,7 @@ from engine.migration import check_implemented
 from engine.migration.ramload import RamLoader
 from engine.migration.verify import memory_digests
 from engine.options import MigrationOptions
-from engine.procs import CpuMeter
+from engine.procs import CpuMeter, no_cycle_collection
 from engine.state import MigrationState, MigrationStatus as S
 from engine.stats import MigrationInfo, StatsAccumulator
 from engine.stream import events as ev
@@ -222,6 +222,10 @@ class DestinationMigration:
         ``listener`` (still listening) is where a postcopy-preempt source
         connects its preempt channel; without it that capability fails.
         """
+        with no_cycle_collection():
+            return self._run(channel, multifd_channels, listener)
+
+    def _run(self, channel, multifd_channels: dict | None, listener) -> MigrationInfo:
         self.channel = channel
         self.listener = listener
         self.multifd_channels = dict(multifd_channels or {})

@@ -62,7 +62,7 @@ from engine.multifd.packet import packet_size
 from engine.migration.ramsave import BATCH_PAGES, PRECOPY_BATCH_PAGES, RamSaver
 from engine.migration.verify import memory_digests
 from engine.options import MigrationOptions
-from engine.procs import CpuMeter
+from engine.procs import CpuMeter, no_cycle_collection
 from engine.state import POSTCOPY_STATES, MigrationState, MigrationStatus as S
 from engine.stats import MigrationInfo, StatsAccumulator
 from engine.stream import encoder as enc
@@ -72,6 +72,7 @@ from engine.stream.constants import (QEMU_VM_PING_PACKAGED_LOADED, RAM_SECTION_I
 from engine.stream.encoder import RamRecordEncoder
 from engine.stream.vmdesc import build_vmdesc
 from engine.transport import connect, parse_uri
+from engine.trace import trace
 
 #: QEMU's BUFFER_DELAY: the rate limiter's and the bandwidth meter's window.
 WINDOW_SECONDS = 0.1
@@ -375,6 +376,10 @@ class SourceMigration:
     def run(self, channel, uri: str | None = None) -> MigrationInfo:
         """Migrate over ``channel`` (connected); multifd and the postcopy preempt
         channel connect to ``uri``.  The caller keeps owning ``channel``."""
+        with no_cycle_collection():
+            return self._run(channel, uri)
+
+    def _run(self, channel, uri: str | None) -> MigrationInfo:
         self.channel = channel
         self.uri = uri
         self.limiter = None
@@ -410,6 +415,7 @@ class SourceMigration:
                 self.guest.stop()
                 self.guest_state.note_stopped()
             self.stats.vm_stopped()
+            trace("migration_completion_vm_stop", was_running=was_running)
             # The guest is stopped: whatever is left goes out as fast as the
             # channels carry it (QEMU checks max-bandwidth only while iterating;
             # a cap here would stretch the downtime, and with multifd it shrank
@@ -556,6 +562,7 @@ class SourceMigration:
         """A dirty-bitmap sync: the stats' count (MIGRATION_PASS) and the hook."""
         with self._lock:
             count = self.stats.dirty_sync(new, pending_pages)
+        trace("migration_bitmap_sync_end", new_dirty=new, pending=pending_pages, sync=count)
         if self.on_pass:
             self.on_pass(count)
 

@@ -31,6 +31,7 @@ from engine.multifd import control as ctl
 from engine.multifd.receiver import RecvWorkerConfig, recv_worker_main
 from engine.multifd.sender import SendWorkerConfig, packets_needed, send_worker_main
 from engine.procs import spawn
+from engine.trace import trace
 
 #: pages per BATCH message: 8 packets, so the coordinator's cost per page is tiny
 BATCH_PAGES = 1024
@@ -288,6 +289,7 @@ class SendPool(_Pool):
         while any(self._outstanding):
             self._collect_one()
         self._round += 1
+        trace("multifd_send_sync_main", round=self._round, packet_num=self.packet_num)
         for i in range(self.n):
             self._send(i, ctl.Sync(self._round, self.packet_num))
             self.packet_num += 1
@@ -351,6 +353,7 @@ class RecvPool(_Pool):
         """QEMU's multifd_recv_sync_main: every channel reached its SYNC; release all."""
         synced = self._wait_all(ctl.Synced, "multifd channels to sync")
         self._round += 1
+        trace("multifd_recv_sync_main", round=self._round)
         for i, s in enumerate(synced):
             if s.round != self._round:
                 # A channel past the barrier (or behind it) would break the

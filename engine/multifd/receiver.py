@@ -47,6 +47,7 @@ from engine.errors import ChannelClosedError, EngineError, RemoteProtocolError
 from engine.multifd import control as ctl
 from engine.multifd.packet import MultiFDPacketHeader, packet_size
 from engine.multifd.worker import control_socket
+from engine.trace import trace
 
 #: at most this many iovecs per recvmsg_into call (Linux IOV_MAX)
 _IOV_MAX = 1024
@@ -255,10 +256,13 @@ def recv_worker_main(cfg: RecvWorkerConfig, fd_sock: socket.socket) -> None:
             reader = PacketReader(sock, channel_id, blocks, logs, cfg.fresh, cfg.codec,
                                   cfg.page_size, cfg.page_count)
             zs.send_multipart(ctl.Ready(channel_id).frames())
+            trace("multifd_recv_thread_start", id=channel_id)
             rounds = 0
             while True:
                 h = reader.read_packet()
                 if h is None:
+                    trace("multifd_recv_thread_end", id=channel_id, pages=reader.normal,
+                          zero=reader.zero, bytes=reader.offset)
                     zs.send_multipart(ctl.Done(reader.offset).frames())
                     return
                 if h.is_sync:

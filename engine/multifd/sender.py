@@ -27,6 +27,7 @@ from engine.multifd import control as ctl
 from engine.multifd.packet import MultiFDInit, MultiFDPacketHeader, RamPacketBatch
 from engine.multifd.worker import control_socket
 from engine.ram.holes import HoleMap, block_fd
+from engine.trace import trace
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,7 @@ def send_worker_main(cfg: SendWorkerConfig) -> None:
                     writer = PacketWriter(channel, blocks, cfg.codec, cfg.level,
                                           cfg.zero_detect, cfg.page_size, cfg.page_count)
                     writer.send_init(msg.uuid, msg.channel_id)
+                    trace("multifd_send_thread_start", id=msg.channel_id)
                     sock.send_multipart(ctl.Ready(msg.channel_id).frames())
                 elif isinstance(msg, ctl.Batch):
                     normal, zero, nbytes = writer.send_batch(msg.block_index, msg.pages,
@@ -166,6 +168,7 @@ def send_worker_main(cfg: SendWorkerConfig) -> None:
                     sock.send_multipart(ctl.Synced(msg.round).frames())
                 elif isinstance(msg, ctl.Bye):
                     wire = writer.wire_bytes if writer else 0
+                    trace("multifd_send_thread_end", id=cfg.index, bytes=wire)
                     if channel is not None:
                         channel.close()
                         channel = None
