@@ -110,6 +110,10 @@ _MODULE_COMMANDS = {
 }
 
 
+#: commands that start vCPUs, workers or a fault handler
+_SPAWNING = frozenset({"migrate", "incoming", "vm", "stress"})
+
+
 def _command_module(name: str):
     import importlib
     return importlib.import_module(f"engine.commands.{name}")
@@ -134,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     # behind then either (worker processes, segments, socket files).
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
+    if args.command in _SPAWNING:
+        # The template its children fork from imports numpy, zmq and the
+        # codecs while this process makes the guest.
+        from engine.procs import warm_up
+        warm_up()
     try:
         if args.command == "migrate":
             from engine.commands.migrate import run_migrate

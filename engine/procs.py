@@ -3,10 +3,22 @@
 Two rules hold for every one of them.  Ctrl-C belongs to the coordinator
 (it cancels the migration and cleans up), so children ignore SIGINT; and a
 child never outlives its coordinator, so it asks the kernel for SIGKILL when
-the parent goes away.  Children start with ``spawn``: no zmq context, numpy
-state or lock is inherited across fork.
+its parent goes away.
 
-A child also starts with ``OPENBLAS_NUM_THREADS=1`` unless the caller set it.
+Children are forked from a template process (multiprocessing's
+``forkserver``), started once per coordinator with the worker modules
+already imported: a fresh interpreter importing numpy, zmq and the codecs
+costs ~0.3 s of CPU per child, a fork a few milliseconds.  The template is
+itself a fresh interpreter, so no zmq context, numpy state or lock of the
+coordinator is inherited.  It leaves when the coordinator does (its pipe
+from the coordinator closes), and then the children's parent-death signal
+fires; a child also checks on the coordinator itself (:func:`parent_alive`),
+for the moment between a coordinator's death and the template's.
+:func:`warm_up` starts the template early, so that its imports overlap the
+rest of a command's start-up.
+
+A child (the template, so every child) also starts with
+``OPENBLAS_NUM_THREADS=1`` unless the caller had set it.
 No child does linear algebra, but numpy's OpenBLAS starts a thread per core
 at import, and each busy-waits for work for about 0.1 s of CPU before it
 sleeps: on a small host that is CPU taken from the migration the child was
@@ -33,15 +45,54 @@ _ENV_LOCK = threading.Lock()
 _CHILD_ENV = {"OPENBLAS_NUM_THREADS": "1"}
 
 
+#: the modules every child runs from: the template process imports them once
+_TEMPLATE_PRELOAD = ["engine.multifd.sender", "engine.multifd.receiver", "engine.ram.vcpu",
+                     "engine.postcopy.handler"]
+
+
+def parent_alive(parent_pid: int) -> bool:
+    """Whether the coordinator ``parent_pid`` still runs (a child's parent is the
+    template process, so ``getppid`` does not say).  A zombie counts as gone:
+    a coordinator killed under a parent that has not reaped it yet."""
+    try:
+        with open(f"/proc/{parent_pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True         # no /proc to look at: assume it runs
+    # pid (comm) state ...: the state follows the last ')'.
+    return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] not in (b"Z", b"X")
+
+
+def _drop_template_link() -> None:
+    """Close the template's liveness pipe that multiprocessing hands every child.
+
+    The template leaves when the last holder of that pipe's write end has
+    gone, and multiprocessing gives one to each child (so that children could
+    use the template too).  Then the template waits for the children, and the
+    children, whose death signal is the template's exit, wait for it.
+    """
+    from multiprocessing import forkserver
+    server = forkserver._forkserver
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        server._forkserver_alive_fd = None
+
+
 def child_setup(parent_pid: int) -> None:
     """First thing a child does: ignore SIGINT, die with the parent, keep its heap."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    # PR_SET_PDEATHSIG fires when the thread that forked us exits; the getppid
-    # check covers a parent that died before prctl took effect.
+    # PR_SET_PDEATHSIG fires when the template process exits, which it does
+    # when the coordinator goes; the check covers a coordinator that died
+    # before prctl took effect.
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:
+    _drop_template_link()
+    if not parent_alive(parent_pid):
         os._exit(1)
     keep_heap(libc)
     # A child runs one loop whose garbage is acyclic (buffers, views, small
@@ -68,25 +119,65 @@ def keep_heap(libc) -> None:
         mallopt(_M_TRIM_THRESHOLD, 128 << 20)
 
 
-def spawn(target, args: tuple, name: str) -> multiprocessing.Process:
-    """Start ``target(*args)`` in a new spawned process (a daemon).
+def _template_context():
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_TEMPLATE_PRELOAD)
+    return ctx
 
-    SIGINT is blocked while the child starts, so a Ctrl-C during its start-up
-    cannot kill it half-way; it stays pending for us until the mask returns.
-    """
-    ctx = multiprocessing.get_context("spawn")
+
+@contextlib.contextmanager
+def _child_environment():
+    """os.environ as a new child (or the template) should get it, SIGINT held."""
     with _ENV_LOCK:
         added = [key for key in _CHILD_ENV if key not in os.environ]
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             for key in added:
                 os.environ[key] = _CHILD_ENV[key]
-            proc = ctx.Process(target=target, args=args, name=name, daemon=True)
-            proc.start()
+            yield
         finally:
             for key in added:
                 os.environ.pop(key, None)
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def warm_up() -> None:
+    """Start the template process now, if it is not running (returns at once;
+    its imports go on in the background)."""
+    from multiprocessing import forkserver
+    _template_context()
+    with _child_environment():
+        forkserver.ensure_running()
+
+
+#: variables a child takes from the coordinator as they are when it starts (the
+#: template's environment is the coordinator's when the template started)
+_FORWARDED_ENV = ("ENGINE_TRACE",)
+
+
+def _child_main(env: dict, target, args: tuple) -> None:
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    target(*args)
+
+
+def spawn(target, args: tuple, name: str) -> multiprocessing.Process:
+    """Start ``target(*args)`` in a new process (a daemon) forked from the template.
+
+    SIGINT is blocked while the child starts, so a Ctrl-C during its start-up
+    cannot kill it half-way; it stays pending for us until the mask returns.
+    The child's environment is the template's, with :data:`_FORWARDED_ENV` as
+    they are now.
+    """
+    ctx = _template_context()
+    env = {key: os.environ.get(key) for key in _FORWARDED_ENV}
+    with _child_environment():
+        proc = ctx.Process(target=_child_main, args=(env, target, args), name=name,
+                           daemon=True)
+        proc.start()
     return proc
 
 

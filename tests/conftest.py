@@ -30,7 +30,7 @@ import pytest
 
 # Other sessions may run on this machine: their live segments are not our
 # leaks (the stress runner needs the same scan).
-from engine.stress.leaks import STDLIB_HELPERS, used_by_others
+from engine.stress.leaks import is_helper, used_by_others
 
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "engine-"
@@ -94,14 +94,6 @@ def _describe(p: psutil.Process) -> str:
         return f"pid {p.pid} (gone)"
 
 
-def _is_stdlib_helper(p: psutil.Process) -> bool:
-    try:
-        cmd = " ".join(p.cmdline())
-    except psutil.Error:
-        return False
-    return any(h in cmd for h in STDLIB_HELPERS)
-
-
 def _reap_zombies(exclude: set[int]) -> None:
     """Collect exited children nobody waited for (orphans adopted as subreaper).
 
@@ -122,7 +114,7 @@ def _reap_zombies(exclude: set[int]) -> None:
 def _children(exclude: set[int]) -> list[psutil.Process]:
     out = []
     for p in psutil.Process().children(recursive=True):
-        if p.pid in exclude or _is_stdlib_helper(p):
+        if p.pid in exclude or is_helper(p):
             continue
         try:
             if p.status() == psutil.STATUS_ZOMBIE:

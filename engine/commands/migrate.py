@@ -30,6 +30,7 @@ from engine.cli import EXIT_FAILED, EXIT_MISMATCH, EXIT_OK
 from engine.commands.common import (Progress, check_multifd_transport, options_from,
                                     profile_and_ram_id, workload_spec, write_json)
 from engine.errors import ChannelError, ConfigError, MigrationError
+from engine.trace import trace
 
 #: how long to wait for the local destination to start listening
 DESTINATION_START_SECONDS = 60
@@ -211,6 +212,7 @@ def run_migrate(args) -> int:
             # both are process start-ups, and neither needs the other yet.
             dest = LocalDestination(args, args.uri or
                                     f"unix:{os.path.join(workdir, 'migration.sock')}", workdir)
+        trace("engine_migrate_start")
         guest = Guest.create([(ram_id, args.ram, args.mem_path)], vcpus=args.vcpus,
                              workload=workload, start=workload.name != "none",
                              prealloc=args.prealloc)
@@ -242,15 +244,22 @@ def run_migrate(args) -> int:
             channel = connect(local)
         else:
             mig.prepare()            # multifd workers start while the destination does
+            trace("engine_guest_ready")
             uri = dest.wait_listening()
+            trace("engine_destination_listening", uri=uri)
             channel = _connect_retry(uri, time.monotonic() + 10)
         connected = True
         watcher = _PausedWatcher(mig, dest)
         with channel, progress, sampler or contextlib.nullcontext(), watcher:
             info = mig.run(channel, uri)
+        # The source guest has served its purpose (its switchover digests are
+        # taken): it goes while the destination finishes, not after.
+        guest.close()
+        guest = None
         if isinstance(local, FileAddress) and info.status == "completed":
             dest = LocalDestination(args, local.uri, workdir)
         dest_rc, dest_report = dest.finish() if dest else (None, None)
+        trace("engine_destination_exited", rc=dest_rc)
         # After postcopy the destination guest has been running (and writing)
         # since before its memory was complete: its memory is no longer the
         # source's at switchover, and the ab check is the proof.
@@ -278,6 +287,7 @@ def run_migrate(args) -> int:
             dest.kill(grace=DESTINATION_EXIT_SECONDS if connected else 0)
         if guest is not None:
             guest.close()
+            trace("engine_guest_closed")
         for p in Path(workdir).glob("*"):
             p.unlink()
         os.rmdir(workdir)

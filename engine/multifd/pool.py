@@ -242,6 +242,11 @@ class SendPool(_Pool):
             self._send(i, ctl.Connect(uuid, i, uri))
         self._wait_all(ctl.Ready, "multifd channels to connect", STARTUP_SECONDS)
 
+    @property
+    def next_seq(self) -> int:
+        """The seq the next BATCH (and its ACK) will carry."""
+        return self._seq
+
     def submit(self, block_index: int, pages: np.ndarray) -> None:
         """Queue pages of a block; blocks while every worker is busy."""
         for start in range(0, len(pages), BATCH_PAGES):

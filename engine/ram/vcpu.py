@@ -65,7 +65,7 @@ import numpy as np
 
 from engine.errors import GuestError, PostcopyError
 from engine.postcopy.faultproto import MODE_NAMES, MODE_SOFTWARE
-from engine.procs import child_setup, spawn
+from engine.procs import child_setup, parent_alive, spawn
 from engine.ram.block import RamBlock, RamBlockHandle
 from engine.ram.dirty import DirtyLog, DirtyLogHandle
 from engine.ram.faults import (MODE_DETACH, STAGE_INTERNAL, FaultClient, FaultSetupError,
@@ -258,7 +258,7 @@ class _FaultRequests:
         """Whether a wait for the handler or for a page must give up."""
         words = self.words
         return (bool(words[QUIT]) or int(words[FAULTS_SEQ]) != self.seen
-                or os.getppid() != self.parent_pid)
+                or not parent_alive(self.parent_pid))
 
     def serve(self) -> None:
         ctl, index = self.ctl, self.index
@@ -296,7 +296,7 @@ def _run(ctl: Control, index: int, workload, faults: _FaultRequests,
     while not words[QUIT]:
         now = clock()
         if now >= next_parent_check:
-            if os.getppid() != parent_pid:
+            if not parent_alive(parent_pid):
                 return
             next_parent_check = now + PARENT_CHECK_INTERVAL
         if words[FAULTS_SEQ] != faults.seen:

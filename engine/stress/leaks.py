@@ -25,7 +25,8 @@ from engine.ram.shm import SEGMENT_PREFIX, SHM_DIR
 #: Other ``engine-*`` entries (a test's ``engine-test-*`` image files) are
 #: not made by a stress case, and may belong to another run on this machine.
 SEGMENT_NAME = re.compile(re.escape(SEGMENT_PREFIX) + r"[0-9a-f]{16}")
-#: helpers the standard library starts once per interpreter; not leaks
+#: helpers the standard library starts once per interpreter (the engine's
+#: template process is multiprocessing's forkserver, engine.procs); not leaks
 STDLIB_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
 #: how long segments and processes get to go away after a case (seconds):
 #: a killed process's segments are unlinked by its resource tracker, which
@@ -47,9 +48,23 @@ def segments() -> set[str]:
         return set()
 
 
-def _helper(p: psutil.Process) -> bool:
+def _looks_like_helper(p: psutil.Process) -> bool:
+    return any(h in " ".join(p.cmdline()) for h in STDLIB_HELPERS)
+
+
+def is_helper(p: psutil.Process) -> bool:
+    """Whether ``p`` is one of multiprocessing's helpers (:data:`STDLIB_HELPERS`):
+    they live as long as the process that started them, so they are no leak.
+
+    A child forked from the template process (engine.procs) has the
+    template's command line; its parent does too, which is how it is told
+    apart: it is a vCPU or a worker, and may well be a leak.
+    """
     with contextlib.suppress(psutil.Error):
-        return any(h in " ".join(p.cmdline()) for h in STDLIB_HELPERS)
+        if not _looks_like_helper(p):
+            return False
+        parent = p.parent()
+        return parent is None or not _looks_like_helper(parent)
     return False
 
 
@@ -58,7 +73,7 @@ def live_children() -> dict[int, psutil.Process]:
     out = {}
     for p in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            if p.status() != psutil.STATUS_ZOMBIE and not _helper(p):
+            if p.status() != psutil.STATUS_ZOMBIE and not is_helper(p):
                 out[p.pid] = p
     return out
 

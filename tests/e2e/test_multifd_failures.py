@@ -45,6 +45,7 @@ from engine.multifd.packet import (MULTIFD_INIT_SIZE, MULTIFD_MAGIC, MultiFDInit
 from engine.options import MigrationOptions
 from engine.ram.guest import Guest
 from engine.stream import encoder as enc
+from engine.stress import leaks
 from engine.stream.constants import RAM_SECTION_IDSTR, RAM_SECTION_VERSION
 from engine.transport import listen
 from tests.e2e.sources import (PROFILE, TIMEOUT, SourceGuest, assert_failed,  # noqa: F401
@@ -72,20 +73,9 @@ def options(caps=None, **params) -> MigrationOptions:
 # Processes
 
 
-def _helper(p: psutil.Process) -> bool:
-    with contextlib.suppress(psutil.Error):
-        return "multiprocessing.resource_tracker" in " ".join(p.cmdline())
-    return True
-
-
 def live_children() -> set[int]:
     """Pids of this test's live descendants (zombies and stdlib helpers aside)."""
-    out = set()
-    for p in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if p.status() != psutil.STATUS_ZOMBIE and not _helper(p):
-                out.add(p.pid)
-    return out
+    return set(leaks.live_children())
 
 
 def assert_gone(pids, baseline: set[int]) -> None:
@@ -584,7 +574,8 @@ def incoming(tmp_path: Path, victim: bytes, close_victim: bool,
     try:
         line = _read_line(proc, TIMEOUT)
         assert line.startswith("listening on "), line
-        workers = [p.pid for p in psutil.Process(proc.pid).children() if not _helper(p)]
+        workers = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)
+                   if not leaks.is_helper(p)]
         assert len(workers) == IN_CHANNELS      # started before anyone connected
         # QEMU's order: the multifd channels, then the main channel.
         fake.open(MultiFDInit(bytes(16), 0).pack() + channel0)

@@ -1,4 +1,4 @@
-"""engine.procs: what every spawned child starts with."""
+"""engine.procs: what every child (forked from the template process) starts with."""
 from __future__ import annotations
 
 import os
@@ -10,37 +10,55 @@ import pytest
 from engine import procs
 
 
-def _report_env(conn) -> None:
-    procs.child_setup(os.getppid())
-    conn.send(os.environ.get("OPENBLAS_NUM_THREADS"))
-    conn.close()
+_PROBE = """
+import multiprocessing, os, sys
+from engine import procs
 
+def report(conn, parent):
+    procs.child_setup(parent)
+    conn.send((os.environ.get("OPENBLAS_NUM_THREADS"), os.environ.get("ENGINE_TRACE")))
 
-def _spawn_and_read(monkeypatch, value):
-    import multiprocessing
-    if value is None:
-        monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
-    else:
-        monkeypatch.setenv("OPENBLAS_NUM_THREADS", value)
+if __name__ == "__main__":
+    {before}
     ours, theirs = multiprocessing.Pipe()
-    proc = procs.spawn(_report_env, (theirs,), "env-probe")
-    try:
-        assert ours.poll(60), "child did not report"
-        got = ours.recv()
-    finally:
-        proc.join(10)
-    return got, os.environ.get("OPENBLAS_NUM_THREADS")
+    proc = procs.spawn(report, (theirs, os.getpid()), "env-probe")
+    assert ours.poll(60), "child did not report"
+    print(repr((ours.recv(), os.environ.get("OPENBLAS_NUM_THREADS"))))
+    proc.join(10)
+"""
 
 
-def test_child_gets_one_blas_thread_and_parent_env_is_restored(monkeypatch):
-    child, parent = _spawn_and_read(monkeypatch, None)
-    assert child == "1"
+def _probe(tmp_path, blas, before=""):
+    """Run a fresh coordinator (the template starts with its environment) that
+    spawns one child; the child's (BLAS, trace) settings and the parent's BLAS."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OPENBLAS_NUM_THREADS", "ENGINE_TRACE")}
+    if blas is not None:
+        env["OPENBLAS_NUM_THREADS"] = blas
+    script = tmp_path / "probe.py"
+    script.write_text(_PROBE.replace("{before}", before or "pass"))
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    return eval(out.strip().splitlines()[-1])
+
+
+def test_child_gets_one_blas_thread_and_parent_env_is_restored(tmp_path):
+    (child_blas, _), parent = _probe(tmp_path, None)
+    assert child_blas == "1"
     assert parent is None
 
 
-def test_child_keeps_a_callers_blas_setting(monkeypatch):
-    child, parent = _spawn_and_read(monkeypatch, "3")
-    assert child == "3" and parent == "3"
+def test_child_keeps_a_callers_blas_setting(tmp_path):
+    (child_blas, _), parent = _probe(tmp_path, "3")
+    assert child_blas == "3" and parent == "3"
+
+
+def test_child_takes_the_trace_setting_of_when_it_starts(tmp_path):
+    """The template started before ENGINE_TRACE was set; a child started
+    after sees it all the same."""
+    (_, child_trace), _ = _probe(tmp_path, None, before="procs.warm_up(); "
+                                 "os.environ['ENGINE_TRACE'] = 'multifd_*'")
+    assert child_trace == "multifd_*"
 
 
 def test_keep_heap_sets_glibc_thresholds():

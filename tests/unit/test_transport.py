@@ -15,6 +15,7 @@ import numpy as np
 import psutil
 import pytest
 
+from engine.stress.leaks import is_helper
 from engine.errors import (BadURIError, ChannelBrokenError, ChannelClosedError,
                            ChannelError, ConfigError)
 from engine.transport import (IOV_MAX, Channel, ChannelTimeoutError, ExecAddress,
@@ -42,15 +43,6 @@ def _open_fds() -> dict[str, str]:
     return fds
 
 
-def _stdlib_helper(proc) -> bool:
-    """multiprocessing's resource tracker lives as long as pytest: not a leak."""
-    try:
-        return any("resource_tracker" in part or "forkserver" in part
-                   for part in proc.cmdline())
-    except psutil.Error:
-        return False
-
-
 @pytest.fixture(autouse=True)
 def no_leaks():
     """Every test must close its descriptors and stop the processes it started.
@@ -64,7 +56,7 @@ def no_leaks():
     leaked = {fd: target for fd, target in _open_fds().items() if fd not in before}
     assert not leaked, f"leaked descriptors: {leaked}"
     running = [p for p in psutil.Process().children(recursive=True)
-               if p.status() != psutil.STATUS_ZOMBIE and not _stdlib_helper(p)]
+               if p.status() != psutil.STATUS_ZOMBIE and not is_helper(p)]
     _, alive = psutil.wait_procs(running, timeout=5)    # a signalled one may still be dying
     assert not alive, f"leftover processes: {alive}"
 
