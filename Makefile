@@ -17,6 +17,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
+	$(BIN)/python bench/population.py
 	$(BIN)/python bench/precopy.py
 	$(BIN)/python bench/multifd.py
 	$(BIN)/python bench/rss.py

@@ -126,3 +126,16 @@ def test_rss_reports_both_coordinators_and_checks_memory(tmp_path, codec):
         assert peak["samples"] > 0 and peak["peak_rss_bytes"] > 0
         assert peak["under_limit"] is True
         assert peak["peak"]["VmHWM"] >= peak["peak"]["RssAnon"]
+
+
+def test_population_model_reports_every_case(tmp_path):
+    out = tmp_path / "population.json"
+    r = run_bench("population.py", "--size", "32M", "--repeat", "1", "--settle", "0",
+                  "--json", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    med = json.loads(out.read_text())["median_us_per_page"]
+    assert set(med) == {"resident_fault_us", "resident_populate_us", "resident_pwrite_us",
+                        "fresh_fault_now_us", "fresh_populate_now_us",
+                        "fresh_fault_settled_us", "fresh_populate_settled_us"}
+    assert all(v > 0 for v in med.values())
+    assert "us per 4 KiB page" in r.stdout
