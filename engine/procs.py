@@ -200,6 +200,12 @@ def no_cycle_collection():
             gc.enable()
 
 
+def template_pid() -> int | None:
+    """The template process's pid, if it runs."""
+    from multiprocessing import forkserver
+    return getattr(forkserver._forkserver, "_forkserver_pid", None)
+
+
 class CpuMeter:
     """CPU seconds (user + system) one side of a migration spends from
     :meth:`start` to :meth:`stop`: this process and its helper processes
@@ -207,8 +213,9 @@ class CpuMeter:
     is the guest's own.
 
     ``helpers()`` lists the helpers' pids when asked.  One that exits and is
-    reaped in between still counts: its time moves to this process's
-    ``children`` times, which are counted too (which is also why vCPUs reaped
+    reaped in between still counts: its parent is the template process, and
+    a reaped child's time moves to its parent's ``children`` times, which are
+    counted, as are this process's own (which is also why vCPUs reaped
     meanwhile, rare, would count).
     """
 
@@ -219,15 +226,17 @@ class CpuMeter:
 
     def _now(self) -> float:
         import psutil
-        me = psutil.Process()
-        t = me.cpu_times()
+        t = psutil.Process().cpu_times()
         total = t.user + t.system + t.children_user + t.children_system
-        for pid in self._helpers():
+        template = template_pid()
+        pids = [pid for pid in self._helpers()]
+        for pid in pids + ([template] if template else []):
             try:
                 h = psutil.Process(pid).cpu_times()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue            # reaped: counted in children_* above
-            total += h.user + h.system
+                continue            # reaped: counted in its parent's children_*
+            total += h.children_user + h.children_system if pid == template \
+                else h.user + h.system
         return total
 
     def start(self) -> None:

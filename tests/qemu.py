@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import os
 import re
@@ -94,24 +95,67 @@ def parse_size(size: int | str) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def qemu_available(binary: str = QEMU_BINARY) -> tuple[bool, str]:
-    """Whether ``binary`` can run here, with a reason fit for ``pytest.skip``.
-
-    On success the reason is QEMU's version line.
+def qemu_available(binary: str = QEMU_BINARY, datadir: str | None = None) -> tuple[bool, str]:
+    """Whether ``binary`` (run with ``-L datadir`` when given) can run here, with
+    a reason fit for ``pytest.skip``.  On success the reason is QEMU's version line.
     """
     path = shutil.which(binary)
     if path is None:
-        return False, f"{binary} not found on PATH (apt install qemu-system-x86)"
+        return False, f"{binary} not found (apt install qemu-system-x86; QEMU 10: .ci/qemu10)"
     try:
         import qemu.qmp  # noqa: F401  (only its presence matters here)
     except ImportError as exc:
         return False, f"the qemu.qmp package is not installed: {exc}"
     try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True,
-                             timeout=30, check=True).stdout
+        out = subprocess.run([path, *(["-L", datadir] if datadir else []), "--version"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         return False, f"{path} --version failed: {exc}"
     return True, out.splitlines()[0] if out else path
+
+
+@dataclasses.dataclass(frozen=True)
+class Qemu:
+    """One QEMU build: its binary, the ``-L`` data directory it needs (None for
+    the system's), and the version its line reports (``"7.2.22"``)."""
+    binary: str
+    datadir: str | None
+    version: str
+
+    @property
+    def major(self) -> int:
+        return int(self.version.split(".")[0])
+
+    @property
+    def modern(self) -> bool:
+        """Speaks the multifd dialect of QEMU 8.1 and later (a flush per round)."""
+        return self.major >= 9
+
+
+#: where .ci/qemu10 unpacks QEMU 10 (ENGINE_QEMU10_DIR overrides)
+QEMU10_DIR = Path(os.environ.get("ENGINE_QEMU10_DIR",
+                                 Path(__file__).resolve().parents[1] / ".qemu10"))
+
+#: the QEMUs the interop tests run against: the system's (Debian's 7.2) and
+#: QEMU 10 from bookworm-backports, unpacked beside it by .ci/qemu10
+QEMU_BUILDS = {
+    "7.2": (QEMU_BINARY, None),
+    "10.0": (str(QEMU10_DIR / "usr/bin/qemu-system-x86_64"), str(QEMU10_DIR / "usr/share/qemu")),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def find_qemu(label: str) -> tuple[Qemu | None, str]:
+    """The QEMU for ``label`` ("7.2" or "10.0") and its version line, or None and
+    the reason it cannot be used here."""
+    binary, datadir = QEMU_BUILDS[label]
+    ok, why = qemu_available(binary, datadir)
+    if not ok:
+        return None, why
+    m = re.search(r"version (\d+\.\d+(?:\.\d+)?)", why)
+    if m is None or not m.group(1).startswith(label):
+        return None, f"{binary} is not QEMU {label}: {why}"
+    return Qemu(shutil.which(binary) or binary, datadir, m.group(1)), why
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:
@@ -290,7 +334,7 @@ class QemuVM:
                  incoming: str | None = None, name: str = "qemu",
                  extra_args: Sequence[str] = (), binary: str = QEMU_BINARY,
                  start_timeout: float = 30.0, command_timeout: float = 30.0,
-                 prealloc: bool = False):
+                 prealloc: bool = False, qemu: Qemu | None = None):
         self.name = name
         self.mem_path = Path(mem_path)
         self.size = parse_size(size)
@@ -303,8 +347,12 @@ class QemuVM:
         self.qmp_path = self._dir / "qmp.sock"
         self.log_path = self._dir / "qemu.log"
         size_arg = f"{self.size // (1 << 20)}M" if self.size % (1 << 20) == 0 else str(self.size)
+        self.qemu = qemu
+        if qemu is not None:
+            binary = qemu.binary
+        datadir = ["-L", qemu.datadir] if qemu is not None and qemu.datadir else []
         self.argv = [
-            binary, "-M", "none,memory-backend=m0", "-m", size_arg,
+            binary, *datadir, "-M", "none,memory-backend=m0", "-m", size_arg,
             "-object", f"memory-backend-file,id=m0,size={size_arg},"
                        f"mem-path={self.mem_path},share=on"
                        + (",prealloc=on" if prealloc else ""),

@@ -88,3 +88,26 @@ def test_engine_command_sets_blas_threads_unless_given(preset):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                          text=True, timeout=60, check=True).stdout.strip()
     assert out == (preset or "1")
+
+
+def _burn(parent: int, seconds: float) -> None:
+    procs.child_setup(parent)
+    import time
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_cpu_meter_counts_a_helper_that_exited_meanwhile():
+    """A worker forked from the template is reaped by the template, not by us:
+    its time must still count once it is gone (the template's children's
+    times), and nothing before start() does."""
+    _burn_before = procs.spawn(_burn, (os.getpid(), 0.2), "burn-before")
+    _burn_before.join(30)
+    meter = procs.CpuMeter(lambda: [])
+    meter.start()
+    child = procs.spawn(_burn, (os.getpid(), 0.4), "burn")
+    child.join(30)
+    assert child.exitcode == 0
+    seconds = meter.stop()
+    assert 0.35 <= seconds < 2.0, seconds
