@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench qemu10 clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/precopy.py
 	$(BIN)/python bench/multifd.py
 	$(BIN)/python bench/rss.py
+
+# QEMU 10.0 from bookworm-backports, unpacked into .qemu10/ (needs root for apt).
+qemu10:
+	.ci/qemu10
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -47,6 +47,11 @@ def _add_guest_options(p: argparse.ArgumentParser, *, ram_default: str | None) -
                    help="ab and random workloads: guest dirty rate in MiB/s (0: as fast as the vCPUs go)")
     p.add_argument("--hot-set", type=float, default=1.0, metavar="FRACTION",
                    help="random workload: fraction of pages taking 90%% of writes")
+    p.add_argument("--global", dest="globals_", action="append", default=[],
+                   metavar="migration.PROPERTY=VALUE",
+                   help="a migration object property, as QEMU's -global (e.g. "
+                        "migration.multifd-flush-after-each-section=on to speak QEMU "
+                        "7.2's multifd dialect; --machine none-7.2 implies it)")
     p.add_argument("--cap", action="append", default=[], metavar="NAME=on|off")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--json", metavar="FILE", help="write the final report as JSON")

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping
 from engine.devices import (GLOBALSTATE_VMSD, TIMER_VMSD, globalstate_runstate,
                             globalstate_values)
 from engine.errors import ConfigError, RemoteProtocolError
+from engine.options import MigrationOptions
 from engine.stream.vmstate import Field, VMStateDescription
 
 #: QEMU numbers savevm handlers in registration order; for ``-M none`` the
@@ -141,15 +142,29 @@ def _engine_devices(vcpus: int) -> list[Device]:
 
 @dataclass(frozen=True)
 class MachineProfile:
-    """A machine type: its name on the wire, RAM block name and devices."""
+    """A machine type: its name on the wire, RAM block name and devices.
+
+    ``compat`` is what the machine type sets on the migration object (QEMU's
+    machine compat properties: ``-global`` values a versioned machine type
+    implies) and ``parameter_defaults`` the migration parameters it starts
+    from, both overridden by what the user sets.
+    """
     name: str
     type_name: str
     default_ram_id: str
     _devices: Callable[[int], list[Device]] = field(repr=False)
     description: str = ""
+    compat: Mapping[str, bool] = field(default_factory=dict)
+    parameter_defaults: Mapping[str, Any] = field(default_factory=dict)
 
     def devices(self, vcpus: int) -> list[Device]:
         return self._devices(vcpus)
+
+    def default_options(self) -> MigrationOptions:
+        """QEMU's defaults as this machine type leaves them: what a migration
+        starts from before the user sets anything."""
+        return MigrationOptions.default().with_properties(self.compat).with_parameters(
+            self.parameter_defaults)
 
     def lookup(self, vcpus: int) -> Callable[[str, int], VMStateDescription | None]:
         """The vmsd lookup a stream decoder needs for FULL sections."""
@@ -161,6 +176,12 @@ PROFILES: dict[str, MachineProfile] = {
     "none": MachineProfile(
         "none", "none", "m0", _qemu_none_devices,
         "QEMU's empty machine (-M none): timer, globalstate, one RAM block"),
+    "none-7.2": MachineProfile(
+        "none-7.2", "none", "m0", _qemu_none_devices,
+        "QEMU 7.2's -M none on the wire: multifd synced at every RAM section, zero "
+        "pages on the main channel, no SWITCHOVER_START",
+        compat={"multifd-flush-after-each-section": True, "send-switchover-start": False},
+        parameter_defaults={"zero-page-detection": "legacy"}),
     "engine": MachineProfile(
         "engine", "engine-1.0", "ram0", _engine_devices,
         "timer, globalstate, one 'cpu' section per vCPU and a 'counter'"),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import difflib
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from types import MappingProxyType
 from typing import Any, Iterable, Iterator, Mapping
@@ -41,6 +41,8 @@ __all__ = [
     "parse_cap_arg",
     "parse_param_arg",
     "options_from_args",
+    "PROPERTIES",
+    "parse_global_arg",
     "check_capabilities",
     "check_parameters",
 ]
@@ -206,6 +208,21 @@ PARAMETERS: Mapping[str, ParameterSpec] = MappingProxyType(dict([
 ]))
 """Every QEMU migration parameter (spec 5.2) with QEMU's default and range."""
 # fmt: on
+
+# --------------------------------------------------------------------------
+# Properties of the migration object (QEMU's ``-global migration.NAME=VALUE``):
+# compatibility switches that machine types set for older QEMUs.
+
+PROPERTIES: Mapping[str, tuple[bool, str]] = MappingProxyType({
+    "multifd-flush-after-each-section": (
+        False, "sync every multifd channel at each RAM section's end, as QEMU "
+               "before 8.1 does (off: once per dirty-bitmap round, with a "
+               "MULTIFD_FLUSH record on the main channel)"),
+    "send-switchover-start": (
+        True, "send MIG_CMD_SWITCHOVER_START before the final RAM section "
+              "(QEMU 10.0; before that QEMU refuses the command)"),
+})
+"""Migration object properties the engine honours: name -> (default, what it does)."""
 
 # Values QEMU accepts but this engine does not implement.  Anything not here
 # (and every capability in SUPPORTED_CAPABILITIES) works.
@@ -488,8 +505,21 @@ class MigrationOptions:
 
     capabilities: Mapping[str, bool]
     parameters: Mapping[str, Any]
+    #: the migration object's properties (:data:`PROPERTIES`); unset ones default
+    properties: Mapping[str, bool] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        props = {n: default for n, (default, _) in PROPERTIES.items()}
+        for name, value in self.properties.items():
+            if name not in PROPERTIES:
+                raise ConfigError(
+                    f"migration has no property {name!r}{_did_you_mean(name, PROPERTIES)}; "
+                    f"known: {', '.join(PROPERTIES)}")
+            try:
+                props[name] = parse_bool(value)
+            except ConfigError as exc:
+                raise ConfigError(f"property migration.{name}: {exc}") from None
+        object.__setattr__(self, "properties", MappingProxyType(props))
         caps_in = {_capability_name(n): v for n, v in self.capabilities.items()}
         params_in = {_parameter_spec(n).name: v for n, v in self.parameters.items()}
         missing = [c for c in CAPABILITIES if c not in caps_in]
@@ -518,11 +548,13 @@ class MigrationOptions:
         object.__setattr__(self, "parameters", MappingProxyType(params))
 
     def __hash__(self) -> int:
-        return hash((tuple(self.capabilities.items()), tuple(self.parameters.items())))
+        return hash((tuple(self.capabilities.items()), tuple(self.parameters.items()),
+                     tuple(self.properties.items())))
 
     def __reduce__(self):
         # mappingproxy does not pickle; rebuild (and re-validate) from dicts.
-        return (type(self), (dict(self.capabilities), dict(self.parameters)))
+        return (type(self), (dict(self.capabilities), dict(self.parameters),
+                             dict(self.properties)))
 
     def __repr__(self) -> str:
         changed = [f"{n}=on" for n, v in self.capabilities.items() if v]
@@ -565,7 +597,25 @@ class MigrationOptions:
         params = dict(self.parameters)
         for name, value in (parameters or {}).items():
             params[_parameter_spec(name).name] = value
-        return type(self)(caps, params)
+        return type(self)(caps, params, self.properties)
+
+    def prop(self, name: str) -> bool:
+        """The migration object's property ``name`` (:data:`PROPERTIES`)."""
+        return self.properties[name]
+
+    def with_properties(self, properties: Mapping[str, bool | str]) -> MigrationOptions:
+        """``-global migration.NAME=VALUE``: a copy with these properties set
+        (values bool, or QEMU's on/off spellings)."""
+        parsed = {}
+        for name, value in properties.items():
+            if name not in PROPERTIES:
+                raise ConfigError(f"migration has no property {name!r}"
+                                  f"{_did_you_mean(name, PROPERTIES)}")
+            try:
+                parsed[name] = value if isinstance(value, bool) else parse_bool(str(value))
+            except ConfigError as exc:
+                raise ConfigError(f"migration.{name}: {exc}") from None
+        return type(self)(self.capabilities, self.parameters, {**self.properties, **parsed})
 
     def with_capabilities(self, capabilities: Mapping[str, bool | str]) -> MigrationOptions:
         """``migrate-set-capabilities``: a copy with these capabilities set."""
@@ -619,13 +669,34 @@ def parse_param_arg(arg: str) -> tuple[str, str]:
     return _parameter_spec(name).name, value
 
 
+def parse_global_arg(arg: str) -> tuple[str, str]:
+    """``"migration.multifd-flush-after-each-section=on"`` -> ``(name, "on")``:
+    QEMU's ``-global DRIVER.PROPERTY=VALUE`` for the migration object (the
+    value is checked when applied, by :meth:`MigrationOptions.with_properties`)."""
+    head, sep, value = arg.partition("=")
+    driver, dot, name = head.partition(".")
+    if not sep or not dot:
+        raise ConfigError(f"invalid --global {arg!r}: expected migration.PROPERTY=VALUE")
+    if driver != "migration":
+        raise ConfigError(f"--global {arg!r}: this engine has no device {driver!r}; "
+                          "only migration.PROPERTY is known")
+    if name not in PROPERTIES:
+        raise ConfigError(f"--global {arg!r}: migration has no property {name!r}"
+                          f"{_did_you_mean(name, PROPERTIES)}; known: {', '.join(PROPERTIES)}")
+    return name, value
+
+
 def options_from_args(caps: Iterable[str] = (), params: Iterable[str] = (),
-                      base: MigrationOptions | None = None) -> MigrationOptions:
-    """Build options from ``-cap NAME=on`` and ``-param NAME=VALUE`` lists.
+                      base: MigrationOptions | None = None,
+                      globals_: Iterable[str] = ()) -> MigrationOptions:
+    """Build options from ``-cap NAME=on``, ``-param NAME=VALUE`` and
+    ``-global migration.NAME=VALUE`` lists.
 
     Later mentions of the same name win.  Everything is validated together,
     on top of ``base`` (default: QEMU's defaults).
     """
     cap_values = dict(parse_cap_arg(a) for a in caps)
     param_values = dict(parse_param_arg(a) for a in params)
-    return (base or MigrationOptions.default()).replace(cap_values, param_values)
+    prop_values = dict(parse_global_arg(a) for a in globals_)
+    options = (base or MigrationOptions.default()).with_properties(prop_values)
+    return options.replace(cap_values, param_values)

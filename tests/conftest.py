@@ -213,3 +213,35 @@ ENGINE_CMD = (sys.executable, "-m", "engine")
 def engine_cmd() -> list[str]:
     """The argv prefix that runs the engine CLI: ``[python, "-m", "engine"]``."""
     return list(ENGINE_CMD)
+
+
+# ---------------------------------------------------------------------------
+# The QEMUs the interop tests run against: Debian's 7.2 and QEMU 10.0.  A test
+# that takes ``qemu`` runs once per QEMU and is skipped, with the reason, where
+# that QEMU is missing (.ci/run installs both: 7.2 with apt, 10.0 with
+# .ci/qemu10).
+
+QEMU_VERSIONS = ("7.2", "10.0")
+
+
+def _qemu_or_skip(label: str):
+    from tests.qemu import find_qemu
+    found, why = find_qemu(label)
+    if found is None:
+        pytest.skip(f"QEMU {label}: {why}")
+    return found
+
+
+@pytest.fixture(params=QEMU_VERSIONS, ids=lambda v: f"qemu{v}")
+def qemu(request):
+    return _qemu_or_skip(request.param)
+
+
+@pytest.fixture
+def qemu10():
+    return _qemu_or_skip("10.0")
+
+
+@pytest.fixture
+def qemu72():
+    return _qemu_or_skip("7.2")

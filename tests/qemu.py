@@ -504,7 +504,8 @@ class QemuVM:
                                retry_every: float = 0.1) -> dict:
         """:meth:`migrate` to a destination that may not listen yet.
 
-        While the connection is refused (and ``listener_alive()`` holds),
+        While the connection is refused, or the unix socket does not exist
+        yet (and ``listener_alive()`` holds),
         the migration is started again, up to ``timeout`` seconds.  Returns the
         ``query-migrate`` reply once the migration is ``active`` (or already
         ``completed``); raises :class:`QemuMigrationFailed` for any other
@@ -517,7 +518,8 @@ class QemuVM:
                 return self.wait_for_status("active", "completed",
                                             timeout=max(1.0, deadline - time.monotonic()))
             except QemuMigrationFailed as exc:
-                refused = "refused" in str(exc.info.get("error-desc", "")).lower()
+                desc = str(exc.info.get("error-desc", "")).lower()
+                refused = "refused" in desc or "no such file" in desc
                 if not refused or not listener_alive() or time.monotonic() > deadline:
                     raise
             time.sleep(retry_every)

@@ -12,13 +12,17 @@ from engine.machine import MachineProfile, get_profile
 from engine.options import MigrationOptions, options_from_args
 
 
-def options_from(args) -> MigrationOptions:
-    """Validated options; refuses what a command-line run cannot honour."""
+def options_from(args, *, monitor: bool = False) -> MigrationOptions:
+    """Validated options: the machine profile's compat settings, then the
+    user's ``--global``, ``--cap`` and ``--param``.  Without a ``monitor`` (QMP)
+    refuses what a command-line run cannot honour."""
     from engine.errors import InvalidCapabilityError
     from engine.migration import check_implemented
-    options = options_from_args(args.cap, args.param)
+    machine = getattr(args, "machine", None)
+    base = get_profile(machine).default_options() if machine else MigrationOptions.default()
+    options = options_from_args(args.cap, args.param, base, getattr(args, "globals_", ()))
     check_implemented(options)
-    if options.cap("pause-before-switchover"):
+    if not monitor and options.cap("pause-before-switchover"):
         raise InvalidCapabilityError(
             "pause-before-switchover", "needs a monitor to send migrate-continue; "
             "use the library (SourceMigration.migrate_continue)")

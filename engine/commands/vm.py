@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 
 from engine.cli import EXIT_FAILED, EXIT_OK, Terminated, _add_guest_options
-from engine.commands.common import profile_and_ram_id, workload_spec, write_json
+from engine.commands.common import options_from, profile_and_ram_id, workload_spec, write_json
 from engine.errors import ConfigError
 
 #: seconds the migrations get to end when the VM stops
@@ -38,8 +38,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from engine.migration import check_implemented
-    from engine.options import options_from_args
     from engine.qmp.commands import Commands
     from engine.qmp.machine import Machine
     from engine.qmp.server import QMPServer
@@ -47,8 +45,7 @@ def run(args) -> int:
     from engine.transport import parse_uri
 
     # Refuse what can be refused before anything starts.
-    options = options_from_args(args.cap, args.param)
-    check_implemented(options)
+    options = options_from(args, monitor=True)
     profile, ram_id = profile_and_ram_id(args)
     workload = workload_spec(args, "ab")
     if args.vcpus < 0:

@@ -34,12 +34,15 @@ from engine.stream import events as ev
 from engine.stream import returnpath as rp
 from engine.stream.constants import TARGET_PAGE_SIZE
 from engine.stream.decoder import StreamDecoder
+from engine.trace import trace
 from engine.transport import ChannelTimeoutError
 
 #: how much one recv may bring in; large reads keep the per-call cost low
 RECV_CHUNK = 4 << 20
 #: after EOF the source sends its vmdesc at once; do not wait longer than this
 VMDESC_WAIT_SECONDS = 2.0
+#: how long the multifd channels may take to end after the main stream did
+CHANNELS_END_SECONDS = 60.0
 
 
 def check_block_list(announced: ev.RamBlockList, blocks) -> None:
@@ -96,6 +99,11 @@ class DestinationMigration:
         self.multifd = options.cap("multifd")
         self.multifd_channels: dict[int, object] = {}
         self.pool = None
+        self._multifd_totals: tuple[int, int] = (0, 0)
+        #: the source's multifd dialect: syncs at MULTIFD_FLUSH records (True,
+        #: QEMU >= 8.1) or at every EOS (False, QEMU 7.2); None until the setup
+        #: section has said (see _multifd_sync_point)
+        self._flush_dialect: bool | None = None
         self._received_logs: list = []
         #: postcopy: the destination half (engine.postcopy.incoming), the
         #: listener kept for the preempt channel, the preempt channel itself
@@ -173,12 +181,21 @@ class DestinationMigration:
         if self.pool is not None:
             if failed:
                 self.pool.kill()
+            elif self._flush_dialect:
+                # A source that flushes once per round sends the pages its final
+                # scan found after the last flush with no sync behind them:
+                # they are in place when every channel has ended, not before.
+                try:
+                    self.pool.finish(timeout=CHANNELS_END_SECONDS)
+                finally:
+                    self.pool.close()
             else:
                 try:
                     self.pool.finish(timeout=10)
                 except EngineError:
                     pass    # every page arrived at the last sync; a slow close is harmless
                 self.pool.close()
+            self._multifd_totals = (self.pool.normal, self.pool.zero)
             self.pool = None
         for log in self._received_logs:
             log.close()
@@ -409,14 +426,7 @@ class DestinationMigration:
                 self.ram.apply(event)
             return
         if isinstance(event, (ev.RamEOS, ev.RamFlush)):
-            # QEMU 7.2 syncs the multifd channels at every RAM section's EOS;
-            # later QEMUs at MULTIFD_FLUSH.  Either way: wait for all, release.
-            if self.pool is not None:
-                if self._postcopy_listening():
-                    # QEMU 7.2 still syncs the channels it kept open.
-                    self.pool.sync_open()
-                else:
-                    self.pool.sync()
+            self._multifd_sync_point(event)
         elif isinstance(event, (ev.SectionStart, ev.SectionPart, ev.SectionEnd,
                                 ev.SectionFooter, ev.FileHeader)):
             pass
@@ -486,6 +496,33 @@ class DestinationMigration:
             raise RemoteProtocolError(
                 f"{type(event).__name__} is not supported by this destination", channel="main")
 
+    def _multifd_sync_point(self, event) -> None:
+        """A MULTIFD_FLUSH record or an EOS: sync the channels if the source's
+        dialect makes it a sync point.
+
+        The stream says which dialect it speaks: a source of QEMU 8.1 or later
+        (``multifd-flush-after-each-section=off``, the engine's default)
+        writes a MULTIFD_FLUSH in the setup section, before its EOS, and
+        syncs only at flushes; QEMU 7.2 (or a later one with the property
+        on) never writes one and syncs at every EOS.  So the setup section's
+        EOS decides, and nobody has to be told.
+        """
+        if isinstance(event, ev.RamFlush):
+            self._flush_dialect = True
+        elif self._flush_dialect is None:
+            self._flush_dialect = False
+            if self.pool is not None:
+                trace("multifd_recv_dialect", flush_each_section=True)
+        elif self._flush_dialect:
+            return      # an EOS is no sync point for a source that flushes
+        if self.pool is None:
+            return
+        if self._postcopy_listening():
+            # QEMU 7.2 still syncs the channels it kept open.
+            self.pool.sync_open()
+        else:
+            self.pool.sync()
+
     @property
     def pages(self) -> int:
         """Pages received with their contents (main channel, then placed)."""
@@ -495,6 +532,14 @@ class DestinationMigration:
     def zero_pages(self) -> int:
         """Zero pages received (main channel, then placed)."""
         return (self.ram.zero_pages if self.ram is not None else 0) + self._placed_zero
+
+    @property
+    def multifd_pages(self) -> tuple[int, int]:
+        """(normal, zero) pages the multifd channels received: as of their last
+        sync while the migration runs, all of them once it completed."""
+        if self.pool is not None:
+            return self.pool.normal, self.pool.zero
+        return self._multifd_totals
 
     # -- postcopy -------------------------------------------------------------------
     def _place(self, event) -> None:

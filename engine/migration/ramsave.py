@@ -224,6 +224,13 @@ class BlockBitmap:
         self.seek(page + 1)
         return True
 
+    def mark_dirty(self, page: int) -> None:
+        """Make ``page`` dirty (to be sent again)."""
+        if not self.bits[page]:
+            self.bits[page] = True
+            self.dirty += 1
+            self._ahead = None
+
     def set_missing(self, received: np.ndarray) -> None:
         """Dirty exactly the pages ``received`` does not have; scan from the start."""
         if received.shape != self.bits.shape:
@@ -244,6 +251,8 @@ class RamSaver:
                         for b in guest.blocks]
         self._index = {bm.block.idstr: i for i, bm in enumerate(self.bitmaps)}
         self._current = 0
+        #: how many scans of RAM began (each bitmap sync or rewind starts one)
+        self.round = 0
         #: the main channel's record encoder: previous block, for CONTINUE
         self.encoder = RamRecordEncoder(page_size)
         #: held for every read-and-clear of a bitmap (postcopy: two senders)
@@ -269,6 +278,7 @@ class RamSaver:
             return sum(bm.sync() for bm in self.bitmaps)
 
     def _rewind(self) -> None:
+        self.round += 1
         for bm in self.bitmaps:
             bm.seek(0)
             bm.holes.forget()       # a new pass: pages may hold data now
@@ -345,10 +355,18 @@ class RamSaver:
         """POSTCOPY_RAM_DISCARD commands for every still-dirty run of every block.
 
         Target and host pages are the same size here, so no run needs
-        widening to whole host pages.
+        widening to whole host pages.  There is always at least one command:
+        with none, QEMU's LISTEN handler (7.2 and 10.0) takes its "no discard
+        yet" path, which puts its postcopy state back to DISCARD, and the
+        RUN that follows fails (``CMD_POSTCOPY_RUN in wrong postcopy
+        state``).  QEMU's own source always has a page to discard; when ours
+        has none, its first page is made dirty again, discarded and sent
+        once more in postcopy.
         """
         out = []
         with self.lock:
+            if self.bitmaps and not any(bm.dirty for bm in self.bitmaps):
+                self.bitmaps[0].mark_dirty(0)
             for bm in self.bitmaps:
                 starts, counts = dirty_runs(bm.bits)
                 ps = np.uint64(self.page_size)

@@ -91,6 +91,8 @@ _MIN_WIRE_RATIO = 0.05
 POSTCOPY_SWITCH_INTERVAL = 1e-4
 #: how often waits in postcopy look at the return path and control requests
 POLL_SECONDS = 0.05
+#: how long a source whose channel broke waits for the destination's SHUT.
+RP_GRACE_SECONDS = 1.0
 #: RESUME_ACK's only value (QEMU's MIGRATION_RESUME_ACK_VALUE)
 RESUME_ACK_VALUE = 1
 
@@ -195,6 +197,10 @@ class SourceMigration:
         self.compute_digests = False
         self.multifd = options.cap("multifd")
         self.pool = None
+        #: QEMU 7.2's multifd dialect (a sync at every RAM section) or later
+        #: QEMUs' (a MULTIFD_FLUSH per round, noted in _flushed_round)
+        self._flush_each_section = options.prop("multifd-flush-after-each-section")
+        self._flushed_round = -1
         #: multifd rate accounting: what each batch in flight was charged (by
         #: seq), and the wire/reservation ratio of recent acknowledgements
         self._multifd_charged: dict[int, int] = {}
@@ -463,7 +469,7 @@ class SourceMigration:
         except BaseException as exc:  # includes KeyboardInterrupt: cancel path
             if self.pool is not None:
                 self.pool.kill()
-            self._abort(exc, stopped_by_us)
+            self._abort(self._with_destination_reason(exc), stopped_by_us)
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
         finally:
@@ -533,6 +539,21 @@ class SourceMigration:
             # the guest for a switchover) cannot succeed any more.
             raise self._shut_error()
 
+    def _with_destination_reason(self, exc: BaseException) -> BaseException:
+        """A channel that broke under us usually broke because the destination
+        gave up; its SHUT, if it sent one, says so and is the better reason.
+        It may still be in flight on the return path, so wait for it briefly."""
+        if not isinstance(exc, ChannelError) or self._rp_thread is None:
+            return exc
+        deadline = time.monotonic() + RP_GRACE_SECONDS
+        while not self._rp_shut.wait(0.02) and time.monotonic() < deadline:
+            pass
+        if not self._rp_status:
+            return exc
+        err = MigrationError(f"{self._shut_error()}; the source then saw: {exc}")
+        err.__cause__ = exc
+        return err
+
     def _shut_error(self) -> MigrationError:
         return MigrationError(
             f"destination reported an error loading the stream (SHUT {self._rp_status})")
@@ -575,6 +596,10 @@ class SourceMigration:
         self._count_sync(0, self.ram.pending_pages())
         self._send([body])
         self.stats.add_bytes(len(body))
+        if self._multifd_live and not self._flush_each_section:
+            # QEMU >= 8.1: the setup section's flush, after the block list;
+            # it also tells the destination which dialect this stream speaks.
+            self._multifd_flush()
         self._end_ram_section()
 
     def _count_sync(self, new: int, pending_pages: int) -> None:
@@ -586,18 +611,39 @@ class SourceMigration:
             self.on_pass(count)
 
     def _end_ram_section(self) -> None:
-        """EOS and footer; with multifd first a sync of every channel.
+        """EOS and footer; in QEMU 7.2's dialect first a sync of every channel.
 
-        This is QEMU 7.2's per-section multifd sync (what later QEMUs call
-        multifd-flush-after-each-section): the destination syncs its channels
-        when it reads the EOS, so no page of the next section can overtake
-        one of this section on another channel.
+        Two dialects order multifd pages against the main channel (the
+        migration property ``multifd-flush-after-each-section``):
+
+        * on (QEMU before 8.1, the ``none-7.2`` machine): every RAM section's
+          EOS is a sync point; the destination syncs its channels when it
+          reads the EOS, so no page of the next section can overtake one of
+          this section on another channel;
+        * off (QEMU 8.1 and later, the default): only a MULTIFD_FLUSH record
+          is, written once in the setup section and once per dirty-bitmap
+          round (:meth:`_multifd_flush`); a round's pages then cannot be
+          overtaken by the next round's, and within a round each page goes
+          out once.
         """
-        if self._multifd_live:
+        if self._multifd_live and self._flush_each_section:
             self.pool.sync()
         tail = enc.ram_eos() + enc.section_footer(RAM_SECTION_ID)
         self._send([tail])
         self.stats.add_bytes(len(tail))
+
+    def _multifd_flush(self) -> None:
+        """QEMU's multifd_ram_flush_and_sync: a SYNC on every channel, then the
+        MULTIFD_FLUSH record that tells the destination to wait for them."""
+        self.pool.sync()
+        self._send_counted(enc.ram_flush())
+
+    def _round_done(self) -> None:
+        """The scan reached the end of RAM (QEMU: the page search wrapped)."""
+        if self._multifd_live and not self._flush_each_section \
+                and self._flushed_round != self.ram.round:
+            self._flushed_round = self.ram.round
+            self._multifd_flush()
 
     def _return_path_wanted(self) -> bool:
         return self.options.cap("return-path") or self.options.cap("postcopy-ram")
@@ -654,6 +700,7 @@ class SourceMigration:
                     break
             if self._multifd_live:
                 if not self._submit_multifd():
+                    self._round_done()
                     break
             else:
                 batch = self.ram.next_batch(
@@ -734,6 +781,8 @@ class SourceMigration:
     def _complete(self) -> None:
         """Switchover: everything left, then the devices (vCPUs are stopped)."""
         self._count_sync(self.ram.sync(), self.ram.pending_pages())
+        if self.options.prop("send-switchover-start"):
+            self._send_counted(enc.switchover_start())
         self._send_section(enc.section_end(RAM_SECTION_ID), None, None)
         described: list = []
         records = self._device_sections(described)
@@ -758,12 +807,19 @@ class SourceMigration:
             self._wait_until(lambda: bool(self.pongs), self._check_cancel)
             self._connect_preempt(self.uri)
         self._send_counted(enc.section_part(RAM_SECTION_ID))
+        if self._multifd_live and not self._flush_each_section:
+            self._multifd_flush()
         self._end_ram_section()
         if self._multifd_live:
             # Postcopy pages are placed one by one as they arrive (multifd
-            # cannot do that): no more pages for the pool, only syncs.
+            # cannot do that): no more pages for the pool.  QEMU 7.2 keeps
+            # the channels and syncs them at every EOS (its destination waits
+            # for that); QEMU 10.1 closes them.
             self._multifd_live = False
-            self._multifd_sync_only = True
+            if self._flush_each_section:
+                self._multifd_sync_only = True
+            else:
+                self.pool.finish()
 
     def _postcopy_switch(self) -> None:
         """Spec 4.5 steps 7-9, guest stopped, in ``device``: discards, package."""

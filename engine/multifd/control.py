@@ -59,6 +59,7 @@ _ACK = struct.Struct("<QIIQ")
 _SYNCED = struct.Struct("<QIIQ")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_DONE = struct.Struct("<QQQ")
 
 
 def worker_identity(index: int) -> bytes:
@@ -143,9 +144,11 @@ class Connect:
 @dataclass(frozen=True, slots=True)
 class Done:
     wire_bytes: int
+    normal: int = 0
+    zero: int = 0
 
     def frames(self) -> list:
-        return [DONE, _U64.pack(self.wire_bytes)]
+        return [DONE, _DONE.pack(self.wire_bytes, self.normal, self.zero)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +196,7 @@ def decode(frames: list) -> object:
         if kind == READY:
             return Ready(*_U32.unpack(bytes(body[0])))
         if kind == DONE:
-            return Done(*_U64.unpack(bytes(body[0])))
+            return Done(*_DONE.unpack(bytes(body[0])))
         if kind == ERROR:
             return Error(bytes(body[0]).decode(errors="replace"))
         if kind == RELEASE:

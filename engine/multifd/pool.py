@@ -249,6 +249,10 @@ class SendPool(_Pool):
 
     def submit(self, block_index: int, pages: np.ndarray) -> None:
         """Queue pages of a block; blocks while every worker is busy."""
+        # A batch routed to a dead worker vanishes without an error (a ROUTER
+        # drops it); without this, a slow (rate-limited) migration found out
+        # only once every live worker had a full queue, seconds later.
+        self._check_alive()
         for start in range(0, len(pages), BATCH_PAGES):
             chunk = pages[start:start + BATCH_PAGES]
             while min(self._outstanding) >= MAX_OUTSTANDING:
@@ -412,6 +416,8 @@ class RecvPool(_Pool):
         """Wait for every channel's clean end (the source closes them after EOF)."""
         done = self._wait_all(ctl.Done, "multifd channels to end", timeout)
         self.wire_bytes = sum(d.wire_bytes for d in done)
+        self.normal = sum(d.normal for d in done)
+        self.zero = sum(d.zero for d in done)
 
     def close(self, timeout: float = 5.0) -> None:
         if not self._closed:

@@ -263,7 +263,7 @@ def recv_worker_main(cfg: RecvWorkerConfig, fd_sock: socket.socket) -> None:
                 if h is None:
                     trace("multifd_recv_thread_end", id=channel_id, pages=reader.normal,
                           zero=reader.zero, bytes=reader.offset)
-                    zs.send_multipart(ctl.Done(reader.offset).frames())
+                    zs.send_multipart(ctl.Done(reader.offset, reader.normal, reader.zero).frames())
                     return
                 if h.is_sync:
                     rounds += 1

@@ -198,3 +198,25 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
         if inc.poll() is None:
             inc.kill()
             inc.wait()
+
+
+@pytest.mark.parametrize("dialect", [
+    ["--machine", "none-7.2"],
+    ["--machine", "none", "--global", "migration.multifd-flush-after-each-section=on",
+     "--global", "migration.send-switchover-start=off"],
+], ids=["profile", "globals"])
+def test_migrate_in_qemu72_dialect(tmp_path, dialect):
+    """The 7.2 dialect, from its machine profile or QEMU's -global switches, with a
+    local destination that works it out from the stream."""
+    report = tmp_path / "r.json"
+    res = run(["migrate", "--ram", "32M", *dialect, "--cap", "multifd=on",
+               "--param", "multifd-channels=2", "--json", str(report)])
+    assert res.returncode == 0, res.stderr
+    ram = read_json(report)["migration"]["ram"]
+    assert ram["multifd-bytes"] > 0
+
+
+def test_bad_global_is_refused(tmp_path):
+    res = run(["migrate", "--ram", "16M", "--global", "migration.send-switchover-start=maybe"])
+    assert res.returncode == 2, res.stderr
+    assert "send-switchover-start" in res.stderr

@@ -1,7 +1,9 @@
-"""``engine vm`` and QEMU 7.2 migrating to each other, both driven over QMP.
+"""``engine vm`` and QEMU (7.2 and 10.0) migrating to each other, both driven
+over QMP.
 
 The smallest guest both can run: ``-M none`` (no vCPUs, no devices) with
-64 MiB of file-backed RAM named ``m0``; equal RAM files are the proof.
+16 MiB of file-backed RAM named ``m0``; equal RAM files are the proof.  The
+engine speaks 7.2's dialect with its ``none-7.2`` machine profile.
 Each side is told what QEMU's harness tells it: ``events`` on, the
 destination ``-incoming defer`` then ``migrate-incoming`` on tcp port 0
 (the port read back from ``query-migrate``'s socket-address).
@@ -11,14 +13,17 @@ from __future__ import annotations
 import pytest
 
 from tests.e2e.test_qmp_harness import WAIT, EngineVM
-from tests.qemu import QemuVM, fill_image, image_differences, qemu_available
+from tests.qemu import Qemu, QemuVM, fill_image, image_differences
 
-_OK, _WHY = qemu_available()
-pytestmark = [pytest.mark.interop, pytest.mark.skipif(not _OK, reason=_WHY)]
+pytestmark = pytest.mark.interop
 
-SIZE = "64M"
-GUEST = ("--machine", "none", "--vcpus", "0", "--workload", "none", "--ram", SIZE)
+SIZE = "16M"
 FAST = 1_000_000_000
+
+
+def guest(qemu: Qemu) -> tuple[str, ...]:
+    machine = "none" if qemu.modern else "none-7.2"
+    return ("--machine", machine, "--vcpus", "0", "--workload", "none", "--ram", SIZE)
 
 
 def _port(info: dict) -> int:
@@ -27,13 +32,14 @@ def _port(info: dict) -> int:
     return int(addr["port"])
 
 
-def test_engine_vm_to_qemu(tmp_shm_path, tmp_path):
+def test_engine_vm_to_qemu(qemu, tmp_shm_path, tmp_path):
     engine_ram = tmp_shm_path
     qemu_ram = tmp_shm_path.with_name(tmp_shm_path.name + "-qemu")
     fill_image(engine_ram, SIZE, seed=5)
     try:
-        with QemuVM(qemu_ram, SIZE, incoming="defer", name="qemu-dst") as dst, \
-                EngineVM(tmp_path, "engine-src", *GUEST, "--mem-path", str(engine_ram)) as src:
+        with QemuVM(qemu_ram, SIZE, incoming="defer", name="qemu-dst", qemu=qemu) as dst, \
+                EngineVM(tmp_path, "engine-src", *guest(qemu),
+                         "--mem-path", str(engine_ram)) as src:
             dst.set_caps({"events": True})
             src.set_caps(events=True)
             dst.migrate_incoming("tcp:127.0.0.1:0")
@@ -52,13 +58,13 @@ def test_engine_vm_to_qemu(tmp_shm_path, tmp_path):
         qemu_ram.unlink(missing_ok=True)
 
 
-def test_qemu_to_engine_vm(tmp_shm_path, tmp_path):
+def test_qemu_to_engine_vm(qemu, tmp_shm_path, tmp_path):
     qemu_ram = tmp_shm_path
     engine_ram = tmp_shm_path.with_name(tmp_shm_path.name + "-engine-dst")
     fill_image(qemu_ram, SIZE, seed=6)
     try:
-        with QemuVM(qemu_ram, SIZE, name="qemu-src") as src, \
-                EngineVM(tmp_path, "engine-dst", *GUEST, "--mem-path", str(engine_ram),
+        with QemuVM(qemu_ram, SIZE, name="qemu-src", qemu=qemu) as src, \
+                EngineVM(tmp_path, "engine-dst", *guest(qemu), "--mem-path", str(engine_ram),
                          "--incoming", "defer") as dst:
             src.set_caps({"events": True})
             dst.set_caps(events=True)

@@ -419,3 +419,48 @@ def test_options_from_args():
         options_from_args([], ["multifd-channels=0"])
     base = DEFAULT.with_parameters({"downtime-limit": 50})
     assert options_from_args([], ["max-bandwidth=0"], base=base).param("downtime-limit") == 50
+
+
+# ---------------------------------------------------------------------------
+# Migration object properties (-global migration.NAME=VALUE) and machine compat
+
+
+def test_properties_default_to_todays_qemu():
+    assert DEFAULT.prop("multifd-flush-after-each-section") is False
+    assert DEFAULT.prop("send-switchover-start") is True
+
+
+def test_global_args_set_properties():
+    o = options_from_args([], [], globals_=["migration.multifd-flush-after-each-section=on",
+                                            "migration.send-switchover-start=off"])
+    assert o.prop("multifd-flush-after-each-section") is True
+    assert o.prop("send-switchover-start") is False
+    assert o.with_properties({"send-switchover-start": "yes"}).prop("send-switchover-start")
+    # A copy: the original keeps its values.
+    assert DEFAULT.prop("send-switchover-start") is True
+
+
+@pytest.mark.parametrize(("arg", "match"), [
+    ("migration.multifd-flush-after-each-section", "expected migration.PROPERTY=VALUE"),
+    ("multifd-flush-after-each-section=on", "expected migration.PROPERTY=VALUE"),
+    ("virtio-net.mac=00:11", "no device 'virtio-net'"),
+    ("migration.multifd-flush-after-each-sectoin=on", "did you mean"),
+    ("migration.send-switchover-start=maybe", "send-switchover-start"),
+])
+def test_bad_global_args(arg, match):
+    with pytest.raises(ConfigError, match=match):
+        options_from_args([], [], globals_=[arg])
+
+
+def test_machine_profiles_carry_compat_properties():
+    from engine.machine import get_profile
+    assert get_profile("none").default_options() == DEFAULT
+    old = get_profile("none-7.2").default_options()
+    assert old.prop("multifd-flush-after-each-section") is True
+    assert old.prop("send-switchover-start") is False
+    assert old.param("zero-page-detection") == "legacy"
+    # What the user sets wins over the machine's defaults.
+    mine = options_from_args([], ["zero-page-detection=multifd"], base=old,
+                             globals_=["migration.send-switchover-start=on"])
+    assert mine.param("zero-page-detection") == "multifd"
+    assert mine.prop("send-switchover-start") is True
