@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import select
+import socket
 import sys
 import threading
 import time
@@ -95,6 +97,32 @@ POLL_SECONDS = 0.05
 RP_GRACE_SECONDS = 1.0
 #: RESUME_ACK's only value (QEMU's MIGRATION_RESUME_ACK_VALUE)
 RESUME_ACK_VALUE = 1
+
+
+def _peer_closed(channel) -> bool:
+    """Whether the other end of ``channel`` has closed or reset it (never blocks)."""
+    try:
+        fd = channel.fileno()
+    except Exception:       # noqa: BLE001 - a channel with no descriptor: cannot tell
+        return False
+    if fd < 0:
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLRDHUP)
+    events = dict(poller.poll(0)).get(fd, 0)
+    if events & (select.POLLHUP | select.POLLERR | select.POLLRDHUP):
+        return True
+    if not events & select.POLLIN:
+        return False
+    sock = socket.socket(fileno=fd)     # borrowed: detached below, never closed
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True         # reset
+    finally:
+        sock.detach()
 
 
 class RateLimiter:
@@ -543,14 +571,28 @@ class SourceMigration:
         """A channel that broke under us usually broke because the destination
         gave up; its SHUT, if it sent one, says so and is the better reason.
         It may still be in flight on the return path, so wait for it briefly."""
-        if not isinstance(exc, ChannelError) or self._rp_thread is None:
+        if not isinstance(exc, ChannelError) or self._cancel.is_set():
             return exc
-        deadline = time.monotonic() + RP_GRACE_SECONDS
-        while not self._rp_shut.wait(0.02) and time.monotonic() < deadline:
-            pass
-        if not self._rp_status:
-            return exc
-        err = MigrationError(f"{self._shut_error()}; the source then saw: {exc}")
+        if self._rp_thread is not None:
+            deadline = time.monotonic() + RP_GRACE_SECONDS
+            while not self._rp_shut.wait(0.02) and time.monotonic() < deadline:
+                pass
+            if self._rp_status:
+                err = MigrationError(f"{self._shut_error()}; the source then saw: {exc}")
+                err.__cause__ = exc
+                return err
+        if self.state.status in POSTCOPY_STATES or not _peer_closed(self.channel):
+            return exc      # the destination is still there: a channel broke alone
+        why = f"{exc} (the destination gave up: it rejected the stream or failed; its " \
+              "log says why"
+        if (self.multifd and not self._flush_each_section
+                and self.stats.dirty_sync_count <= 1):
+            # The likeliest rejection this early: QEMU before 8.1 refuses the
+            # MULTIFD_FLUSH record (0x200) of the setup section.
+            why += "; a QEMU older than 8.1 refuses today's multifd stream: use " \
+                   "--machine none-7.2 (or --global migration.multifd-flush-after-each-" \
+                   "section=on with zero-page-detection=legacy)"
+        err = type(exc)(why + ")")
         err.__cause__ = exc
         return err
 

@@ -154,9 +154,12 @@ class Done:
 @dataclass(frozen=True, slots=True)
 class Error:
     text: str
+    #: the failure's exception class, for the coordinator to raise the same
+    #: kind (a channel error stays a channel error across the process line)
+    kind: str = ""
 
     def frames(self) -> list:
-        return [ERROR, self.text.encode()]
+        return [ERROR, self.text.encode(), self.kind.encode()]
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +201,7 @@ def decode(frames: list) -> object:
         if kind == DONE:
             return Done(*_DONE.unpack(bytes(body[0])))
         if kind == ERROR:
-            return Error(bytes(body[0]).decode(errors="replace"))
+            return Error(*(bytes(b).decode(errors="replace") for b in body[:2]))
         if kind == RELEASE:
             return Release(*_U64.unpack(bytes(body[0])))
         if kind == BYE:

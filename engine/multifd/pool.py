@@ -26,12 +26,18 @@ from typing import Callable
 import numpy as np
 import zmq
 
-from engine.errors import MigrationError
+from engine.errors import (ChannelBrokenError, ChannelClosedError, MigrationError,
+                           RemoteProtocolError)
 from engine.multifd import control as ctl
 from engine.multifd.receiver import RecvWorkerConfig, recv_worker_main
 from engine.multifd.sender import SendWorkerConfig, packets_needed, send_worker_main
 from engine.procs import spawn
 from engine.trace import trace
+from engine.transport import ChannelTimeoutError
+
+#: a worker's failures the coordinator raises as their own kind (by class name)
+_CHANNEL_ERRORS = {cls.__name__: cls for cls in (
+    ChannelBrokenError, ChannelClosedError, ChannelTimeoutError, RemoteProtocolError)}
 
 #: pages per BATCH message: 8 packets, so the coordinator's cost per page is tiny
 BATCH_PAGES = 1024
@@ -81,7 +87,8 @@ class _Pool:
             # A worker killed outside our control is the cause; the other
             # channels' errors (the peer gave up on them) are its consequence.
             self._check_killed()
-            raise MigrationError(f"multifd channel {index}: {msg.text}")
+            raise _CHANNEL_ERRORS.get(msg.kind, MigrationError)(
+                f"multifd channel {index}: {msg.text}")
         if isinstance(msg, ctl.Done):
             self._ended.add(index)
         return index, msg

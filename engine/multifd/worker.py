@@ -35,9 +35,9 @@ def control_socket(endpoint: str, index: int, parent_pid: int, role: str,
     try:
         yield sock
     except failures as exc:
-        text = str(exc) if role == "receive" else f"{type(exc).__name__}: {exc}"
+        text = str(exc)
         with contextlib.suppress(Exception):
-            sock.send_multipart(ctl.Error(text).frames())
+            sock.send_multipart(ctl.Error(text, type(exc).__name__).frames())
         raise SystemExit(f"multifd {role} worker {index}: {text}") from None
     finally:
         sock.close(linger=1000)
