@@ -40,7 +40,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # tests.qemu: the QEMU harness the interop tests use
 
 from engine.errors import EngineError  # noqa: E402
-from tests.qemu import ManagedProcess, QemuVM, qemu_available, stop_process  # noqa: E402
+from tests.qemu import (QEMU_BUILDS, ManagedProcess, QemuVM, find_qemu,  # noqa: E402
+                        qemu_at, stop_process)
 
 SHM_DIR = Path("/dev/shm")
 #: every file a benchmark puts in /dev/shm starts with this
@@ -322,14 +323,30 @@ def run_engine(scratch: Scratch, image: Path, src_ram: Path, size: int, transpor
 # ---------------------------------------------------------------------------
 # QEMU
 
-def qemu_status(disabled_by: str | None = None) -> tuple[bool, str, str]:
-    """(usable, version line or reason it is not, short label for tables)."""
+def find_baseline(choice: str | None):
+    """The QEMU to compare with: ``--qemu`` as a version label (7.2, 10.0) or
+    a binary's path; by default today's QEMU (10.0 from .ci/qemu10) where it
+    is installed, else the system's.  (Qemu or None, version line or why not)."""
+    if choice in QEMU_BUILDS:
+        return find_qemu(choice)
+    if choice:
+        return qemu_at(choice)
+    found, why = find_qemu("10.0")
+    if found is None:
+        found, why = find_qemu("7.2")
+    return found, why
+
+
+def qemu_status(disabled_by: str | None = None,
+                choice: str | None = None) -> tuple[object, str, str]:
+    """(the QEMU to use or None, its version line or the reason it is not
+    used, short label for tables)."""
     if disabled_by:
-        return False, disabled_by, "qemu"
-    ok, why = qemu_available()
-    if not ok:
-        return False, why, "qemu"
-    return True, why, "qemu " + why.split("version", 1)[-1].split()[0]
+        return None, disabled_by, "qemu"
+    found, why = find_baseline(choice)
+    if found is None:
+        return None, why, "qemu"
+    return found, why, f"qemu {found.version}"
 
 
 def _qemu_cpu(*vms) -> float:
@@ -344,7 +361,7 @@ def _qemu_cpu(*vms) -> float:
 
 def run_qemu(scratch: Scratch, image: Path, src_ram: Path, size: int, transport: str,
              mode: str, name: str, timeout: float, *, caps: Mapping[str, bool] | None = None,
-             params: Mapping[str, object] | None = None) -> dict:
+             params: Mapping[str, object] | None = None, qemu=None) -> dict:
     """One QEMU-to-QEMU migration of ``src_ram``; checked against ``image``.
 
     Two ``-M none`` VMs (``tests/qemu.py``), both given ``caps`` and
@@ -356,7 +373,7 @@ def run_qemu(scratch: Scratch, image: Path, src_ram: Path, size: int, transport:
     scratch.check(src_ram)
     dst_ram = scratch.shm("qemu-dst")
     scratch.remove(dst_ram)     # the destination creates it
-    common = dict(start_timeout=timeout, command_timeout=timeout)
+    common = dict(start_timeout=timeout, command_timeout=timeout, qemu=qemu)
     with QemuVM(src_ram, size, name=f"{name}-src", **common) as src, \
             QemuVM(dst_ram, size, incoming="defer", name=f"{name}-dst",
                    prealloc=mode == "resident", **common) as dst:
@@ -606,6 +623,10 @@ def add_run_args(ap, *, size: str = "1G", timeout: float = 600.0) -> None:
     ap.add_argument("--timeout", type=float, default=timeout,
                     help=f"seconds any single step may take (default {timeout:g})")
     ap.add_argument("--no-qemu", action="store_true", help="measure the engine only")
+    ap.add_argument("--qemu", metavar="PATH|7.2|10.0", default=None,
+                    help="the QEMU to compare with: a qemu-system-x86_64 binary (an "
+                         "unpacked tree gets -L its usr/share/qemu) or a version label "
+                         "(default: 10.0 from make qemu10 if present, else the system's)")
 
 
 def choice_list(*choices: str):

@@ -1,4 +1,4 @@
-"""Multifd throughput: the engine and QEMU 7.2 over 1, 2, 4 channels and each codec.
+"""Multifd throughput: the engine and QEMU over 1, 2, 4 channels and each codec.
 
 Every cell of the matrix (``--mode`` x ``--uri`` x ``--channels`` x ``--codecs``;
 modes as in bench/precopy.py: ``resident``, the default, has both
@@ -9,9 +9,11 @@ mixed image (50% zero, 40% text, 10% random pages; ``engine.ram.image``) of
 QEMU, with the same settings on both sides and on both ends: capability
 ``multifd``, ``multifd-channels`` N, ``multifd-compression`` C, zlib and zstd
 level 1 (both programs' default), ``max-bandwidth`` 1 TiB/s, ``downtime-limit``
-300 ms.  The engine also gets ``zero-page-detection`` (``--zero-page-detection``,
-default ``multifd``: workers find zero pages); QEMU 7.2 has no such parameter
-and always finds them on the main channel, like the engine's ``legacy``.
+300 ms, and ``zero-page-detection`` (``--zero-page-detection``, default
+``multifd``: the channels find zero pages).  The QEMU is ``--qemu`` (default
+10.0 where ``make qemu10`` put it, else the system's; the report says which);
+QEMU 7.2 has no ``zero-page-detection`` and always finds zero pages on the
+main channel, like the engine's ``legacy``.
 
 The time compared is the source's ``query-migrate`` ``total-time`` (the
 engine's from ``engine migrate --json``), next to each side's downtime and
@@ -120,7 +122,7 @@ def _checked(fig: dict, side: str) -> dict:
 
 
 def run_cell(scratch: Scratch, sources: dict, image: Path, size: int, args, mode: str,
-             transport: str, channels: int, codec: str, rep: int, qemu_ok: bool) -> dict:
+             transport: str, channels: int, codec: str, rep: int, qemu_ok) -> dict:
     """Both sides on one cell; each side's figures or its error."""
     caps, params = cell_options(channels, codec)
     name = f"{cell_key(channels, codec, mode, transport)}-{rep}"
@@ -136,8 +138,12 @@ def run_cell(scratch: Scratch, sources: dict, image: Path, size: int, args, mode
                                  params={**params,
                                          "zero-page-detection": args.zero_page_detection})
             else:
+                if qemu_ok.modern:
+                    # like for like: 7.2 has no such parameter (legacy only)
+                    params = {**params, "zero-page-detection": args.zero_page_detection}
                 fig = run_qemu(scratch, image, sources["qemu"], size, transport, mode,
-                               f"qemu-{name}", args.timeout, caps=caps, params=params)
+                               f"qemu-{name}", args.timeout, caps=caps, params=params,
+                               qemu=qemu_ok)
             out[side] = _checked(fig, side)
         except (EngineError, TimeoutError, OSError) as exc:
             # tests.qemu prints the logs; keep the first lines of the reason here
@@ -456,9 +462,12 @@ def main(argv: list[str] | None = None) -> int:
                      "downtime_limit_ms": DOWNTIME_LIMIT_MS,
                      "image": {"seed": IMAGE_SEED, "mix_zero_text_random": list(MIXED)},
                      "host": host_info(), "repeats": []}
-    qemu_ok, why, short_name = qemu_status("--no-qemu" if args.no_qemu else None)
+    qemu_ok, why, short_name = qemu_status("--no-qemu" if args.no_qemu else None,
+                                           args.qemu)
     if qemu_ok:
         results["qemu_version"], results["qemu_version_short"] = why, short_name
+        results["qemu_binary"] = qemu_ok.binary
+        print(f"bench: baseline {why} ({qemu_ok.binary})", flush=True)
     else:
         results["qemu_skipped"] = why
         print(f"bench: QEMU skipped: {why}", file=sys.stderr)

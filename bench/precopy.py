@@ -1,4 +1,4 @@
-"""Precopy throughput: the engine and QEMU 7.2 moving the same guest RAM image.
+"""Precopy throughput: the engine and QEMU moving the same guest RAM image.
 
 One run migrates one mixed image (50% zero, 40% text, 10% random pages;
 ``engine.ram.image``) of ``--size`` bytes, paused (no vCPU writes it), over one
@@ -195,10 +195,13 @@ def main(argv: list[str] | None = None) -> int:
                      "downtime_limit_ms": DOWNTIME_LIMIT_MS,
                      "image": {"seed": IMAGE_SEED, "mix_zero_text_random": list(MIXED)},
                      "host": host_info(), "runs": []}
-    qemu_ok, why, short_name = qemu_status("--no-qemu" if args.no_qemu else None)
+    qemu_ok, why, short_name = qemu_status("--no-qemu" if args.no_qemu else None,
+                                           args.qemu)
     if qemu_ok:
         results["qemu_version"] = why
         results["qemu_version_short"] = short_name
+        results["qemu_binary"] = qemu_ok.binary
+        print(f"bench: baseline {why} ({qemu_ok.binary})", flush=True)
     else:
         results["qemu_skipped"] = why
         print(f"bench: QEMU skipped: {why}", file=sys.stderr)
@@ -222,10 +225,11 @@ def main(argv: list[str] | None = None) -> int:
                         for side in order:
                             if side not in sources:
                                 continue
+                            extra = {} if side == "engine" else {"qemu": qemu_ok}
                             runner = run_engine if side == "engine" else run_qemu
                             cell[side] = runner(scratch, image, sources[side], size,
                                                 transport, mode, f"{side}-{key}-{run}",
-                                                args.timeout, params=PARAMS)
+                                                args.timeout, params=PARAMS, **extra)
                         print(f"run {run}/{args.repeat} {key}: " + ", ".join(
                             f"{side} {f['total_time_ms']} ms, {f['cpu_s']:.2f} s CPU"
                             for side, f in cell.items()), flush=True)

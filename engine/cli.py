@@ -9,6 +9,7 @@ option costs nothing to undo.
 from __future__ import annotations
 
 import argparse
+import uuid as uuidlib
 import os
 import signal
 import sys
@@ -28,6 +29,14 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _uuid(text: str) -> bytes:
+    try:
+        return uuidlib.UUID(text).bytes
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid UUID {text!r}: expected 8-4-4-4-12 hex digits") from None
+
+
 def _add_guest_options(p: argparse.ArgumentParser, *, ram_default: str | None) -> None:
     p.add_argument("--ram", type=_size, default=_size(ram_default) if ram_default else None,
                    metavar="SIZE", help="guest RAM size (QEMU suffixes: 512M, 1G)"
@@ -40,7 +49,12 @@ def _add_guest_options(p: argparse.ArgumentParser, *, ram_default: str | None) -
     p.add_argument("--prealloc", action="store_true",
                    help="populate guest RAM at start-up, like QEMU's memory-backend "
                         "prealloc=on (a migration then writes to memory already there)")
-    p.add_argument("--machine", default="engine", help="machine profile: engine or none")
+    p.add_argument("--machine", default="engine",
+                   help="machine profile: engine, none (QEMU's -M none) or none-7.2 "
+                        "(-M none speaking QEMU 7.2's migration dialect)")
+    p.add_argument("--uuid", type=_uuid, default=None, metavar="UUID",
+                   help="the VM's UUID, as QEMU's -uuid: multifd channels carry it, and "
+                        "with validate-uuid the destination checks it")
     p.add_argument("--vcpus", type=int, default=1, metavar="N")
     p.add_argument("--workload", default=None, choices=("none", "ab", "random"))
     p.add_argument("--dirty-rate", type=float, default=64.0, metavar="MB/s",

@@ -158,6 +158,22 @@ def find_qemu(label: str) -> tuple[Qemu | None, str]:
     return Qemu(shutil.which(binary) or binary, datadir, m.group(1)), why
 
 
+def qemu_at(path: str) -> tuple[Qemu | None, str]:
+    """The QEMU whose binary is ``path`` (a tree unpacked with dpkg -x gets
+    ``-L`` its own ``usr/share/qemu``), or None and why it cannot run."""
+    binary = Path(path)
+    share = binary.resolve().parent.parent / "share" / "qemu"
+    datadir = str(share) if binary.parent.name == "bin" and share.is_dir() \
+        and not str(binary.resolve()).startswith("/usr/") else None
+    ok, why = qemu_available(str(binary), datadir)
+    if not ok:
+        return None, why
+    m = re.search(r"version (\d+\.\d+(?:\.\d+)?)", why)
+    if m is None:
+        return None, f"{path}: no version in {why!r}"
+    return Qemu(shutil.which(str(binary)) or str(binary), datadir, m.group(1)), why
+
+
 def free_tcp_port(host: str = "127.0.0.1") -> int:
     """A TCP port on ``host`` that was free a moment ago.
 

@@ -11,7 +11,7 @@ from engine.errors import ConfigError
 
 
 def run_incoming(args) -> int:
-    from engine.migration.channels import accept_channels
+    from engine.migration.channels import NULL_UUID, accept_channels
     from engine.migration.destination import DestinationMigration
     from engine.ram.guest import Guest
     from engine.stats import format_info_migrate
@@ -45,13 +45,14 @@ def run_incoming(args) -> int:
                                    guest_factory=None if guest else factory,
                                    vcpus=args.vcpus, verify=args.verify,
                                    ab_check=args.verify and workload.name == "ab",
-                                   postcopy_faults=args.postcopy_faults)
+                                   postcopy_faults=args.postcopy_faults, uuid=args.uuid)
         try:
             mig.prepare()            # multifd workers start before anyone connects
             with listen(address) as listener:
                 print(f"listening on {listener.uri}", flush=True)
                 n = int(options.param("multifd-channels")) if mig.multifd else 0
-                channel, multifd = accept_channels(listener, n, timeout=args.timeout)
+                channel, multifd = accept_channels(listener, n, timeout=args.timeout,
+                                                   uuid=args.uuid or NULL_UUID)
                 # The listener stays open while loading only for postcopy's
                 # preempt channel, which connects when postcopy starts.
                 keep = listener if options.cap("postcopy-preempt") else None
@@ -65,6 +66,8 @@ def run_incoming(args) -> int:
             print(format_info_migrate(info))
             for name, values in mig.devices_loaded.items():
                 print(f"device {name}: {values}")
+        for warning in mig.warnings:
+            print(f"engine: warning: {warning}", file=sys.stderr)
         if info.status == "failed":
             # --quiet silences the report, never the reason for a failure.
             print(f"engine: error: {info.error_desc}", file=sys.stderr)

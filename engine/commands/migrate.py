@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid as uuidlib
 from pathlib import Path
 
 from engine.cli import EXIT_FAILED, EXIT_MISMATCH, EXIT_OK
@@ -59,6 +60,8 @@ class LocalDestination:
             cmd.append("--prealloc")
         if args.ram_id:
             cmd += ["--ram-id", args.ram_id]
+        if args.uuid is not None:
+            cmd += ["--uuid", str(uuidlib.UUID(bytes=args.uuid))]  # the same VM
         if args.dst_mem_path:
             cmd += ["--mem-path", args.dst_mem_path]
         for c in args.cap:
@@ -230,7 +233,7 @@ def run_migrate(args) -> int:
             sampler = MigrationSampler(lambda: _live_info(mig),
                                        on_sample=progress.update if progress.enabled else None)
         mig = SourceMigration(guest, profile, options, vcpus=args.vcpus,
-                              postcopy_after=args.postcopy_after,
+                              postcopy_after=args.postcopy_after, uuid=args.uuid,
                               on_status=sampler.note_status if sampler else None,
                               on_pass=sampler.note_pass if sampler else None)
         mig.compute_digests = target is None and not args.no_verify

@@ -9,7 +9,7 @@ from engine.errors import InvalidCapabilityError
 IMPLEMENTED_CAPABILITIES = frozenset({
     "events", "return-path", "pause-before-switchover", "switchover-ack", "multifd",
     "late-block-activate", "zero-blocks", "postcopy-ram", "postcopy-preempt",
-    "postcopy-blocktime",
+    "postcopy-blocktime", "validate-uuid",
 })
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import uuid as uuidlib
 from typing import Callable
 
 import numpy as np
@@ -67,9 +68,16 @@ class DestinationMigration:
                  guest=None, guest_factory: Callable[[ev.RamBlockList], object] | None = None,
                  vcpus: int = 0, verify: bool = False, ab_check: bool = False,
                  on_status: Callable[[S, S], None] | None = None,
-                 resume: bool = True, postcopy_faults: str = "auto"):
+                 resume: bool = True, postcopy_faults: str = "auto",
+                 uuid: bytes | None = None):
         if guest is None and guest_factory is None:
             raise ValueError("need a guest or a guest factory")
+        #: the VM's UUID (QEMU's -uuid), None when not set; the multifd
+        #: channels' must equal it (zeros when not set), and a source with
+        #: validate-uuid sends its own for comparison
+        self.uuid = uuid
+        #: what QEMU would warn_report (loading went on)
+        self.warnings: list[str] = []
         self.machine = machine
         self.options = options
         self.guest = guest
@@ -440,6 +448,9 @@ class DestinationMigration:
                 raise RemoteProtocolError(
                     f"Machine type received is '{event.machine}' and local is "
                     f"'{self.machine.type_name}'", channel="main")
+            sent = event.subsections.get("configuration/uuid")
+            if sent is not None:
+                self._check_uuid(sent)
         elif isinstance(event, ev.OpenReturnPath):
             if not self.channel.bidirectional:
                 raise RemoteProtocolError(
@@ -522,6 +533,17 @@ class DestinationMigration:
             self.pool.sync_open()
         else:
             self.pool.sync()
+
+    def _check_uuid(self, sent: bytes) -> None:
+        """QEMU's vmstate_uuid_post_load: the source's validate-uuid."""
+        theirs = str(uuidlib.UUID(bytes=bytes(sent)))
+        if self.uuid is None:
+            # QEMU only warns: the user may not know the UUID (an old snapshot).
+            self.warnings.append(f"UUID is received {theirs}, but local uuid isn't set")
+            return
+        if bytes(sent) != self.uuid:
+            raise MigrationError(f"UUID received is {theirs} and local is "
+                                 f"{uuidlib.UUID(bytes=self.uuid)}")
 
     @property
     def pages(self) -> int:

@@ -196,8 +196,12 @@ class SourceMigration:
                  *, on_status: Callable[[S, S], None] | None = None,
                  on_pass: Callable[[int], None] | None = None,
                  vcpus: int | None = None, runstate: str | None = None,
-                 postcopy_after: int | None = None):
+                 postcopy_after: int | None = None, uuid: bytes | None = None):
         self.guest = guest
+        #: the VM's UUID (QEMU's -uuid), None when not set: it goes in every
+        #: MultiFDInit (zeros when not set) and, with validate-uuid, in the
+        #: configuration section for the destination to check
+        self.uuid = uuid
         self.machine = machine
         self.options = options
         self.vcpus = vcpus if vcpus is not None else len(getattr(guest, "registers", ()))
@@ -616,9 +620,12 @@ class SourceMigration:
                 raise MigrationError("multifd needs the destination's URI to open its channels")
             self.prepare()
             # QEMU opens every multifd channel before the header goes out.
-            self.pool.connect(self.uri)
+            self.pool.connect(self.uri, self.uuid or bytes(16))
             self._multifd_live = True
-        head = [enc.file_header(), enc.configuration(self.machine.type_name)]
+        config = {}
+        if self.uuid is not None and self.options.cap("validate-uuid"):
+            config["configuration/uuid"] = enc.config_uuid(self.uuid)
+        head = [enc.file_header(), enc.configuration(self.machine.type_name, config)]
         self._send(head)
         self.stats.add_bytes(sum(len(b) for b in head))
         if self._return_path_wanted():

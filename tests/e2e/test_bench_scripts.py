@@ -77,6 +77,23 @@ def test_multifd_matrix_reports_every_cell_and_the_codec_libraries(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.interop
+def test_the_baseline_qemu_is_chosen_and_named(qemu, tmp_path):
+    """--qemu takes a binary's path (an unpacked tree runs with -L its data)
+    or a version label; the report names the QEMU it used."""
+    for choice in (qemu.binary, qemu.version.rsplit(".", 1)[0]):
+        out = tmp_path / "precopy.json"
+        r = run_bench("precopy.py", "--size", "16M", "--repeat", "1", "--uri", "unix",
+                      "--qemu", choice, "--json", str(out))
+        assert r.returncode == 0, r.stdout + r.stderr
+        res = json.loads(out.read_text())
+        assert f"version {qemu.version}" in res["qemu_version"]
+        assert res["qemu_binary"] == qemu.binary
+        assert f"baseline QEMU emulator version {qemu.version}" in r.stdout
+        [cell] = res["summary"]["cells"]
+        assert cell["qemu"]["total_time_ms"] > 0
+
+
 def test_multifd_bench_refuses_a_bad_size():
     r = run_bench("multifd.py", "--size", "12345", "--no-qemu", timeout=60)
     assert r.returncode == 2
