@@ -30,8 +30,12 @@ __all__ = [
     "MigrationInfo",
     "StatsAccumulator",
     "format_info_migrate",
+    "postcopy_fields",
+    "latency_bucket",
     "BUFFER_DELAY_MS",
     "DIRTY_RATE_PERIOD_MS",
+    "POSTCOPY_BLOCKTIME_FIELDS",
+    "POSTCOPY_LATENCY_BUCKETS",
 ]
 
 BUFFER_DELAY_MS = 100
@@ -498,6 +502,57 @@ class StatsAccumulator:
                 error_desc=error_desc,
                 extra={} if self._cpu_ms is None else {"x-cpu-time": self._cpu_ms},
             )
+
+
+# --------------------------------------------------------------------------
+# The destination's postcopy fault figures
+
+POSTCOPY_BLOCKTIME_FIELDS = (
+    "postcopy-blocktime", "postcopy-vcpu-blocktime", "postcopy-latency",
+    "postcopy-latency-dist", "postcopy-vcpu-latency", "postcopy-non-vcpu-latency",
+)
+"""QEMU 10.1's query-migrate members about postcopy faults.  Blocktimes are
+milliseconds, latencies nanoseconds, the distribution counts faults.  QEMU
+shows them on the destination only with the ``postcopy-blocktime``
+capability, once the migration completed, and only if postcopy started
+(its blocktime context is made at POSTCOPY_LISTEN)."""
+
+POSTCOPY_LATENCY_BUCKETS = 24
+"""``postcopy-latency-dist`` has this many buckets (QEMU's
+BLOCKTIME_LATENCY_BUCKET_N): bucket N counts faults resolved in
+[2^N, 2^(N+1)) microseconds, bucket 0 also those under 1 us, the last one
+everything from 2^23 us on."""
+
+#: the fault handler's own figures: not QEMU's, so under x- names
+_ENGINE_POSTCOPY_FIGURES = {
+    "postcopy-latency-p50": "x-postcopy-latency-p50",
+    "postcopy-latency-p99": "x-postcopy-latency-p99",
+    "postcopy-faults": "x-postcopy-faults",
+}
+
+
+def latency_bucket(latency_ns: int) -> int:
+    """The ``postcopy-latency-dist`` bucket of a fault that took ``latency_ns``."""
+    us = latency_ns // 1000
+    return min(us.bit_length() - 1, POSTCOPY_LATENCY_BUCKETS - 1) if us > 0 else 0
+
+
+def postcopy_fields(figures: Mapping[str, Any], *, blocktime: bool,
+                    started: bool, completed: bool) -> dict[str, Any]:
+    """query-migrate members from the fault handler's ``figures``.
+
+    The engine's own figures (latency percentiles, fault mode) are always
+    there, under x- names; QEMU's (:data:`POSTCOPY_BLOCKTIME_FIELDS`) as
+    QEMU shows them: with the ``postcopy-blocktime`` capability
+    (``blocktime``), postcopy ``started`` and the migration ``completed``.
+    """
+    out = {x: figures[name] for name, x in _ENGINE_POSTCOPY_FIGURES.items() if name in figures}
+    if blocktime and started and completed and "postcopy-latency" in figures:
+        out.update((k, figures[k]) for k in POSTCOPY_BLOCKTIME_FIELDS if k in figures)
+        # Every fault the engine takes is a vCPU's (the fault handler watches
+        # the vCPUs' mappings only), so there is no non-vCPU fault to average.
+        out.setdefault("postcopy-non-vcpu-latency", 0)
+    return out
 
 
 # --------------------------------------------------------------------------

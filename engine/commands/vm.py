@@ -60,7 +60,8 @@ def run(args) -> int:
     try:
         machine = Machine(guest, profile, options, vcpus=args.vcpus,
                           incoming=args.incoming, start_paused=args.start_paused,
-                          postcopy_faults=args.postcopy_faults, workload=workload.name)
+                          postcopy_faults=args.postcopy_faults, workload=workload.name,
+                          uuid=args.uuid)
         server = QMPServer(args.qmp, Commands(machine))
         machine.emit = server.emit
         server.start()

@@ -30,7 +30,7 @@ from engine.migration.verify import memory_digests
 from engine.options import MigrationOptions
 from engine.procs import CpuMeter, no_cycle_collection
 from engine.state import MigrationState, MigrationStatus as S
-from engine.stats import MigrationInfo, StatsAccumulator
+from engine.stats import MigrationInfo, StatsAccumulator, postcopy_fields
 from engine.stream import events as ev
 from engine.stream import returnpath as rp
 from engine.stream.constants import TARGET_PAGE_SIZE
@@ -212,8 +212,9 @@ class DestinationMigration:
 
     def info(self) -> MigrationInfo:
         """query-migrate on the destination; postcopy adds the fault figures
-        (QEMU's postcopy-blocktime, postcopy-vcpu-blocktime, postcopy-latency,
-        and our postcopy-latency-p99 and postcopy-faults)."""
+        (:func:`engine.stats.postcopy_fields`: QEMU's postcopy-blocktime & co.
+        as QEMU shows them, our x-postcopy-latency-p50/-p99 and
+        x-postcopy-faults always)."""
         pc = self._postcopy_figures()
         with self._lock:
             if self._stats is None:
@@ -237,7 +238,12 @@ class DestinationMigration:
             return {}
         stats = dict(getattr(self, "_postcopy_stats", None) or self.postcopy.stats())
         stats.pop("faults", None)
-        return stats
+        out = postcopy_fields(
+            stats, blocktime=self.options.cap("postcopy-blocktime"),
+            started=self.postcopy.state.value in ("listening", "running", "end"),
+            completed=self.state.status is S.COMPLETED)
+        out["postcopy-requests"] = stats.get("postcopy-requests", 0)
+        return out
 
     # ------------------------------------------------------------------
     def run(self, channel, multifd_channels: dict | None = None, *,
@@ -370,6 +376,23 @@ class DestinationMigration:
         import select
         r, _, _ = select.select([fd], [], [], timeout)
         return bool(r)
+
+    def yank(self) -> None:
+        """QEMU's yank of the migration: shut down (not close) the main channel
+        (and the return path on it), the preempt channel and the multifd
+        channels not yet handed to a worker, from any thread.
+
+        Loading fails, or in postcopy pauses, on the errors that follow, as
+        on a dead network.  The workers' channels are the caller's to reach.
+        """
+        channels = [getattr(self, "channel", None), self.preempt,
+                    *list(self.multifd_channels.values())]
+        for ch in channels:
+            if ch is not None:
+                try:
+                    ch.shutdown()
+                except Exception:   # noqa: BLE001 - closed meanwhile: nothing to yank
+                    pass
 
     # -- postcopy recovery --------------------------------------------------------------
     def recover(self, uri: str) -> str:

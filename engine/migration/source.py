@@ -276,6 +276,8 @@ class SourceMigration:
         #: the reason of the latest pause, or of the latest failed recovery
         self.pause_error: EngineError | None = None
         self._owned_channels: list = []
+        #: set by yank(): the channel errors that follow are of our own making
+        self._yanked = False
         self._saved_switch_interval: float | None = None
         #: CPU of this process and its multifd workers during the migration
         self.cpu = CpuMeter(lambda: [p.pid for p in self.pool.procs] if self.pool else [])
@@ -373,6 +375,21 @@ class SourceMigration:
         self.state.expect(S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER)
         self._pause_requested.set()
         for ch in (self.channel, self.preempt_channel):
+            if ch is not None:
+                with contextlib.suppress(Exception):
+                    ch.shutdown()
+        self._wake.set()
+
+    def yank(self) -> None:
+        """QEMU's yank of the migration: shut down (not close) the main channel
+        (the return path rides on it) and the preempt channel, from any thread.
+
+        Nothing is told to the migration: it fails, or in postcopy pauses,
+        on the errors that follow, as it would on a dead network.  The multifd
+        channels are the workers' sockets; the caller reaches those.
+        """
+        self._yanked = True
+        for ch in (getattr(self, "channel", None), self.preempt_channel):
             if ch is not None:
                 with contextlib.suppress(Exception):
                     ch.shutdown()
@@ -577,6 +594,11 @@ class SourceMigration:
         It may still be in flight on the return path, so wait for it briefly."""
         if not isinstance(exc, ChannelError) or self._cancel.is_set():
             return exc
+        if self._yanked:
+            # Our own shutdown: the destination did not give up.
+            err = type(exc)(f"{exc} (the migration's channels were yanked)")
+            err.__cause__ = exc
+            return err
         if self._rp_thread is not None:
             deadline = time.monotonic() + RP_GRACE_SECONDS
             while not self._rp_shut.wait(0.02) and time.monotonic() < deadline:

@@ -475,6 +475,7 @@ def _empty_stats(mode: str, nvcpus: int) -> dict:
     return {"postcopy-requests": 0, "postcopy-latency": 0, "postcopy-latency-p50": 0,
             "postcopy-latency-p99": 0,
             "postcopy-blocktime": 0, "postcopy-vcpu-blocktime": [0] * nvcpus,
+            "postcopy-vcpu-latency": [0] * nvcpus, "postcopy-latency-dist": [0] * 24,
             "postcopy-faults": mode, "faults": 0}
 
 
@@ -631,6 +632,7 @@ class _FaultLoop:
         self.requests = 0
         self.faults = 0
         self.latencies = np.zeros(1024, dtype=np.int64)     # ns, the first nlatencies
+        self.latency_vcpus = np.zeros(1024, dtype=np.int32)  # whose fault each one was
         self.nlatencies = 0
         self.blocktime: dict[int, int] = {}     # vCPU index -> ns blocked (finished spells)
         self.nblocked = 0
@@ -752,6 +754,12 @@ class _FaultLoop:
                 per[v.index] = per.get(v.index, 0) + now - v.blocked_since
         n = max([self.cfg.nvcpus, *(i + 1 for i in per)])
         total = self.all_blocked_ns + (now - self.all_since if self.all_since else 0)
+        whose = self.latency_vcpus[:self.nlatencies]
+        # QEMU 10.1's buckets: [2^N, 2^(N+1)) us, under 1 us in the first,
+        # 2^23 us and more in the last
+        us = lat // 1000
+        buckets = np.where(us > 0, np.frexp(np.maximum(us, 1))[1] - 1, 0)
+        dist = np.bincount(np.minimum(buckets, 23), minlength=24)
         return {
             "postcopy-requests": self.requests,
             "postcopy-latency": int(lat.mean()) if lat.size else 0,
@@ -759,6 +767,9 @@ class _FaultLoop:
             "postcopy-latency-p99": int(np.percentile(lat, 99)) if lat.size else 0,
             "postcopy-blocktime": total // 1_000_000,
             "postcopy-vcpu-blocktime": [per.get(i, 0) // 1_000_000 for i in range(n)],
+            "postcopy-vcpu-latency": [int(lat[whose == i].mean()) if (whose == i).any() else 0
+                                      for i in range(n)],
+            "postcopy-latency-dist": [int(c) for c in dist],
             "postcopy-faults": self.mode,
             "faults": self.faults,
         }
@@ -1022,7 +1033,10 @@ class _FaultLoop:
             n = self.nlatencies
             if n == len(self.latencies):
                 self.latencies = np.concatenate([self.latencies, np.zeros_like(self.latencies)])
+                self.latency_vcpus = np.concatenate([self.latency_vcpus,
+                                                     np.zeros_like(self.latency_vcpus)])
             self.latencies[n] = now - t0
+            self.latency_vcpus[n] = v.index
             self.nlatencies = n + 1
             if v.uffd is not None:
                 if zero_first:

@@ -1,9 +1,9 @@
 """The QMP command table: QEMU's names, arguments and OOB flags, onto a Machine.
 
-Each row names a command as QEMU spells it (``migrate_cancel`` keeps its
-underscore), its arguments as QAPI declares them (qapi/migration.json,
-qapi/run-state.json, qapi/misc.json) and whether QEMU marks it
-``allow-oob``.  :class:`Commands` is the server's dispatcher: it looks a
+Each row names a command as QEMU 10.2 spells it (``migrate_cancel`` keeps
+its underscore), its arguments as QAPI declares them (qapi/migration.json,
+qapi/run-state.json, qapi/misc.json, qapi/yank.json) and whether QEMU marks
+it ``allow-oob``.  :class:`Commands` is the server's dispatcher: it looks a
 request up, refuses what QEMU refuses (unknown command, ``exec-oob`` of a
 command without ``allow-oob``, bad arguments), and calls the machine - under
 its big lock for in-band commands, without it out of band.
@@ -20,11 +20,12 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from engine.options import CAPABILITIES, PARAMETERS, ParameterSpec
+from engine.qmp.channels import MIGRATION_CHANNEL
 from engine.qmp.errors import ERROR_CLASS_COMMAND_NOT_FOUND, ERROR_CLASS_GENERIC, QMPError
 from engine.qmp.machine import Machine
 from engine.qmp.protocol import Request
 from engine.qmp.schema import (ANY, BOOL, INT, STR, STR_OR_NULL, Arg, Enum, ListOf, Struct,
-                               Type, check_arguments)
+                               Type, Union, check_arguments)
 from engine.state import MigrationStatus
 
 __all__ = ["Command", "COMMANDS", "Commands", "PARAMETER_ARGS"]
@@ -57,6 +58,12 @@ PARAMETER_ARGS: tuple[Arg, ...] = tuple(
 
 _CAPABILITY_STATUS = Struct((Arg("capability", Enum(CAPABILITIES)), Arg("state", BOOL)))
 
+#: qapi/yank.json's YankInstance ('migration' has no members of its own)
+_YANK_INSTANCE = Union((Arg("type", Enum(("block-node", "chardev", "migration"))),), "type",
+                       {"block-node": Struct((Arg("node-name", STR),)),
+                        "chardev": Struct((Arg("id", STR),))})
+_CHANNELS = ListOf(MIGRATION_CHANNEL)
+
 
 def _query_commands(machine: Machine, args: dict) -> list:
     return [{"name": n} for n in ("qmp_capabilities", *COMMANDS)]
@@ -78,15 +85,17 @@ COMMANDS: Mapping[str, Command] = MappingProxyType({
     "cont":            Command((), lambda m, a: m.cont()),
     "quit":            Command((), lambda m, a: m.quit()),
     # qapi/migration.json
-    "migrate":         Command((Arg("uri", STR), Arg("blk", BOOL, True), Arg("inc", BOOL, True),
+    # (blk and inc went in QEMU 9.1: passing them is "Parameter 'blk' is unexpected")
+    "migrate":         Command((Arg("uri", STR, True), Arg("channels", _CHANNELS, True),
                                 Arg("detach", BOOL, True), Arg("resume", BOOL, True)),
-                               lambda m, a: m.migrate(a["uri"], blk=a.get("blk", False),
-                                                      inc=a.get("inc", False),
+                               lambda m, a: m.migrate(a.get("uri"), channels=a.get("channels"),
                                                       detach=a.get("detach", False),
                                                       resume=a.get("resume", False))),
-    "migrate-incoming": Command((Arg("uri", STR), Arg("exit-on-error", BOOL, True)),
+    "migrate-incoming": Command((Arg("uri", STR, True), Arg("channels", _CHANNELS, True),
+                                 Arg("exit-on-error", BOOL, True)),
                                 lambda m, a: m.migrate_incoming(
-                                    a["uri"], exit_on_error=a.get("exit-on-error", True))),
+                                    a.get("uri"), channels=a.get("channels"),
+                                    exit_on_error=a.get("exit-on-error", True))),
     "migrate-set-capabilities": Command((Arg("capabilities", ListOf(_CAPABILITY_STATUS)),),
                                         lambda m, a: m.migrate_set_capabilities(
                                             a["capabilities"])),
@@ -102,6 +111,11 @@ COMMANDS: Mapping[str, Command] = MappingProxyType({
     "migrate-pause":   Command((), lambda m, a: m.migrate_pause(), allow_oob=True),
     "migrate-recover": Command((Arg("uri", STR),), lambda m, a: m.migrate_recover(a["uri"]),
                                allow_oob=True),
+    "query-migrationthreads": Command((), lambda m, a: m.query_migrationthreads()),
+    # qapi/yank.json
+    "yank":            Command((Arg("instances", ListOf(_YANK_INSTANCE)),),
+                               lambda m, a: m.yank(a["instances"]), allow_oob=True),
+    "query-yank":      Command((), lambda m, a: m.query_yank(), allow_oob=True),
     # this engine's own
     "x-engine-check-ab":       Command((), lambda m, a: m.x_check_ab()),
     "x-engine-memory-digests": Command((), lambda m, a: m.x_memory_digests()),

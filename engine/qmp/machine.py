@@ -14,18 +14,27 @@ data)`` callable:
   only when the ``events`` capability is on (as QEMU);
 * ``SHUTDOWN`` is the caller's (it knows why the process ends).
 
+The QMP is QEMU 10.2's: ``migrate`` and ``migrate-incoming`` take ``uri``
+or ``channels`` (:mod:`engine.qmp.channels`), ``query-migrationthreads``
+names the migration thread and the multifd workers (processes here) for
+pinning, ``yank`` shuts down every channel of the migration.
+
 Threads.  In-band commands run under :attr:`Machine.lock` (QEMU's big
-lock); ``migrate-pause`` and ``migrate-recover`` run out of band, without
-it.  Migrations run in one long-lived *migration thread*: multifd workers
-and the postcopy fault handler are processes that die with the thread that
-spawned them, so they are spawned there, one migration after another.
+lock); ``migrate-pause``, ``migrate-recover``, ``yank`` and ``query-yank``
+run out of band, without it.  Migrations run in one long-lived *migration
+thread*: multifd workers and the postcopy fault handler are processes that
+die with the thread that spawned them, so they are spawned there, one
+migration after another.
 The guest itself (and its vCPU processes) belongs to the caller, who
 creates it in a thread that lives as long as the VM.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib
+import os
 import queue
+import signal
 import sys
 import threading
 from typing import Any, Callable, Mapping
@@ -34,7 +43,8 @@ from engine.errors import ChannelBrokenError, ConfigError, EngineError, StateErr
 from engine.machine import MachineProfile
 from engine.migration import check_implemented
 from engine.options import MigrationOptions
-from engine.qmp.errors import ERROR_CLASS_GENERIC, QMPError
+from engine.qmp.channels import migration_uri
+from engine.qmp.errors import ERROR_CLASS_DEVICE_NOT_FOUND, ERROR_CLASS_GENERIC, QMPError
 from engine.qmp.runstate import RunState, RunStateMachine
 from engine.state import (ACTIVE_STATES, CANCELLABLE_STATES, POSTCOPY_STATES, TERMINAL_STATES,
                           MigrationStatus as S)
@@ -101,6 +111,11 @@ class _MigrationThread:
                     self._pending -= 1
                     self._cond.notify_all()
 
+    @property
+    def native_id(self) -> int | None:
+        """The thread's id in the kernel (what QEMU reports as ``thread-id``)."""
+        return self._thread.native_id
+
     def wait_idle(self, timeout: float) -> bool:
         """Whether every submitted job has ended within ``timeout`` seconds."""
         with self._cond:
@@ -137,6 +152,43 @@ class _MigrationGuest:
         self._machine._start_vcpus()
 
 
+def _alive(pid: int | None) -> bool:
+    import psutil
+    if pid is None:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _worker_threads(pool, name: str) -> list[dict]:
+    """MigrationThreadInfo for each live worker of a multifd ``pool``: a worker
+    is a process, its main thread's id is its pid."""
+    if pool is None:
+        return []
+    return [{"name": name % i, "thread-id": p.pid}
+            for i, p in enumerate(list(pool.procs)) if _alive(p.pid)]
+
+
+def _yank_workers(pool, address) -> None:
+    """Shut down the multifd channels of ``pool``'s workers (their sockets)."""
+    from engine.qmp.yank import channel_matcher, shutdown_process_sockets
+    if pool is None:
+        return
+    is_channel = channel_matcher(address.path if isinstance(address, UnixAddress) else None)
+    for proc in list(pool.procs):
+        if not _alive(proc.pid):
+            continue
+        try:
+            shutdown_process_sockets(proc.pid, is_channel)
+        except OSError:
+            # Its descriptors are out of reach (no pidfd_getfd, or not
+            # permitted): the worker goes instead, and its sockets with it.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+
+
 def _socket_address(address) -> dict | None:
     """QEMU's SocketAddress for ``socket-address`` (ports are strings there)."""
     if isinstance(address, TcpAddress):
@@ -161,9 +213,12 @@ class Machine:
     def __init__(self, guest, profile: MachineProfile, options: MigrationOptions, *,
                  vcpus: int, emit: Callable[[str, Mapping | None], None] | None = None,
                  incoming: str | None = None, start_paused: bool = False,
-                 postcopy_faults: str = "auto", workload: str = "none"):
+                 postcopy_faults: str = "auto", workload: str = "none",
+                 uuid: bytes | None = None):
         check_implemented(options)
         self.guest = guest
+        #: QEMU's -uuid (None: not set)
+        self.uuid = uuid
         self.profile = profile
         self.options = options
         self.vcpus = vcpus
@@ -179,6 +234,7 @@ class Machine:
         #: a `stop` since the last `cont` (a failed migration must not restart)
         self._user_paused = False
         self.outgoing = None        # the latest SourceMigration
+        self._outgoing_address = None
         self.incoming = None        # the DestinationMigration, once migrate-incoming ran
         self._outgoing_pending = False
         self._incoming_started = False
@@ -191,6 +247,12 @@ class Machine:
         self.shutdown_requested = threading.Event()
         self.exit_code = 0
         self.shutdown_reason = "host-qmp-quit"
+        # The drivers are imported before the migration thread exists: a QMP
+        # thread and the migration thread importing their shared modules at
+        # once can trip importlib's deadlock detection (a KeyError from the
+        # import machinery in one of them).
+        for module in ("channels", "destination", "source"):
+            importlib.import_module(f"engine.migration.{module}")
         self._thread = _MigrationThread()
         try:
             if incoming is not None:
@@ -232,8 +294,8 @@ class Machine:
     # -- run control commands ---------------------------------------------------------
     def query_status(self) -> dict:
         state = self.runstate.state
-        # 'singlestep' is in QEMU 7.2's StatusInfo (removed in 9.0).
-        return {"status": state.value, "singlestep": False, "running": state is _R.RUNNING}
+        # QEMU 9.0 dropped 'singlestep' from StatusInfo.
+        return {"status": state.value, "running": state is _R.RUNNING}
 
     def stop(self) -> dict:
         """QMP stop: pause the vCPUs (or, while waiting for an incoming
@@ -275,6 +337,15 @@ class Machine:
         mig = self.outgoing
         return mig is not None and (self._outgoing_pending or mig.state.status in ACTIVE_STATES
                                     or mig.state.status is S.CANCELLING)
+
+    def _outgoing_live(self) -> bool:
+        """From migrate until the outgoing migration has ended (connecting
+        included): the span of QEMU's yank instance and migration thread."""
+        mig = self.outgoing
+        if mig is None:
+            return False
+        status = mig.state.status
+        return status not in TERMINAL_STATES and (status is not S.NONE or self._outgoing_pending)
 
     def _incoming_running(self) -> bool:
         inc = self.incoming
@@ -319,14 +390,16 @@ class Machine:
         return {}
 
     # -- outgoing -----------------------------------------------------------------------
-    def migrate(self, uri: str, *, blk: bool = False, inc: bool = False,
+    def migrate(self, uri: str | None = None, *, channels: list | None = None,
                 detach: bool = False, resume: bool = False) -> dict:
-        """QMP migrate: start an outgoing migration (returns at once; watch
-        query-migrate or the MIGRATION events), or resume a paused postcopy."""
+        """QMP migrate to ``uri`` or ``channels``: start an outgoing migration
+        (returns at once; watch query-migrate or the MIGRATION events), or
+        resume a paused postcopy."""
         from engine.commands.common import check_multifd_transport
         from engine.migration.source import SourceMigration
         from engine.transport import parse_uri
 
+        uri = migration_uri("migrate", uri, channels)
         if resume:
             mig = self.outgoing
             if mig is None or mig.state.status is not S.POSTCOPY_PAUSED:
@@ -343,8 +416,6 @@ class Machine:
             raise _error("Guest is waiting for an incoming migration")
         if state is _R.POSTMIGRATE:
             raise _error("Can't migrate the vm that was paused due to previous migration")
-        if blk or inc:
-            raise _error("this engine has no old-style (blk/-b, inc/-i) block migration")
         try:
             address = parse_uri(uri)
             check_multifd_transport(self.options, address)
@@ -355,12 +426,13 @@ class Machine:
                 _MigrationGuest(self, "source"), self.profile, self.options,
                 on_status=lambda old, new: self._on_outgoing_status(box["mig"], old, new),
                 on_pass=lambda n: self._on_pass(box["mig"], n),
-                vcpus=self.vcpus, runstate=runstate)
+                vcpus=self.vcpus, runstate=runstate, uuid=self.uuid)
             box["mig"] = mig
         except EngineError as exc:
             raise _error(str(exc)) from None
         self._last_pass = 0
         self.outgoing = mig
+        self._outgoing_address = address
         self._outgoing_pending = True
         self._thread.submit(lambda: self._run_outgoing(mig, address.uri))
         return {}
@@ -491,11 +563,13 @@ class Machine:
         return info
 
     # -- incoming -----------------------------------------------------------------------
-    def migrate_incoming(self, uri: str, *, exit_on_error: bool = True) -> dict:
+    def migrate_incoming(self, uri: str | None = None, *, channels: list | None = None,
+                         exit_on_error: bool = True) -> dict:
         if self._incoming_started:
             raise _error("The incoming migration has already been started")
         if self.runstate.state is not _R.INMIGRATE:
             raise _error("'-incoming' was not specified on the command line")
+        uri = migration_uri("migrate-incoming", uri, channels)
         try:
             self._start_incoming(uri, exit_on_error)
         except EngineError as exc:
@@ -517,7 +591,7 @@ class Machine:
                 self.profile, options, guest=_MigrationGuest(self, "destination"),
                 vcpus=self.vcpus, resume=self.autostart,
                 on_status=lambda old, new: self._on_incoming_status(box, options, old, new),
-                postcopy_faults=self.postcopy_faults)
+                postcopy_faults=self.postcopy_faults, uuid=self.uuid)
         except BaseException:
             listener.close()
             raise
@@ -531,12 +605,12 @@ class Machine:
     def _run_incoming(self, inc, listener, options: MigrationOptions,
                       exit_on_error: bool) -> None:
         """Migration thread: accept the channels, load, start the guest."""
-        from engine.migration.channels import accept_channels
+        from engine.migration.channels import NULL_UUID, accept_channels
         try:
             try:
                 inc.prepare()       # workers and fault handler, spawned from this thread
                 n = int(options.param("multifd-channels")) if inc.multifd else 0
-                channel, multifd = accept_channels(listener, n)
+                channel, multifd = accept_channels(listener, n, uuid=self.uuid or NULL_UUID)
             except (EngineError, OSError) as exc:
                 inc.error = exc if isinstance(exc, EngineError) else \
                     ChannelBrokenError(f"{listener.uri}: {exc}")
@@ -551,6 +625,8 @@ class Machine:
         finally:
             inc.close()
             listener.close()
+        for warning in inc.warnings:
+            print(f"engine vm: warning: {warning}", file=sys.stderr)    # QEMU's warn_report
         if inc.state.status is S.FAILED and exit_on_error and not self._closing:
             # QEMU's destination exits when loading fails (exit-on-error).
             print(f"engine vm: load of migration failed: {inc.error}", file=sys.stderr)
@@ -594,6 +670,57 @@ class Machine:
             inc.recover(uri)
         except EngineError as exc:
             raise _error(str(exc)) from None
+        return {}
+
+    # -- threads and yank -----------------------------------------------------------------
+    def query_migrationthreads(self) -> list:
+        """QEMU's MigrationThreadInfo list, so the threads can be pinned.
+
+        QEMU 10.2 lists the source's migration thread (``mig/src/main``) and
+        multifd send threads (``mig/src/send_N``) while they run; here the
+        multifd channels are worker processes (a process's main thread id is
+        its pid), and the destination's receive workers are listed too, under
+        QEMU's name for those threads (``mig/dst/recv_N``).
+        """
+        threads: list[dict] = []
+        mig = self.outgoing
+        if mig is not None and self._outgoing_live():
+            threads.append({"name": "mig/src/main", "thread-id": self._thread.native_id})
+            threads += _worker_threads(mig.pool, "mig/src/send_%d")
+        inc = self.incoming
+        if inc is not None and self._incoming_running():
+            threads += _worker_threads(inc.pool, "mig/dst/recv_%d")
+        return threads
+
+    def _migration_yankable(self) -> bool:
+        # QEMU registers the 'migration' yank instance at migrate (or
+        # migrate-incoming) and removes it when the migration is cleaned up:
+        # completed, failed or cancelled.
+        return self._outgoing_live() or self._incoming_running()
+
+    def query_yank(self) -> list:
+        """Out of band: the yank instances, ``{"type": "migration"}`` while a
+        migration (either direction) runs."""
+        return [{"type": "migration"}] if self._migration_yankable() else []
+
+    def yank(self, instances: list[Mapping[str, Any]]) -> dict:
+        """Out of band: shut down every channel of each instance (QEMU's
+        yank_generic_iochannel: shutdown, not close), all or none of them
+        named: an instance that does not exist fails the command first."""
+        for instance in instances:
+            if instance["type"] != "migration" or not self._migration_yankable():
+                raise QMPError(ERROR_CLASS_DEVICE_NOT_FOUND, "Instance not found")
+        if not instances:
+            return {}
+        mig = self.outgoing
+        if mig is not None and self._outgoing_live():
+            mig.yank()
+            _yank_workers(mig.pool, self._outgoing_address)
+        inc = self.incoming
+        if inc is not None and self._incoming_running():
+            inc.yank()
+            listener = self._incoming_listener
+            _yank_workers(inc.pool, listener.address if listener is not None else None)
         return {}
 
     # -- engine-specific (x-) ------------------------------------------------------------

@@ -63,8 +63,9 @@ QMP_CAPABILITIES = ("oob",)
 #: QEMU's json-streamer limits: a value larger or deeper is refused.
 MAX_MESSAGE_BYTES = 64 << 20
 MAX_NESTING = 1024
-#: The QEMU release whose migration stream and QMP this engine speaks.
-QEMU_VERSION = {"major": 7, "minor": 2, "micro": 0}
+#: The QEMU release whose QMP this engine speaks (its migration stream
+#: speaks 7.2's dialect too, per machine profile).
+QEMU_VERSION = {"major": 10, "minor": 2, "micro": 0}
 
 
 class _Sentinel:

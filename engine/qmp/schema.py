@@ -11,6 +11,9 @@ walks them in order and raises :class:`~engine.qmp.protocol.QMPError`
   QEMU checks a struct for leftovers once it has visited it)
 
 Nested members are named like QEMU names them: ``capabilities[0].state``.
+A flat union (:class:`Union`, QAPI's ``'union'`` with a ``'discriminator'``)
+keeps its variant's members in the same JSON object as its base's, so
+``channels[0].addr.host`` sits next to ``channels[0].addr.transport``.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from typing import Any, Mapping, Sequence
 from engine.qmp.errors import ERROR_CLASS_GENERIC, QMPError
 
 __all__ = ["Type", "STR", "BOOL", "INT", "NUMBER", "ANY", "STR_OR_NULL",
-           "Enum", "ListOf", "Struct", "Arg", "check_arguments"]
+           "Enum", "ListOf", "Struct", "Union", "Arg", "check_arguments"]
 
 #: QAPI integers travel as JSON numbers; uint64 is the widest QEMU takes.
 _UINT64_MAX = 2**64 - 1
@@ -101,35 +104,71 @@ class Arg:
     optional: bool = False
 
 
-class Struct(Type):
+class _Object(Type):
+    """A QAPI type that is a JSON object: its members are visited first, then
+    whatever is left over is refused (QEMU's visit_check_struct)."""
+
+    def visit(self, given: Mapping[str, Any], prefix: str) -> tuple[dict, set[str]]:
+        """(checked members, names of the members this type knows)."""
+        raise NotImplementedError
+
+    def check(self, value, name):
+        if not isinstance(value, Mapping):
+            raise _type_error(name, "object")
+        out, known = self.visit(value, name + ".")
+        _refuse_leftovers(value, known, name + ".")
+        return out
+
+
+class Struct(_Object):
     """A QAPI struct with members ``args``."""
 
     def __init__(self, args: Sequence[Arg]):
         self.args = tuple(args)
 
-    def check(self, value, name):
-        if not isinstance(value, Mapping):
-            raise _type_error(name, "object")
-        return _check_members(self.args, value, name + ".")
+    def visit(self, given, prefix):
+        out = {}
+        for arg in self.args:
+            full = prefix + arg.name
+            if arg.name not in given:
+                if not arg.optional:
+                    raise QMPError(ERROR_CLASS_GENERIC, f"Parameter '{full}' is missing")
+                continue
+            out[arg.name] = arg.type.check(given[arg.name], full)
+        return out, {a.name for a in self.args}
 
 
-def _check_members(args: Sequence[Arg], given: Mapping[str, Any], prefix: str) -> dict:
-    out = {}
-    for arg in args:
-        full = prefix + arg.name
-        if arg.name not in given:
-            if not arg.optional:
-                raise QMPError(ERROR_CLASS_GENERIC, f"Parameter '{full}' is missing")
-            continue
-        out[arg.name] = arg.type.check(given[arg.name], full)
-    known = {a.name for a in args}
+class Union(_Object):
+    """A QAPI flat union: the ``base`` members, one of which (``discriminator``,
+    an :class:`Enum`) picks the variant whose members follow in the same
+    object.  A tag with no entry in ``variants`` has no members of its own
+    (YankInstance's ``migration``)."""
+
+    def __init__(self, base: Sequence[Arg], discriminator: str,
+                 variants: Mapping[str, _Object]):
+        self.base = Struct(base)
+        self.discriminator = discriminator
+        self.variants = dict(variants)
+
+    def visit(self, given, prefix):
+        out, known = self.base.visit(given, prefix)
+        variant = self.variants.get(out[self.discriminator])
+        if variant is not None:
+            more, names = variant.visit(given, prefix)
+            out.update(more)
+            known |= names
+        return out, known
+
+
+def _refuse_leftovers(given: Mapping[str, Any], known: set[str], prefix: str) -> None:
     for key in given:
         if key not in known:
             raise QMPError(ERROR_CLASS_GENERIC, f"Parameter '{prefix}{key}' is unexpected")
-    return out
 
 
 def check_arguments(args: Sequence[Arg], arguments: Mapping[str, Any]) -> dict[str, Any]:
     """The command's ``arguments`` checked against ``args``; absent optional
     members are left out of the result."""
-    return _check_members(args, arguments, "")
+    out, known = Struct(args).visit(arguments, "")
+    _refuse_leftovers(arguments, known, "")
+    return out

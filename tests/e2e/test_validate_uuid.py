@@ -86,3 +86,26 @@ def test_bad_uuid_is_a_usage_error():
                        text=True, timeout=TIMEOUT)
     assert r.returncode == 2
     assert "invalid UUID 'not-a-uuid'" in r.stderr
+
+
+def test_engine_vm_takes_the_uuid(tmp_path):
+    """engine vm's --uuid reaches both roles: equal UUIDs migrate, different
+    ones are refused by the destination with QEMU's message."""
+    from tests.e2e.test_qmp_harness import EngineVM
+    guest = ("--machine", "none", "--vcpus", "0", "--workload", "none", "--ram", "16M")
+    for dst_uuid, ok in ((A, True), (B, False)):
+        with EngineVM(tmp_path, f"src-{ok}", *guest, "--uuid", A) as src, \
+                EngineVM(tmp_path, f"dst-{ok}", *guest, "--uuid", dst_uuid,
+                         "--incoming", "defer") as dst:
+            for vm in (src, dst):
+                vm.set_caps(events=True, validate_uuid=True)
+            uri = f"unix:{tmp_path}/{ok}.sock"
+            dst.cmd("migrate-incoming", {"uri": uri, "exit-on-error": False})
+            src.cmd("migrate", {"uri": uri})
+            if ok:
+                src.wait_status("completed")
+                dst.wait_status("completed")
+            else:
+                dst.wait_event("MIGRATION", lambda e: e["data"]["status"] == "failed")
+                info = dst.cmd("query-migrate")
+                assert f"UUID received is {A} and local is {B}" in info["error-desc"], info
