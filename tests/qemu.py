@@ -340,7 +340,9 @@ class QemuVM:
     QMP socket and negotiates capabilities; any failure on the way kills QEMU
     before raising.  ``incoming`` is passed as ``-incoming`` (a URI, or
     ``"defer"`` to call :meth:`migrate_incoming` later).  ``size`` is QEMU's
-    ``-m`` (bytes or a string like ``"64M"``).
+    ``-m`` (bytes or a string like ``"64M"``).  ``machine`` is ``-M``'s type
+    (``pc`` with ``extra_args`` booting :mod:`tests.bootblock` gives a guest
+    whose CPU dirties memory).
 
     Use it as a context manager (leaving it by an exception also prints
     QEMU's log to stderr for pytest to show), or call :meth:`close`.
@@ -350,7 +352,8 @@ class QemuVM:
                  incoming: str | None = None, name: str = "qemu",
                  extra_args: Sequence[str] = (), binary: str = QEMU_BINARY,
                  start_timeout: float = 30.0, command_timeout: float = 30.0,
-                 prealloc: bool = False, qemu: Qemu | None = None):
+                 prealloc: bool = False, qemu: Qemu | None = None,
+                 machine: str = "none"):
         self.name = name
         self.mem_path = Path(mem_path)
         self.size = parse_size(size)
@@ -368,7 +371,7 @@ class QemuVM:
             binary = qemu.binary
         datadir = ["-L", qemu.datadir] if qemu is not None and qemu.datadir else []
         self.argv = [
-            binary, *datadir, "-M", "none,memory-backend=m0", "-m", size_arg,
+            binary, *datadir, "-M", f"{machine},memory-backend=m0", "-m", size_arg,
             "-object", f"memory-backend-file,id=m0,size={size_arg},"
                        f"mem-path={self.mem_path},share=on"
                        + (",prealloc=on" if prealloc else ""),
