@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from engine.cli import EXIT_FAILED, EXIT_OK
+from engine.commands.args import EXIT_FAILED, EXIT_OK, seconds
 
 #: HMP's 'info status' words for QMP run states that print differently
 _STATUS_WORDS = {"running": "running", "paused": "paused", "prelaunch": "paused (prelaunch)",
@@ -23,7 +23,8 @@ def add_arguments(parser) -> None:
                         help="what to show, as HMP's 'info' subcommands")
     parser.add_argument("--qmp", required=True, metavar="unix:PATH|tcp:HOST:PORT",
                         help="the monitor to ask")
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
+    parser.add_argument("--timeout", type=seconds, default=10.0, metavar="SECONDS",
+                        help="seconds to wait for the monitor's answers (finite, > 0)")
 
 
 def run(args) -> int:

@@ -226,3 +226,47 @@ def test_clients_that_leave_are_forgotten(server):
 def test_only_sockets(tmp_path):
     with pytest.raises(QMPError):
         QMPServer(f"file:{tmp_path}/x", Stand())
+
+
+@pytest.mark.parametrize("depth", [990, 1000, 1024, 1025, 5000])
+def test_deeply_nested_input_is_answered_and_the_reader_lives(server, depth):
+    """A value nested deeper than Python's parser goes (990: RecursionError
+    in json.loads, which used to end the reader thread) or than QEMU's limit
+    (1024) gets a GenericError, and the session goes on."""
+    srv = server()
+    c = RawClient(srv.uri)
+    try:
+        assert "QMP" in c.recv()
+        c.send({"execute": "qmp_capabilities"})
+        assert c.recv() == {"return": {}}
+        line = b'{"execute": "echo", "arguments": {"x": ' + b"[" * depth + b"]" * depth + b"}}"
+        c.sock.sendall(line)
+        answer = c.recv()
+        if depth < 1024 and "return" in answer:     # Python parsed it: echoed
+            assert answer["return"]["x"] is not None
+        else:
+            assert answer["error"]["class"] == "GenericError", answer
+            assert "nesting" in answer["error"]["desc"], answer
+        c.send({"execute": "echo", "arguments": {"after": 1}, "id": 7})
+        assert c.recv() == {"return": {"after": 1}, "id": 7}
+    finally:
+        c.close()
+
+
+def test_deeply_nested_id_is_answered_without_it(server):
+    """An id too deep to echo: the answer leaves it out instead of the
+    thread that encodes it dying."""
+    srv = server()
+    c = RawClient(srv.uri)
+    try:
+        assert "QMP" in c.recv()
+        c.send({"execute": "qmp_capabilities"})
+        assert c.recv() == {"return": {}}
+        for depth in (900, 980, 995):
+            c.sock.sendall(b'{"execute": "echo", "id": ' + b"[" * depth + b"]" * depth + b"}")
+            answer = c.recv()
+            assert "return" in answer or answer["error"]["class"] == "GenericError"
+        c.send({"execute": "echo", "arguments": {"after": 2}})
+        assert c.recv() == {"return": {"after": 2}}
+    finally:
+        c.close()
