@@ -11,10 +11,10 @@ at the end (for session-scoped fixtures):
   the test's processes are gone;
 * no process started below pytest is still alive after a 2 s grace period.
 
-/tmp is shared with other sessions on this machine, so the engine processes
-a test starts get a temp dir of this session's own (``TMPDIR``); what is
-new in /tmp itself (in-process tests) is counted unless a process outside
-this session works in it (see engine.stress.leaks.dirs_used_by_others).
+/tmp is shared with other sessions on this machine, so the session and the
+engine processes its tests start use a temp dir of its own (``TMPDIR``);
+an entry there that a process outside this session works in is not
+counted either (engine.stress.leaks.dirs_used_by_others).
 
 Orphans would escape the second check (the kernel hands them to init), so
 pytest makes itself a *child subreaper* (``prctl(PR_SET_CHILD_SUBREAPER)``):
@@ -60,18 +60,19 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _private_tmpdir() -> None:
-    """Children of this session make their temp directories in one of its own.
+    """This session and its children make their temp directories in one of
+    its own, so that the leak check sees only this session's.
 
-    This process keeps the system's (pytest's tmp_path lives there, and
-    ``tempfile`` has cached it by now): only what inherits ``TMPDIR`` moves.
-    The directory is removed when the session ends.
+    pytest's tmp_path stays where it was (PYTEST_DEBUG_TEMPROOT).  The
+    directory is removed when the session ends.
     """
     global _SESSION_TMPDIR
     if _SESSION_TMPDIR is not None:
         return
-    tempfile.gettempdir()       # cache the system's for this process first
+    system = tempfile.gettempdir()
     _SESSION_TMPDIR = tempfile.mkdtemp(prefix="engt-")
-    os.environ["TMPDIR"] = _SESSION_TMPDIR
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", system)
+    os.environ["TMPDIR"] = tempfile.tempdir = _SESSION_TMPDIR
 
 
 _SESSION_TMPDIR: str | None = None

@@ -37,7 +37,6 @@ LAYERS: list[set[str]] = [
 KNOWN_UPWARD: set[tuple[str, str]] = {
     # ram/ uses postcopy's fault protocol (issue 13, the fault handler's split
     # at its process boundary, moves these).
-    ("engine.ram.faults", "engine.postcopy"),
     ("engine.ram.faults", "engine.postcopy.faultproto"),
     ("engine.ram.faults", "engine.postcopy.uffd"),
     ("engine.ram.guest", "engine.postcopy.faultproto"),
@@ -75,7 +74,12 @@ def _imports(name: str, path: Path) -> set[str]:
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
+            # ``from pkg import mod`` depends on pkg.mod; ``from pkg import
+            # name`` on pkg (its __init__) itself.
+            subs = [f"{mod}.{a.name}" for a in node.names]
+            targets = [t for t in subs if t in MODULES]
+            if len(targets) < len(subs):
+                targets.append(mod)
         else:
             continue
         out.update(t for t in targets if t in MODULES and t != name)
@@ -210,3 +214,30 @@ def test_every_module_imports(name):
     """Each module imports (the ast checks above read files that must be the
     ones Python loads)."""
     importlib.import_module(name)
+
+
+#: exception classes still defined outside engine/errors.py, in modules other
+#: parts of issue 13 restructure; an entry that moves fails the test, so the
+#: list only shrinks
+EXCEPTIONS_ELSEWHERE = {
+    "engine.transport.ChannelTimeoutError",
+    "engine.state.UnexpectedStateError",
+    "engine.qmp.errors.QMPError",
+    "engine.stream.vmstate.NeedData",
+    "engine.ram.faults.FaultSetupError",
+}
+
+
+def test_exception_classes_live_in_errors_py():
+    import inspect
+    found = set()
+    for name in MODULES:
+        module = importlib.import_module(name)
+        for obj in vars(module).values():
+            if inspect.isclass(obj) and issubclass(obj, BaseException) \
+                    and obj.__module__ == name and name != "engine.errors":
+                found.add(f"{name}.{obj.__qualname__}")
+    new = sorted(found - EXCEPTIONS_ELSEWHERE)
+    assert not new, f"define these in engine/errors.py: {new}"
+    gone = sorted(EXCEPTIONS_ELSEWHERE - found)
+    assert not gone, f"moved, remove from EXCEPTIONS_ELSEWHERE: {gone}"
