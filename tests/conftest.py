@@ -26,6 +26,7 @@ are then removed, so the next test starts clean and is not blamed.
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import secrets
@@ -37,6 +38,16 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+
+def _remove_session_tmpdir() -> None:
+    if _SESSION_TMPDIR is not None:
+        shutil.rmtree(_SESSION_TMPDIR, ignore_errors=True)
+
+
+# Registered before anything imports multiprocessing, so that it runs after
+# multiprocessing's own exit handler has removed its pymp-* directory there.
+atexit.register(_remove_session_tmpdir)
 
 # Other sessions may run on this machine: their live segments are not our
 # leaks (the stress runner needs the same scan).
@@ -76,11 +87,6 @@ def _private_tmpdir() -> None:
 
 
 _SESSION_TMPDIR: str | None = None
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    if _SESSION_TMPDIR is not None:
-        shutil.rmtree(_SESSION_TMPDIR, ignore_errors=True)
 
 
 def _become_subreaper() -> None:

@@ -75,10 +75,14 @@ class RawClient:
         self.sock.sendall(b"".join(json.dumps(m).encode() for m in messages))
 
     def recv(self) -> dict | None:
+        raw = self.recv_raw()
+        return None if raw is None else json.loads(raw)
+
+    def recv_raw(self) -> bytes | None:
         while True:
             raw = self.splitter.next()
             if raw is not None:
-                return json.loads(raw)
+                return raw
             data = self.sock.recv(4096)
             if not data:
                 return None
@@ -264,8 +268,9 @@ def test_deeply_nested_id_is_answered_without_it(server):
         assert c.recv() == {"return": {}}
         for depth in (900, 980, 995):
             c.sock.sendall(b'{"execute": "echo", "id": ' + b"[" * depth + b"]" * depth + b"}")
-            answer = c.recv()
-            assert "return" in answer or answer["error"]["class"] == "GenericError"
+            raw = c.recv_raw()      # this test's own stack may be too deep to parse it
+            assert raw.startswith(b'{"return": {}, "id": [[[') or raw.startswith(
+                b'{"error": {"class": "GenericError", "desc": "JSON nesting'), raw[:80]
         c.send({"execute": "echo", "arguments": {"after": 2}})
         assert c.recv() == {"return": {"after": 2}}
     finally:
