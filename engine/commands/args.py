@@ -121,7 +121,8 @@ def output_file(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is a directory")
     folder = os.path.dirname(os.path.abspath(text))
     if not os.path.isdir(folder):
-        raise argparse.ArgumentTypeError(f"cannot write {text!r}: no directory {folder!r}")
+        raise argparse.ArgumentTypeError(
+            f"cannot write {text!r}: directory {folder!r} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"cannot write {text!r}: {folder!r} is not writable")
     return text

@@ -59,7 +59,7 @@ def test_output_file(tmp_path):
     assert A.output_file(str(tmp_path / "r.json")) == str(tmp_path / "r.json")
     with pytest.raises(argparse.ArgumentTypeError, match="is a directory"):
         A.output_file(str(tmp_path))
-    with pytest.raises(argparse.ArgumentTypeError, match="no directory"):
+    with pytest.raises(argparse.ArgumentTypeError, match="does not exist"):
         A.output_file(str(tmp_path / "missing" / "r.json"))
     with pytest.raises(argparse.ArgumentTypeError):
         A.output_file("")
