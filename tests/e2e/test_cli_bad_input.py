@@ -57,6 +57,7 @@ def _cases(tmp):
         "incoming-timeout-overflow": (incoming + ["--timeout", "1e999"], "--timeout"),
         "info-timeout-zero": (["info", "status", "--qmp", "unix:/nonexistent",
                                "--timeout", "0"], "--timeout"),
+        "info-qmp-empty": (["info", "status", "--qmp", ""], "--qmp"),
         "info-timeout-nan": (["info", "status", "--qmp", "unix:/nonexistent",
                               "--timeout", "NaN"], "--timeout"),
         "stress-case-timeout-inf": (["stress", "--case-timeout", "inf"], "--case-timeout"),
