@@ -171,7 +171,8 @@ def add_guest_options(p: argparse.ArgumentParser, *, ram_default: str | None) ->
     add_vcpus_option(p)
     p.add_argument("--workload", default=None, choices=("none", "ab", "random"))
     p.add_argument("--dirty-rate", type=number(0.0), default=64.0, metavar="MB/s",
-                   help="ab and random workloads: guest dirty rate in MiB/s (0: as fast as the vCPUs go)")
+                   help="ab and random workloads: guest dirty rate in MiB/s "
+                        "(0: as fast as the vCPUs go)")
     p.add_argument("--hot-set", type=number(0.0, 1.0, lo_open=True), default=1.0,
                    metavar="FRACTION",
                    help="random workload: fraction of pages taking 90%% of writes, in (0, 1]")
