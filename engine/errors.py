@@ -18,6 +18,12 @@ each subclass says *who* is at fault, in the manner of h11 and Trio:
   block lists that do not match).
 * :class:`MigrationError` - a migration that ended in ``failed``; carries the
   error description QEMU would put in ``error-desc``.
+* :class:`Terminated` - SIGTERM, raised in the main thread so that cleanup
+  runs; a ``SystemExit``, not an :class:`EngineError`.
+
+Every exception class of the engine is defined here (modules that raised one
+of their own re-export it under its old name).  Exceptions still defined
+elsewhere are listed in docs/ARCHITECTURE.md (Layers).
 """
 from __future__ import annotations
 
@@ -31,9 +37,25 @@ class ConfigError(EngineError, ValueError):
 
 
 class InvalidParameterError(ConfigError):
+    """A parameter that does not exist (``value`` None), or a value refused."""
+
     def __init__(self, name: str, value: object, reason: str):
         self.name, self.value, self.reason = name, value, reason
-        super().__init__(f"Parameter '{name}' = {value!r}: {reason}")
+        what = f"Parameter '{name}'" if value is None else f"Parameter '{name}' = {value!r}"
+        super().__init__(f"{what}: {reason}")
+
+
+class ParameterValueError(InvalidParameterError):
+    """A parameter value of the wrong type or out of range.
+
+    ``str()`` is QEMU's wording, ``Parameter 'NAME' expects WHAT``;
+    ``reason`` is ``"expects WHAT"``.
+    """
+
+    def __init__(self, name: str, value: object, expects: str):
+        super().__init__(name, value, f"expects {expects}")
+        self.expects = expects
+        self.args = (f"Parameter '{name}' expects {expects} (got {value!r})",)
 
 
 class InvalidCapabilityError(ConfigError):
@@ -125,3 +147,8 @@ class PostcopyError(MigrationError):
 class PostcopyPaused(MigrationError):
     """A channel broke during postcopy: both sides keep what they have and
     wait in postcopy-paused for a recovery (migrate-recover + resume)."""
+
+
+class Terminated(SystemExit):
+    """SIGTERM, turned into an exception so every ``finally`` still cleans up
+    (a SystemExit, so that nothing catching EngineError or Exception stops it)."""

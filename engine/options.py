@@ -27,7 +27,8 @@ from fractions import Fraction
 from types import MappingProxyType
 from typing import Any, Iterable, Iterator, Mapping
 
-from engine.errors import ConfigError, InvalidCapabilityError, InvalidParameterError
+from engine.errors import (ConfigError, InvalidCapabilityError, InvalidParameterError,
+                           ParameterValueError)
 
 __all__ = [
     "CAPABILITIES",
@@ -44,6 +45,8 @@ __all__ = [
     "PROPERTIES",
     "parse_global_arg",
     "check_capabilities",
+    "check_implemented",
+    "check_parameter",
     "check_parameters",
 ]
 
@@ -74,7 +77,10 @@ SUPPORTED_CAPABILITIES: frozenset[str] = frozenset({
     "postcopy-ram", "postcopy-preempt", "postcopy-blocktime",
     "late-block-activate", "validate-uuid", "switchover-ack", "zero-blocks",
 })
-"""The capabilities this engine can turn on."""
+"""The capabilities this engine implements: the only list of them.  Turning
+on any other is refused when a :class:`MigrationOptions` is made (so by
+``--cap``, ``migrate-set-capabilities`` and the library alike), and the
+migration drivers' :func:`check_implemented` reads this set too."""
 
 # What the refused capabilities would do in QEMU, for the refusal message.
 _UNSUPPORTED_CAPABILITY_FEATURES: Mapping[str, str] = MappingProxyType({
@@ -250,19 +256,6 @@ def _engine_refusal(name: str, value: Any) -> str | None:
     return None
 
 
-class ParameterValueError(InvalidParameterError):
-    """A parameter value of the wrong type or out of range.
-
-    ``str()`` is QEMU's wording, ``Parameter 'NAME' expects WHAT``;
-    ``reason`` is ``"expects WHAT"``.
-    """
-
-    def __init__(self, name: str, value: object, expects: str):
-        super().__init__(name, value, f"expects {expects}")
-        self.expects = expects
-        self.args = (f"Parameter '{name}' expects {expects} (got {value!r})",)
-
-
 # --------------------------------------------------------------------------
 # Value parsing
 
@@ -358,6 +351,18 @@ def _parameter_spec(name: str) -> ParameterSpec:
     return spec
 
 
+_UINT_RE = re.compile(r"0[xX][0-9a-fA-F]+|[0-9]+", re.ASCII)
+
+
+def _parse_uint(text: str) -> int:
+    # QEMU's visitor reads ASCII digits only; int() would also take
+    # Arabic-Indic or fullwidth digits, underscores and a sign.
+    text = text.strip()
+    if not _UINT_RE.fullmatch(text):
+        raise ValueError(f"not an unsigned integer: {text!r}")
+    return int(text, 0 if text[:2].lower() == "0x" else 10)
+
+
 def _coerce(spec: ParameterSpec, value: Any) -> Any:
     """Type-check and range-check one value; strings are parsed."""
     name = spec.name
@@ -367,7 +372,7 @@ def _coerce(spec: ParameterSpec, value: Any) -> Any:
                 if spec.kind == "size":
                     value = parse_size(value)
                 else:
-                    value = int(value.strip(), 0 if value.strip()[:2].lower() == "0x" else 10)
+                    value = _parse_uint(value)
             except (ConfigError, ValueError, IndexError):
                 what = "a size in bytes" if spec.kind == "size" else "an integer"
                 raise ParameterValueError(name, value, what) from None
@@ -469,6 +474,31 @@ def check_capabilities(caps: Mapping[str, bool],
     p.update(params or {})
     for err in _conflicts(full, p):
         raise err
+
+
+def check_parameter(name: str, value: Any) -> Any:
+    """One parameter's value on its own (type, range and what this engine
+    implements); returns it typed.  The rules between parameters are
+    :func:`check_parameters`' and :class:`MigrationOptions`'."""
+    spec = _parameter_spec(name)
+    typed = _coerce(spec, value)
+    why = _engine_refusal(spec.name, typed)
+    if why:
+        raise InvalidParameterError(spec.name, typed, why)
+    return typed
+
+
+def check_implemented(options: MigrationOptions) -> None:
+    """Raise :class:`InvalidCapabilityError` for an enabled capability this
+    engine does not implement.  :data:`SUPPORTED_CAPABILITIES` is the one
+    list of them; a :class:`MigrationOptions` already refuses the rest when
+    made, so this guards options built around that check (unpickled from an
+    older engine, or made by a test with ``object.__new__``)."""
+    for name in options.enabled_capabilities():
+        if name not in SUPPORTED_CAPABILITIES:
+            raise InvalidCapabilityError(
+                name, "not supported by this engine (QEMU feature: "
+                f"{_UNSUPPORTED_CAPABILITY_FEATURES[name]})")
 
 
 def check_parameters(params: Mapping[str, Any]) -> dict[str, Any]:

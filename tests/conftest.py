@@ -6,7 +6,15 @@ processes keep running.  So every test is checked, and the session once more
 at the end (for session-scoped fixtures):
 
 * no ``engine-*`` entry appeared in /dev/shm that is still there afterwards;
+* no engine temp directory (``engine-multifd-*``, ``engine-postcopy-*``,
+  ``engine-migrate-*``) appeared in the temp dir that is still there once
+  the test's processes are gone;
 * no process started below pytest is still alive after a 2 s grace period.
+
+/tmp is shared with other sessions on this machine, so the session and the
+engine processes its tests start use a temp dir of its own (``TMPDIR``);
+an entry there that a process outside this session works in is not
+counted either (engine.stress.leaks.dirs_used_by_others).
 
 Orphans would escape the second check (the kernel hands them to init), so
 pytest makes itself a *child subreaper* (``prctl(PR_SET_CHILD_SUBREAPER)``):
@@ -18,19 +26,32 @@ are then removed, so the next test starts clean and is not blamed.
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import secrets
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
+
+def _remove_session_tmpdir() -> None:
+    if _SESSION_TMPDIR is not None:
+        shutil.rmtree(_SESSION_TMPDIR, ignore_errors=True)
+
+
+# Registered before anything imports multiprocessing, so that it runs after
+# multiprocessing's own exit handler has removed its pymp-* directory there.
+atexit.register(_remove_session_tmpdir)
+
 # Other sessions may run on this machine: their live segments are not our
 # leaks (the stress runner needs the same scan).
-from engine.stress.leaks import is_helper, used_by_others
+from engine.stress.leaks import dirs_used_by_others, is_helper, temp_dirs, used_by_others
 
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "engine-"
@@ -46,6 +67,26 @@ def pytest_configure(config: pytest.Config) -> None:
         if name not in known:  # setup.cfg may already have it
             config.addinivalue_line("markers", f"{name}: {doc}")
     _become_subreaper()
+    _private_tmpdir()
+
+
+def _private_tmpdir() -> None:
+    """This session and its children make their temp directories in one of
+    its own, so that the leak check sees only this session's.
+
+    pytest's tmp_path stays where it was (PYTEST_DEBUG_TEMPROOT).  The
+    directory is removed when the session ends.
+    """
+    global _SESSION_TMPDIR
+    if _SESSION_TMPDIR is not None:
+        return
+    system = tempfile.gettempdir()
+    _SESSION_TMPDIR = tempfile.mkdtemp(prefix="engt-")
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", system)
+    os.environ["TMPDIR"] = tempfile.tempdir = _SESSION_TMPDIR
+
+
+_SESSION_TMPDIR: str | None = None
 
 
 def _become_subreaper() -> None:
@@ -150,41 +191,58 @@ def _child_pids() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
-def _leak_report(shm: list[str], procs: list[psutil.Process], where: str) -> str:
+# ---------------------------------------------------------------------------
+# Temp directories
+
+def _leaked_dirs(before: set[str]) -> list[str]:
+    new = temp_dirs() - before
+    return sorted(d for d in new - dirs_used_by_others(new) if os.path.isdir(d))
+
+
+def _leak_report(shm: list[str], procs: list[psutil.Process], where: str,
+                 dirs: list[str] = ()) -> str:
     lines = [f"{where} leaked resources:"]
     if shm:
         lines.append(f"  shared memory left in {SHM_DIR}: {', '.join(shm)}")
+    if dirs:
+        lines.append(f"  temp directories left: {', '.join(dirs)}")
     if procs:
         lines.append(f"  child processes still running after {CHILD_GRACE_S} s:")
         lines += [f"    {_describe(p)}" for p in procs]
     return "\n".join(lines)
 
 
-def _check_leaks(shm_before: set[str], pids_before: set[int], where: str) -> None:
+def _check_leaks(shm_before: set[str], pids_before: set[int], where: str,
+                 dirs_before: set[str]) -> None:
     procs = _leftover_children(pids_before, CHILD_GRACE_S)
     shm = _leaked_shm(shm_before)  # after the children: they may unlink on exit
-    if not shm and not procs:
+    dirs = _leaked_dirs(dirs_before)
+    if not shm and not procs and not dirs:
         return
-    report = _leak_report(shm, procs, where)
+    report = _leak_report(shm, procs, where, dirs)
     _kill(procs, pids_before)
     _remove_shm(shm)
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
     pytest.fail(report, pytrace=False)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _session_leak_check():
-    """At the end of the session: nothing new in /dev/shm, no children left."""
-    shm_before, pids_before = _shm_names(), _child_pids()
+    """At the end of the session: nothing new in /dev/shm or the temp dirs,
+    no children left."""
+    shm_before, pids_before, dirs_before = _shm_names(), _child_pids(), temp_dirs()
     yield
-    _check_leaks(shm_before, pids_before, "The test session")
+    _check_leaks(shm_before, pids_before, "The test session", dirs_before)
 
 
 @pytest.fixture(autouse=True)
 def _test_leak_check(_session_leak_check):
-    """After each test (and its fixtures): nothing new in /dev/shm, no children."""
-    shm_before, pids_before = _shm_names(), _child_pids()
+    """After each test (and its fixtures): nothing new in /dev/shm or the
+    temp dirs, no children."""
+    shm_before, pids_before, dirs_before = _shm_names(), _child_pids(), temp_dirs()
     yield
-    _check_leaks(shm_before, pids_before, "This test")
+    _check_leaks(shm_before, pids_before, "This test", dirs_before)
 
 
 # ---------------------------------------------------------------------------

@@ -7,17 +7,22 @@ import os
 import sys
 from typing import TextIO
 
-from engine.errors import ConfigError
+from engine.commands.args import EXIT_FAILED, EXIT_MISMATCH, EXIT_OK, EXIT_USAGE
+from engine.errors import InvalidCapabilityError
 from engine.machine import MachineProfile, get_profile
-from engine.options import MigrationOptions, options_from_args
+from engine.migration.checks import check_multifd_transport
+from engine.options import MigrationOptions, check_implemented, options_from_args
+
+__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_MISMATCH", "options_from",
+           "check_multifd_transport", "workload_spec", "profile_and_ram_id", "write_json",
+           "json_values", "ab_summary", "Progress", "EtaCountdown", "format_eta",
+           "format_progress", "progress_fields"]
 
 
 def options_from(args, *, monitor: bool = False) -> MigrationOptions:
     """Validated options: the machine profile's compat settings, then the
     user's ``--global``, ``--cap`` and ``--param``.  Without a ``monitor`` (QMP)
     refuses what a command-line run cannot honour."""
-    from engine.errors import InvalidCapabilityError
-    from engine.migration import check_implemented
     machine = getattr(args, "machine", None)
     base = get_profile(machine).default_options() if machine else MigrationOptions.default()
     options = options_from_args(args.cap, args.param, base, getattr(args, "globals_", ()))
@@ -27,14 +32,6 @@ def options_from(args, *, monitor: bool = False) -> MigrationOptions:
             "pause-before-switchover", "needs a monitor to send migrate-continue; "
             "use the library (SourceMigration.migrate_continue)")
     return options
-
-
-def check_multifd_transport(options: MigrationOptions, address) -> None:
-    """QEMU: multifd needs a socket transport (file: only with mapped-ram)."""
-    from engine.transport import TcpAddress, UnixAddress
-    if options.cap("multifd") and not isinstance(address, (TcpAddress, UnixAddress)):
-        raise ConfigError(f"multifd needs a socket transport (tcp: or unix:), "
-                          f"not {address.uri}")
 
 
 def workload_spec(args, default: str):

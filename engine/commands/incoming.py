@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from engine.cli import EXIT_FAILED, EXIT_MISMATCH, EXIT_OK
+from engine.commands.args import EXIT_FAILED, EXIT_MISMATCH, EXIT_OK
 from engine.commands.common import (ab_summary, check_multifd_transport, json_values,
                                     options_from, profile_and_ram_id,
                                     workload_spec, write_json)

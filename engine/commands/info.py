@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from engine.cli import EXIT_FAILED, EXIT_OK
+from engine.commands.args import EXIT_FAILED, EXIT_OK, seconds, uri
 
 #: HMP's 'info status' words for QMP run states that print differently
 _STATUS_WORDS = {"running": "running", "paused": "paused", "prelaunch": "paused (prelaunch)",
@@ -21,9 +21,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("what", choices=("migrate", "status", "migrate_capabilities",
                                          "migrate_parameters"),
                         help="what to show, as HMP's 'info' subcommands")
-    parser.add_argument("--qmp", required=True, metavar="unix:PATH|tcp:HOST:PORT",
+    parser.add_argument("--qmp", type=uri, required=True, metavar="unix:PATH|tcp:HOST:PORT",
                         help="the monitor to ask")
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
+    parser.add_argument("--timeout", type=seconds, default=10.0, metavar="SECONDS",
+                        help="seconds to wait for the monitor's answers (finite, > 0)")
 
 
 def run(args) -> int:

@@ -11,7 +11,7 @@ import mmap
 import os
 import sys
 
-from engine.cli import EXIT_FAILED, EXIT_OK
+from engine.commands.args import EXIT_FAILED, EXIT_OK
 from engine.commands.common import json_values, write_json
 from engine.errors import ChannelClosedError, ConfigError, EngineError
 

@@ -27,7 +27,7 @@ import time
 import uuid as uuidlib
 from pathlib import Path
 
-from engine.cli import EXIT_FAILED, EXIT_MISMATCH, EXIT_OK
+from engine.commands.args import EXIT_FAILED, EXIT_MISMATCH, EXIT_OK
 from engine.commands.common import (Progress, check_multifd_transport, options_from,
                                     profile_and_ram_id, workload_spec, write_json)
 from engine.errors import ChannelError, ConfigError, MigrationError

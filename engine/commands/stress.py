@@ -10,53 +10,35 @@ non-zero (3 for a lost or corrupted page, 1 otherwise).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
+from engine.commands.args import integer, output_file, seconds, size
 from engine.errors import ConfigError
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
-    return value
-
-
-def _size(text: str) -> int:
-    from engine.options import parse_size
-    try:
-        return parse_size(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_arguments(parser) -> None:
     from engine.stress.matrix import EXTRA_FAULT_KINDS, FAULT_KINDS
-    parser.add_argument("--seed", type=int, default=1, metavar="N",
+    parser.add_argument("--seed", type=integer(0), default=1, metavar="N",
                         help="seed of the case sampling and fault timings (default 1)")
-    parser.add_argument("--cases", type=int, default=30, metavar="N",
+    parser.add_argument("--cases", type=integer(1), default=30, metavar="N",
                         help="number of cases (default 30)")
-    parser.add_argument("--time-limit", type=_seconds, default=None, metavar="SECONDS",
+    parser.add_argument("--time-limit", type=seconds, default=None, metavar="SECONDS",
                         help="bound on the whole run: no case starts unless the longest so "
                              "far would still fit; the rest are reported as skipped")
-    parser.add_argument("--case-timeout", type=_seconds, default=90.0, metavar="SECONDS",
+    parser.add_argument("--case-timeout", type=seconds, default=90.0, metavar="SECONDS",
                         help="a case not over after this long is a hang (default 90)")
     parser.add_argument("--faults", default=",".join(FAULT_KINDS), metavar="KIND[,KIND]",
                         help=f"fault kinds to draw from (default: all of {', '.join(FAULT_KINDS)}; "
                              f"also: {', '.join(EXTRA_FAULT_KINDS)}, which must fail)")
     parser.add_argument("--only", default=None, metavar="ID[,ID]",
                         help="run only these cases of the sample (to reproduce one)")
-    parser.add_argument("--ram", type=_size, default=_size("32M"), metavar="SIZE",
+    parser.add_argument("--ram", type=size, default=size("32M"), metavar="SIZE",
                         help="guest RAM per case (default 32M)")
     parser.add_argument("--postcopy-faults", default="auto",
                         choices=("auto", "userfaultfd", "software"),
                         help="how postcopy destinations catch missing pages")
-    parser.add_argument("--junit", metavar="FILE", help="write JUnit XML")
-    parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--junit", type=output_file, metavar="FILE", help="write JUnit XML")
+    parser.add_argument("--json", type=output_file, metavar="FILE", help="write the results as JSON")
     parser.add_argument("--list", action="store_true",
                         help="print the sampled cases and exit")
     parser.add_argument("--quiet", action="store_true",

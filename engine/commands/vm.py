@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import sys
 
-from engine.cli import EXIT_FAILED, EXIT_OK, Terminated, _add_guest_options
+from engine.commands.args import EXIT_FAILED, EXIT_OK
+from engine.commands.args import add_guest_options as _add_guest_options
+from engine.errors import Terminated
 from engine.commands.common import options_from, profile_and_ram_id, workload_spec, write_json
 from engine.errors import ConfigError
 

@@ -14,14 +14,13 @@ For anything asynchronous, use the ``qemu.qmp`` package.
 from __future__ import annotations
 
 import itertools
-import json
 import socket
 import time
 from typing import Any, Callable, Mapping
 
 from engine.errors import ChannelClosedError, RemoteProtocolError
 from engine.qmp.errors import QMPError
-from engine.qmp.protocol import FramingError, JsonSplitter, encode_message
+from engine.qmp.protocol import FramingError, JsonSplitter, decode_value, encode_message
 from engine.transport import ChannelTimeoutError, connect
 
 __all__ = ["QMPClient"]
@@ -100,10 +99,13 @@ class QMPClient:
                 raise RemoteProtocolError(f"{self.address}: {raw.desc}")
             if raw is not None:
                 try:
-                    return json.loads(raw)
+                    value = decode_value(raw)
                 except ValueError as exc:
                     raise RemoteProtocolError(f"{self.address}: bad JSON from the monitor: "
                                               f"{exc}") from None
+                if isinstance(value, FramingError):
+                    raise RemoteProtocolError(f"{self.address}: {value.desc}")
+                return value
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ChannelTimeoutError(f"{self.address}: no answer within {self.timeout} s")

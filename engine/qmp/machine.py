@@ -395,7 +395,7 @@ class Machine:
         """QMP migrate to ``uri`` or ``channels``: start an outgoing migration
         (returns at once; watch query-migrate or the MIGRATION events), or
         resume a paused postcopy."""
-        from engine.commands.common import check_multifd_transport
+        from engine.migration.checks import check_multifd_transport
         from engine.migration.source import SourceMigration
         from engine.transport import parse_uri
 
@@ -577,7 +577,7 @@ class Machine:
         return {}
 
     def _start_incoming(self, uri: str, exit_on_error: bool) -> None:
-        from engine.commands.common import check_multifd_transport
+        from engine.migration.checks import check_multifd_transport
         from engine.migration.destination import DestinationMigration
         from engine.transport import listen, parse_uri
 

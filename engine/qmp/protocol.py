@@ -55,12 +55,13 @@ from engine.qmp.schema import Arg, Enum, ListOf, check_arguments
 __all__ = [
     "NEED_DATA", "NO_ID", "Request", "Reply", "Closed", "Event", "ServerConnection",
     "JsonSplitter", "FramingError", "default_version", "QMP_CAPABILITIES",
-    "MAX_MESSAGE_BYTES", "MAX_NESTING", "encode_message",
+    "MAX_MESSAGE_BYTES", "MAX_NESTING", "encode_message", "decode_value",
 ]
 
 #: QMP capabilities QEMU knows (QMPCapability); a server offers a subset.
 QMP_CAPABILITIES = ("oob",)
-#: QEMU's json-streamer limits: a value larger or deeper is refused.
+#: QEMU's json-streamer limits (MAX_TOKEN_SIZE, MAX_NESTING in
+#: qobject/json-streamer.c): a value larger or deeper is refused.
 MAX_MESSAGE_BYTES = 64 << 20
 MAX_NESTING = 1024
 #: The QEMU release whose QMP this engine speaks (its migration stream
@@ -157,8 +158,30 @@ class Closed:
 
 @dataclass(frozen=True)
 class FramingError:
-    """A value that broke a limit; ``desc`` is QEMU's text for it."""
+    """A value that broke a limit; ``desc`` is QEMU's text for it.  Not an
+    exception: :meth:`JsonSplitter.next` returns it in the value's place."""
     desc: str
+
+
+NESTING_LIMIT_DESC = "JSON nesting depth limit exceeded"
+
+
+def decode_value(raw: bytes) -> Any:
+    """One framed value (from :class:`JsonSplitter`) as Python objects, or a
+    :class:`FramingError` if it is nested too deep to parse here; raises
+    ValueError for bad JSON.
+
+    Python's parser recurses once per bracket and stops at the interpreter's
+    recursion limit (1000 frames, less what the calling thread already
+    uses), a little below QEMU's :data:`MAX_NESTING` of 1024 that the
+    splitter enforces.  A value in between gets the answer QEMU gives one
+    beyond its limit, rather than a RecursionError ending the thread that
+    reads the monitor.
+    """
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        return FramingError(NESTING_LIMIT_DESC)
 
 
 class _Kind(enum.Enum):
@@ -278,7 +301,7 @@ class JsonSplitter:
             elif c in (b"{", b"["):
                 self._depth += 1
                 if self._depth > self.max_depth:
-                    return FramingError("JSON nesting depth limit exceeded")
+                    return FramingError(NESTING_LIMIT_DESC)
             else:
                 self._depth -= 1
                 if self._depth == 0:
@@ -348,11 +371,13 @@ class ServerConnection:
         if isinstance(raw, FramingError):
             return Reply(self._error(NO_ID, ERROR_CLASS_GENERIC, raw.desc))
         try:
-            obj = json.loads(raw)
+            obj = decode_value(raw)
         except ValueError as exc:       # JSONDecodeError and bad UTF-8 alike
             msg = getattr(exc, "msg", None) or str(exc)
             return Reply(self._error(NO_ID, ERROR_CLASS_GENERIC,
                                      f"JSON parse error, {msg[:1].lower()}{msg[1:]}"))
+        if isinstance(obj, FramingError):
+            return Reply(self._error(NO_ID, ERROR_CLASS_GENERIC, obj.desc))
         return self._request(obj)
 
     def _request(self, obj: Any) -> Request | Reply:
@@ -414,18 +439,25 @@ class ServerConnection:
 
     # -- answers -----------------------------------------------------------------
     @staticmethod
-    def _return(rid: Any, value: Any) -> bytes:
-        msg: dict[str, Any] = {"return": value}
-        if rid is not NO_ID:
-            msg["id"] = rid
-        return encode_message(msg)
+    def _answer(rid: Any, msg: dict[str, Any]) -> bytes:
+        if rid is NO_ID:
+            return encode_message(msg)
+        try:
+            return encode_message({**msg, "id": rid})
+        except RecursionError:
+            # An id nested deeper than Python can encode (the parser took
+            # it a few frames up): refuse the request rather than lose the
+            # thread, without the id that cannot be echoed.
+            return encode_message({"error": {"class": ERROR_CLASS_GENERIC,
+                                             "desc": NESTING_LIMIT_DESC}})
 
-    @staticmethod
-    def _error(rid: Any, error_class: str, desc: str) -> bytes:
-        msg: dict[str, Any] = {"error": {"class": error_class, "desc": desc}}
-        if rid is not NO_ID:
-            msg["id"] = rid
-        return encode_message(msg)
+    @classmethod
+    def _return(cls, rid: Any, value: Any) -> bytes:
+        return cls._answer(rid, {"return": value})
+
+    @classmethod
+    def _error(cls, rid: Any, error_class: str, desc: str) -> bytes:
+        return cls._answer(rid, {"error": {"class": error_class, "desc": desc}})
 
     def send_return(self, request: Request, value: Any) -> bytes:
         """The success answer to ``request`` (``value`` must be JSON-able)."""

@@ -242,9 +242,14 @@ class ProcessDestination:
         if case.channels:
             cmd += ["--param", f"multifd-channels={case.channels}",
                     "--param", f"multifd-compression={case.codec}"]
+        # It is killed with SIGKILL, so it cannot remove its temp directories
+        # (a postcopy fault handler's, a multifd pool's): they go in the
+        # case's workdir, which the runner removes, as it reaps the victims.
+        tmp = os.path.join(workdir, "tmp")
+        os.makedirs(tmp, exist_ok=True)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True,
-                                     start_new_session=True)
+                                     start_new_session=True, env={**os.environ, "TMPDIR": tmp})
         self.killed = False
         self.victims: list[int] = []
         self._err: list[str] = []

@@ -142,6 +142,7 @@ class Observation:
     fault_note: str | None = None
     recovered: bool = False
     hung: str | None = None
+    #: segment names in /dev/shm, and temp directories (absolute paths)
     leaked_segments: tuple = ()
     leaked_processes: tuple = ()
     #: an exception the runner itself hit (a bug here, or set-up trouble)
@@ -160,8 +161,13 @@ def classify(expect: Expectation, obs: Observation) -> tuple[Verdict, str]:
         return Verdict.UNEXPECTED, f"runner error: {obs.runner_error}"
     if obs.leaked_segments or obs.leaked_processes:
         parts = []
-        if obs.leaked_segments:
-            parts.append("segments " + ", ".join(obs.leaked_segments))
+        # Segment names, and temp directories by their paths.
+        segs = [n for n in obs.leaked_segments if not n.startswith("/")]
+        dirs = [n for n in obs.leaked_segments if n.startswith("/")]
+        if segs:
+            parts.append("segments " + ", ".join(segs))
+        if dirs:
+            parts.append("temp directories " + ", ".join(dirs))
         if obs.leaked_processes:
             parts.append("processes " + ", ".join(obs.leaked_processes))
         return Verdict.LEAK, "left behind: " + "; ".join(parts)

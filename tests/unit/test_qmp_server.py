@@ -75,10 +75,14 @@ class RawClient:
         self.sock.sendall(b"".join(json.dumps(m).encode() for m in messages))
 
     def recv(self) -> dict | None:
+        raw = self.recv_raw()
+        return None if raw is None else json.loads(raw)
+
+    def recv_raw(self) -> bytes | None:
         while True:
             raw = self.splitter.next()
             if raw is not None:
-                return json.loads(raw)
+                return raw
             data = self.sock.recv(4096)
             if not data:
                 return None
@@ -226,3 +230,48 @@ def test_clients_that_leave_are_forgotten(server):
 def test_only_sockets(tmp_path):
     with pytest.raises(QMPError):
         QMPServer(f"file:{tmp_path}/x", Stand())
+
+
+@pytest.mark.parametrize("depth", [990, 1000, 1024, 1025, 5000])
+def test_deeply_nested_input_is_answered_and_the_reader_lives(server, depth):
+    """A value nested deeper than Python's parser goes (990: RecursionError
+    in json.loads, which used to end the reader thread) or than QEMU's limit
+    (1024) gets a GenericError, and the session goes on."""
+    srv = server()
+    c = RawClient(srv.uri)
+    try:
+        assert "QMP" in c.recv()
+        c.send({"execute": "qmp_capabilities"})
+        assert c.recv() == {"return": {}}
+        line = b'{"execute": "echo", "arguments": {"x": ' + b"[" * depth + b"]" * depth + b"}}"
+        c.sock.sendall(line)
+        answer = c.recv()
+        if depth < 1024 and "return" in answer:     # Python parsed it: echoed
+            assert answer["return"]["x"] is not None
+        else:
+            assert answer["error"]["class"] == "GenericError", answer
+            assert "nesting" in answer["error"]["desc"], answer
+        c.send({"execute": "echo", "arguments": {"after": 1}, "id": 7})
+        assert c.recv() == {"return": {"after": 1}, "id": 7}
+    finally:
+        c.close()
+
+
+def test_deeply_nested_id_is_answered_without_it(server):
+    """An id too deep to echo: the answer leaves it out instead of the
+    thread that encodes it dying."""
+    srv = server()
+    c = RawClient(srv.uri)
+    try:
+        assert "QMP" in c.recv()
+        c.send({"execute": "qmp_capabilities"})
+        assert c.recv() == {"return": {}}
+        for depth in (900, 980, 995):
+            c.sock.sendall(b'{"execute": "echo", "id": ' + b"[" * depth + b"]" * depth + b"}")
+            raw = c.recv_raw()      # this test's own stack may be too deep to parse it
+            assert raw.startswith(b'{"return": {}, "id": [[[') or raw.startswith(
+                b'{"error": {"class": "GenericError", "desc": "JSON nesting'), raw[:80]
+        c.send({"execute": "echo", "arguments": {"after": 2}})
+        assert c.recv() == {"return": {"after": 2}}
+    finally:
+        c.close()

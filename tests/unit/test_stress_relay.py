@@ -6,6 +6,8 @@ sockets of this test; what arrives is decoded with the engine's decoder.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -203,3 +205,51 @@ def test_leak_check_finds_and_removes_a_segment_and_a_process():
         proc.wait()
         unlink_segment(shm)     # already gone: the check removed it
         shm.close()
+
+
+def test_leak_check_finds_and_removes_an_engine_temp_dir():
+    import socket
+    import tempfile
+
+    from engine.stress.verdict import Expectation, Observation, Verdict, classify
+    before = leaks.snapshot()
+    made = [tempfile.mkdtemp(prefix=p) for p in leaks.TEMP_DIR_PREFIXES]
+    other = tempfile.mkdtemp(prefix="engine-stress-")      # not one the check watches
+    try:
+        # one with a socket bound in it, as a pool's has while it runs
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(os.path.join(made[0], "ch0.sock"))
+            found, procs = leaks.find_leaks(before, grace=0.2)
+        assert found == sorted(made) and procs == []
+        assert not any(os.path.exists(d) for d in made)     # removed by the check
+        assert leaks.find_leaks(before, grace=0.2) == ([], [])
+        verdict, detail = classify(Expectation(frozenset({Verdict.COMPLETED})),
+                                   Observation(source_status="completed",
+                                               leaked_segments=(made[1],)))
+        assert verdict is Verdict.LEAK and f"temp directories {made[1]}" in detail
+    finally:
+        for d in made + [other]:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def test_temp_dirs_another_process_tree_works_in_are_not_ours():
+    """Seen from a child (whose tree this process is not in): the directory
+    this process has a file open in, and the one it has a socket bound in,
+    are another run's; an idle one is not."""
+    import tempfile
+    held, bound, idle = (tempfile.mkdtemp(prefix=p) for p in leaks.TEMP_DIR_PREFIXES)
+    f = open(os.path.join(held, "x"), "w")
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.bind(os.path.join(bound, "ch.sock"))
+        s.listen()
+        code = ("import sys; from engine.stress import leaks; "
+                "print(sorted(leaks.dirs_used_by_others(set(sys.argv[1:]))))")
+        out = subprocess.run([sys.executable, "-c", code, held, bound, idle], check=True,
+                             capture_output=True, text=True, timeout=TIMEOUT).stdout
+        assert out.strip() == repr(sorted([held, bound]))
+    finally:
+        f.close()
+        s.close()
+        for d in (held, bound, idle):
+            shutil.rmtree(d, ignore_errors=True)

@@ -1,42 +1,24 @@
-"""Migration statistics: ``query-migrate`` snapshots and the counters behind them.
+"""The counters of one migration and QEMU's figures derived from them
+(QEMU's migration-stats.c and the rate/estimate code of migration.c).
 
-Two halves, as in QEMU's migration-stats.c versus ``query-migrate``:
-
-* :class:`StatsAccumulator` is the mutable side, owned by a migration loop.
-  The loop reports what it did (pages sent, bytes written, a bitmap sync,
-  the VM stopping) and the accumulator derives QEMU's figures from it:
-  throughput windows, dirty-page rate, expected downtime, the switchover
-  threshold (spec 6.2, 6.3).  Time comes from an injected clock, so tests
-  drive it with a fake one.
-* :class:`RamStats` and :class:`MigrationInfo` are frozen snapshots whose
-  fields are QEMU's (``to_qmp`` gives the exact QMP keys and presence
-  rules), and :func:`format_info_migrate` renders one as HMP
-  ``info migrate`` text, so numbers can be put next to QEMU's unchanged.
-
-Units follow QEMU: bytes, pages, milliseconds; ``mbps`` is megabits per
-second (10**6 bits), a float.
+:class:`StatsAccumulator` is the mutable side, owned by a migration loop.
+The loop reports what it did (pages sent, bytes written, a bitmap sync,
+the VM stopping) and the accumulator derives QEMU's figures from it:
+throughput windows, dirty-page rate, expected downtime, the switchover
+threshold (spec 6.2, 6.3).  Time comes from an injected clock, so tests
+drive it with a fake one.  :meth:`StatsAccumulator.snapshot` freezes the
+figures into the query-migrate view (:mod:`engine.stats.view`).
 """
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Mapping
+from typing import Callable
 
-from engine.state import POSTCOPY_STATES, MigrationStatus
+from engine.state import MigrationStatus
+from engine.stats.view import MigrationInfo, RamStats
 
-__all__ = [
-    "RamStats",
-    "MigrationInfo",
-    "StatsAccumulator",
-    "format_info_migrate",
-    "postcopy_fields",
-    "latency_bucket",
-    "BUFFER_DELAY_MS",
-    "DIRTY_RATE_PERIOD_MS",
-    "POSTCOPY_BLOCKTIME_FIELDS",
-    "POSTCOPY_LATENCY_BUCKETS",
-]
+__all__ = ["StatsAccumulator", "BUFFER_DELAY_MS", "DIRTY_RATE_PERIOD_MS"]
 
 BUFFER_DELAY_MS = 100
 """Shortest throughput window (QEMU's BUFFER_DELAY)."""
@@ -46,134 +28,6 @@ DIRTY_RATE_PERIOD_MS = 1000
 
 _EXPECTED_DOWNTIME_MIN_BYTES = 10000
 """Below this many bytes in a window, expected-downtime is not re-estimated."""
-
-
-@dataclass(frozen=True)
-class RamStats:
-    """QEMU's ``MigrationStats`` (the ``ram`` member of ``query-migrate``).
-
-    Byte counts are bytes, page counts pages, ``mbps`` megabits/s.
-    """
-
-    transferred: int = 0
-    """Bytes written on the main channel plus multifd bytes."""
-    remaining: int = 0
-    """Bytes of RAM still dirty (0 once completed)."""
-    total: int = 0
-    """Bytes of guest RAM being migrated."""
-    duplicate: int = 0
-    """Zero pages (sent as a flag, not as data)."""
-    normal: int = 0
-    """Pages sent with their contents."""
-    normal_bytes: int = 0
-    """``normal`` x page size."""
-    dirty_pages_rate: int = 0
-    """Pages dirtied per second, over the last dirty-rate period."""
-    mbps: float = 0.0
-    """Throughput of the last window; at completion, of the whole transfer."""
-    dirty_sync_count: int = 0
-    """Dirty-bitmap syncs so far (= MIGRATION_PASS events)."""
-    postcopy_requests: int = 0
-    """Page requests received from the destination in postcopy."""
-    page_size: int = 4096
-    """Target page size in bytes."""
-    multifd_bytes: int = 0
-    """Bytes written on multifd channels, headers included."""
-    pages_per_second: int = 0
-    """Pages (normal + zero) sent per second in the last window."""
-    precopy_bytes: int = 0
-    """RAM bytes (main channel and multifd) sent while the guest ran."""
-    downtime_bytes: int = 0
-    """RAM bytes (main channel and multifd) sent while the guest was stopped."""
-    postcopy_bytes: int = 0
-    """RAM bytes (main channel and multifd) sent after the switch to postcopy."""
-    dirty_sync_missed_zero_copy: int = 0
-    """Syncs where a zero-copy flush reported a copy fallback."""
-
-    def to_qmp(self) -> dict[str, Any]:
-        """The QMP dictionary, with QEMU's hyphenated keys."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_qmp(cls, d: Mapping[str, Any]) -> RamStats:
-        """Read a QMP ``MigrationStats`` (unknown keys, e.g. ``skipped``, ignored)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k.replace("-", "_"): v for k, v in d.items()
-                      if k.replace("-", "_") in names})
-
-
-# Which members query-migrate shows, by status (spec 6.1).  'none' shows
-# nothing (query-migrate answers {}), these show only the status, and every
-# other status shows times and ram.
-_STATUS_ONLY = frozenset({
-    MigrationStatus.SETUP, MigrationStatus.FAILED, MigrationStatus.CANCELLED,
-    MigrationStatus.WAIT_UNPLUG, MigrationStatus.COLO,
-})
-# ...of which these report 'downtime' (measured) instead of 'expected-downtime'.
-_DOWNTIME_KNOWN = frozenset({MigrationStatus.COMPLETED}) | POSTCOPY_STATES
-
-
-@dataclass(frozen=True)
-class MigrationInfo:
-    """A ``query-migrate`` answer (QEMU's ``MigrationInfo``).
-
-    Times are milliseconds.  ``extra`` holds members this class does not
-    model (``xbzrle-cache``, ``socket-address``, ``cpu-throttle-percentage``,
-    ``postcopy-blocktime``, ``vfio``...) under their QMP keys; they are
-    copied into :meth:`to_qmp` as given.
-    """
-
-    status: str
-    total_time: int | None = None
-    setup_time: int | None = None
-    downtime: int | None = None
-    expected_downtime: int | None = None
-    ram: RamStats | None = None
-    error_desc: str | None = None
-    extra: dict = field(default_factory=dict)
-
-    def to_qmp(self) -> dict[str, Any]:
-        """The QMP dictionary, with QEMU's rules for which members appear.
-
-        ``none`` gives ``{}``; ``setup``, ``failed``, ``cancelled``,
-        ``wait-unplug`` and ``colo`` give only ``status`` (plus
-        ``error-desc`` when set); other statuses add the times and ``ram``,
-        with ``downtime`` when completed or in postcopy and
-        ``expected-downtime`` otherwise.  Members left ``None`` are omitted.
-        """
-        status = MigrationStatus(self.status)
-        if status is MigrationStatus.NONE:
-            return {}
-        out: dict[str, Any] = {"status": status.value}
-        if status not in _STATUS_ONLY:
-            timed = {"total-time": self.total_time, "setup-time": self.setup_time}
-            if status in _DOWNTIME_KNOWN:
-                timed["downtime"] = self.downtime
-            else:
-                timed["expected-downtime"] = self.expected_downtime
-            out.update((k, v) for k, v in timed.items() if v is not None)
-            if self.ram is not None:
-                out["ram"] = self.ram.to_qmp()
-            out.update(self.extra)
-        if self.error_desc is not None:
-            out["error-desc"] = self.error_desc
-        return out
-
-    @classmethod
-    def from_qmp(cls, d: Mapping[str, Any]) -> MigrationInfo:
-        """Read a ``query-migrate`` answer (``{}`` reads as status ``none``)."""
-        d = dict(d)
-        ram = d.pop("ram", None)
-        return cls(
-            status=d.pop("status", "none"),
-            total_time=d.pop("total-time", None),
-            setup_time=d.pop("setup-time", None),
-            downtime=d.pop("downtime", None),
-            expected_downtime=d.pop("expected-downtime", None),
-            ram=RamStats.from_qmp(ram) if ram is not None else None,
-            error_desc=d.pop("error-desc", None),
-            extra=d,
-        )
 
 
 class StatsAccumulator:
@@ -502,154 +356,3 @@ class StatsAccumulator:
                 error_desc=error_desc,
                 extra={} if self._cpu_ms is None else {"x-cpu-time": self._cpu_ms},
             )
-
-
-# --------------------------------------------------------------------------
-# The destination's postcopy fault figures
-
-POSTCOPY_BLOCKTIME_FIELDS = (
-    "postcopy-blocktime", "postcopy-vcpu-blocktime", "postcopy-latency",
-    "postcopy-latency-dist", "postcopy-vcpu-latency", "postcopy-non-vcpu-latency",
-)
-"""QEMU 10.1's query-migrate members about postcopy faults.  Blocktimes are
-milliseconds, latencies nanoseconds, the distribution counts faults.  QEMU
-shows them on the destination only with the ``postcopy-blocktime``
-capability, once the migration completed, and only if postcopy started
-(its blocktime context is made at POSTCOPY_LISTEN)."""
-
-POSTCOPY_LATENCY_BUCKETS = 24
-"""``postcopy-latency-dist`` has this many buckets (QEMU's
-BLOCKTIME_LATENCY_BUCKET_N): bucket N counts faults resolved in
-[2^N, 2^(N+1)) microseconds, bucket 0 also those under 1 us, the last one
-everything from 2^23 us on."""
-
-#: the fault handler's own figures: not QEMU's, so under x- names
-_ENGINE_POSTCOPY_FIGURES = {
-    "postcopy-latency-p50": "x-postcopy-latency-p50",
-    "postcopy-latency-p99": "x-postcopy-latency-p99",
-    "postcopy-faults": "x-postcopy-faults",
-}
-
-
-def latency_bucket(latency_ns: int) -> int:
-    """The ``postcopy-latency-dist`` bucket of a fault that took ``latency_ns``."""
-    us = latency_ns // 1000
-    return min(us.bit_length() - 1, POSTCOPY_LATENCY_BUCKETS - 1) if us > 0 else 0
-
-
-def postcopy_fields(figures: Mapping[str, Any], *, blocktime: bool,
-                    started: bool, completed: bool) -> dict[str, Any]:
-    """query-migrate members from the fault handler's ``figures``.
-
-    The engine's own figures (latency percentiles, fault mode) are always
-    there, under x- names; QEMU's (:data:`POSTCOPY_BLOCKTIME_FIELDS`) as
-    QEMU shows them: with the ``postcopy-blocktime`` capability
-    (``blocktime``), postcopy ``started`` and the migration ``completed``.
-    """
-    out = {x: figures[name] for name, x in _ENGINE_POSTCOPY_FIGURES.items() if name in figures}
-    if blocktime and started and completed and "postcopy-latency" in figures:
-        out.update((k, figures[k]) for k in POSTCOPY_BLOCKTIME_FIELDS if k in figures)
-        # Every fault the engine takes is a vCPU's (the fault handler watches
-        # the vCPUs' mappings only), so there is no non-vCPU fault to average.
-        out.setdefault("postcopy-non-vcpu-latency", 0)
-    return out
-
-
-# --------------------------------------------------------------------------
-# HMP text
-
-def _socket_uri(addr: Any) -> str:
-    if isinstance(addr, Mapping):
-        kind = addr.get("type")
-        if kind == "inet":
-            return f"tcp:{addr.get('host')}:{addr.get('port')}"
-        if kind == "unix":
-            return f"unix:{addr.get('path')}"
-        if kind == "fd":
-            return f"fd:{addr.get('str')}"
-        if kind == "vsock":
-            return f"vsock:{addr.get('cid')}:{addr.get('port')}"
-    return str(addr)
-
-
-def format_info_migrate(info: MigrationInfo,
-                        capabilities: Mapping[str, bool] | None = None) -> str:
-    """HMP ``info migrate`` text for ``info``, in QEMU's flat layout.
-
-    With ``capabilities``, a first ``capabilities: name: on|off ...`` line
-    as QEMU 7.2 prints.  Sizes are printed in kbytes (bytes >> 10), times in
-    ms; the dirty-rate, postcopy request, precopy/downtime/postcopy ram and
-    zero-copy lines appear only when non-zero.  Members of ``extra`` that
-    QEMU prints (xbzrle cache, cpu throttle, blocktime, socket address,
-    vfio) follow.  Status ``none`` prints no migration lines, as in QEMU.
-    """
-    q = info.to_qmp()
-    lines: list[str] = []
-    if capabilities is not None:
-        caps = " ".join(f"{n}: {'on' if v else 'off'}" for n, v in capabilities.items())
-        lines.append(f"capabilities: {caps} ")
-    if "status" in q:
-        line = f"Migration status: {q['status']}"
-        if q["status"] == "failed" and q.get("error-desc"):
-            line += f" ({q['error-desc']})"
-        lines.append(line)
-        lines.append(f"total time: {q.get('total-time', 0)} ms")
-        if "expected-downtime" in q:
-            lines.append(f"expected downtime: {q['expected-downtime']} ms")
-        if "downtime" in q:
-            lines.append(f"downtime: {q['downtime']} ms")
-        if "setup-time" in q:
-            lines.append(f"setup: {q['setup-time']} ms")
-    ram = q.get("ram")
-    if ram is not None:
-        lines += [
-            f"transferred ram: {ram['transferred'] >> 10} kbytes",
-            f"throughput: {ram['mbps']:0.2f} mbps",
-            f"remaining ram: {ram['remaining'] >> 10} kbytes",
-            f"total ram: {ram['total'] >> 10} kbytes",
-            f"duplicate: {ram['duplicate']} pages",
-            f"normal: {ram['normal']} pages",
-            f"normal bytes: {ram['normal-bytes'] >> 10} kbytes",
-            f"dirty sync count: {ram['dirty-sync-count']}",
-            f"page size: {ram['page-size'] >> 10} kbytes",
-            f"multifd bytes: {ram['multifd-bytes'] >> 10} kbytes",
-            f"pages-per-second: {ram['pages-per-second']}",
-        ]
-        if ram["dirty-pages-rate"]:
-            lines.append(f"dirty pages rate: {ram['dirty-pages-rate']} pages")
-        if ram["postcopy-requests"]:
-            lines.append(f"postcopy request count: {ram['postcopy-requests']}")
-        if ram["precopy-bytes"]:
-            lines.append(f"precopy ram: {ram['precopy-bytes'] >> 10} kbytes")
-        if ram["downtime-bytes"]:
-            lines.append(f"downtime ram: {ram['downtime-bytes'] >> 10} kbytes")
-        if ram["postcopy-bytes"]:
-            lines.append(f"postcopy ram: {ram['postcopy-bytes'] >> 10} kbytes")
-        if ram["dirty-sync-missed-zero-copy"]:
-            lines.append("Zero-copy-send fallbacks happened: "
-                         f"{ram['dirty-sync-missed-zero-copy']} times")
-    xbzrle = q.get("xbzrle-cache")
-    if xbzrle is not None:
-        lines += [
-            f"cache size: {xbzrle['cache-size']} bytes",
-            f"xbzrle transferred: {xbzrle['bytes'] >> 10} kbytes",
-            f"xbzrle pages: {xbzrle['pages']} pages",
-            f"xbzrle cache miss: {xbzrle['cache-miss']} pages",
-            f"xbzrle cache miss rate: {xbzrle['cache-miss-rate']:0.2f}",
-            f"xbzrle encoding rate: {xbzrle['encoding-rate']:0.2f}",
-            f"xbzrle overflow: {xbzrle['overflow']}",
-        ]
-    if "cpu-throttle-percentage" in q:
-        lines.append(f"cpu throttle percentage: {q['cpu-throttle-percentage']}")
-    if "postcopy-blocktime" in q:
-        lines.append(f"postcopy blocktime: {q['postcopy-blocktime']}")
-    if "postcopy-vcpu-blocktime" in q:
-        blocktimes = ",".join(str(b) for b in q["postcopy-vcpu-blocktime"])
-        lines.append(f"postcopy vcpu blocktime: {blocktimes}")
-    if "socket-address" in q:
-        lines.append("socket address: [")
-        lines += [f"\t{_socket_uri(a)}" for a in q["socket-address"]]
-        lines.append("]")
-    if "vfio" in q:
-        lines.append(f"vfio device transferred: {q['vfio']['transferred'] >> 10} kbytes")
-    return "\n".join(lines) + ("\n" if lines else "")
