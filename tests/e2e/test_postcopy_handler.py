@@ -24,8 +24,8 @@ import psutil
 import pytest
 
 from engine.errors import PostcopyError, RemoteProtocolError
-from engine.postcopy import faultproto as fp
-from engine.postcopy import uffd as uffd_mod
+from engine.ram import faultproto as fp
+from engine import uffd as uffd_mod
 from engine.postcopy.handler import FaultHandler
 from engine.postcopy.placer import Placer
 from engine.procs import child_setup, spawn
