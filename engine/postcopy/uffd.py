@@ -3,5 +3,7 @@
 Kept only so that modules not yet updated (the placer, the incoming side,
 bench/) still import; new code imports :mod:`engine.uffd`.
 """
-from engine.uffd import *  # noqa: F401,F403
-from engine.uffd import __all__  # noqa: F401
+from engine.uffd import (FaultEvent, Userfaultfd, buffer_address, probe,  # noqa: F401
+                         punch_hole)
+
+__all__ = ["FaultEvent", "Userfaultfd", "buffer_address", "probe", "punch_hole"]
