@@ -26,6 +26,7 @@ Sans-I/O: bytes in, bytes out; the socket is the caller's.
 """
 from __future__ import annotations
 
+import builtins
 import importlib
 import json
 
@@ -93,9 +94,9 @@ def _rebuild(doc: dict, fallback: type[Exception], where: str) -> BaseException:
         exc.args = tuple(doc.get("args", (text,)))
         for key, value in dict(doc.get("attrs", {})).items():
             setattr(exc, str(key), value)
-    elif "errno" in doc and name.rpartition(".")[2] in _OS_ERRORS:
-        exc = OSError(doc["errno"], doc["strerror"]) if doc["errno"] is not None \
-            else OSError(text)
+    elif "errno" in doc and (os_cls := _os_error_class(name)) is not None:
+        exc = (os_cls(doc["errno"], doc["strerror"]) if doc["errno"] is not None
+               else os_cls(text))
     else:
         short = name.rpartition(".")[2]
         exc = fallback(f"{where}: {short}: {text}" if where else f"{short}: {text}")
@@ -105,9 +106,11 @@ def _rebuild(doc: dict, fallback: type[Exception], where: str) -> BaseException:
     return exc
 
 
-#: OSError and its subclasses by name (``OSError(errno, text)`` picks the
-#: subclass from the errno, as the child's instance had)
-_OS_ERRORS = {cls.__name__ for cls in (OSError, *OSError.__subclasses__())}
+def _os_error_class(name: str) -> type[OSError] | None:
+    """The built-in OSError (sub)class called *name* (``builtins.<name>``)."""
+    module, _, short = name.rpartition(".")
+    cls = getattr(builtins, short, None) if module == "builtins" else None
+    return cls if isinstance(cls, type) and issubclass(cls, OSError) else None
 
 
 def unpack_error(data: bytes, *, fallback: type[Exception], where: str,
