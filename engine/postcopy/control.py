@@ -49,7 +49,7 @@ CHANNEL = "fault handler control"
  MSG_STOP, MSG_READY, MSG_VCPUS, MSG_STATS, MSG_ERROR) = range(1, 12)
 
 _PLACED = struct.Struct(">BIQ")         # type, block, page
-_VCPUS = struct.Struct(">BIH")          # type, count, nbases (0: not all in yet)
+_VCPUS = struct.Struct(">BIBH")         # type, count, with a userfaultfd, nbases
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,10 +139,8 @@ class Vcpus:
 
     def pack(self) -> bytes:
         if self.bases is None:
-            return _VCPUS.pack(MSG_VCPUS, self.count, 0)
-        if not self.bases:
-            raise LocalProtocolError("VCPUS: a userfaultfd needs at least one block base")
-        return (_VCPUS.pack(MSG_VCPUS, self.count, len(self.bases))
+            return _VCPUS.pack(MSG_VCPUS, self.count, 0, 0)
+        return (_VCPUS.pack(MSG_VCPUS, self.count, 1, len(self.bases))
                 + struct.pack(f">{len(self.bases)}Q", *self.bases))
 
 
@@ -211,11 +209,13 @@ def unpack(data: bytes, nfds: int = 0, channel: str = CHANNEL) -> Message:
             _, block, page = _PLACED.unpack(data)
             msg = Placed(block, page)
         elif kind == MSG_VCPUS:
-            _, count, n = _VCPUS.unpack_from(data)
-            if len(data) != _VCPUS.size + 8 * n:
+            _, count, with_uffd, n = _VCPUS.unpack_from(data)
+            if len(data) != _VCPUS.size + 8 * n or with_uffd not in (0, 1) \
+                    or (n and not with_uffd):
                 raise RemoteProtocolError(f"VCPUS of {len(data)} bytes for {n} bases",
                                           0, channel)
-            msg = Vcpus(count, struct.unpack_from(f">{n}Q", data, _VCPUS.size) if n else None)
+            msg = Vcpus(count, struct.unpack_from(f">{n}Q", data, _VCPUS.size)
+                        if with_uffd else None)
         elif kind == MSG_STATS:
             figures = json.loads(bytes(data[1:]))
             if not isinstance(figures, dict):
