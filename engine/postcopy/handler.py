@@ -77,10 +77,12 @@ class FaultHandler:
     the process), :attr:`lock` (a :class:`FileLock`: the software
     placer's lock and the return-path write lock).
 
-    Failures of the process surface as :class:`PostcopyError` (or the
-    :class:`ProtocolError` it hit, e.g. a malformed preempt channel) from
-    :meth:`check` and from every call that talks to it.  :meth:`close`
-    always releases everything.
+    A failure of the process surfaces as the exception it raised (a
+    :class:`PostcopyError`, or e.g. the :class:`RemoteProtocolError` of a
+    malformed preempt channel, with its channel and offset; an unexpected
+    one as a :class:`PostcopyError` naming its type), a death as a
+    :class:`PostcopyError`, from :meth:`check` and from every call that
+    talks to it.  :meth:`close` always releases everything.
     """
 
     def __init__(self, blocks: list[RamBlock], mode: str, *, page_size: int = 4096,
@@ -335,8 +337,8 @@ class FaultHandler:
         return reply
 
     def check(self) -> None:
-        """Raise if the process reported an error (:class:`PostcopyError` or
-        the :class:`ProtocolError` it met) or died.  Never blocks for long."""
+        """Raise the error the process reported (as itself), or a
+        :class:`PostcopyError` if it died.  Never blocks for long."""
         if self._closed:
             return
         self._raise_error()
