@@ -69,7 +69,7 @@ def pack_error(exc: BaseException) -> bytes:
     return json.dumps(_doc(exc, _CAUSE_DEPTH)).encode()
 
 
-def _engine_class(name: str) -> type | None:
+def _engine_class(name: str) -> type[EngineError] | None:
     """The EngineError subclass called *name* (``module.qualname``), or None."""
     module, _, qualname = name.rpartition(".")
     if module != "engine" and not module.startswith("engine."):

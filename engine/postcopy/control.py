@@ -173,7 +173,7 @@ Message = (ReturnPath | Preempt | Placed | Pause | Resend | QueryStats | Stop | 
 TO_HANDLER = (ReturnPath, Preempt, Placed, Pause, Resend, QueryStats, Stop)
 TO_COORDINATOR = (Ready, Vcpus, Stats, Error)
 
-_SIMPLE = {MSG_RETURN_PATH: ReturnPath(), MSG_PREEMPT: Preempt(), MSG_PAUSE: Pause(),
+_SIMPLE: dict[int, Message] = {MSG_RETURN_PATH: ReturnPath(), MSG_PREEMPT: Preempt(), MSG_PAUSE: Pause(),
            MSG_RESEND: Resend(), MSG_QUERY_STATS: QueryStats(), MSG_STOP: Stop(),
            MSG_READY: Ready()}
 

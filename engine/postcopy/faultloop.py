@@ -26,6 +26,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
@@ -164,7 +165,7 @@ class _FaultLoop:
         listener.setblocking(False)
         self.ctl = sock
         self.poller = select.poll()
-        self.dispatch: dict[int, object] = {}
+        self.dispatch: dict[int, Callable[[int], None]] = {}
         self._watch(listener.fileno(), self._on_listen)
         self._watch(sock.fileno(), self._on_ctl)
         self.conns: dict[int, socket.socket] = {}       # accepted, not registered yet
@@ -188,7 +189,7 @@ class _FaultLoop:
 
         self.stats = Blocktime(cfg.nvcpus, cfg.mode)
         self.last_sweep = time.monotonic_ns()
-        self._ctl_handlers = {
+        self._ctl_handlers: dict[type, Callable[[Any, list[int]], None]] = {
             ctl.Placed: self._ctl_placed, ctl.ReturnPath: self._ctl_return_path,
             ctl.Preempt: self._ctl_preempt, ctl.Pause: self._ctl_pause,
             ctl.Resend: self._ctl_resend, ctl.QueryStats: self._ctl_query_stats,

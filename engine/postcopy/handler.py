@@ -37,6 +37,7 @@ import socket
 import tempfile
 import threading
 import time
+from typing import Any, Callable
 
 from engine.errors import ConfigError, PostcopyError, RemoteProtocolError
 from engine.postcopy import control as ctl
@@ -105,7 +106,7 @@ class FaultHandler:
         self._proc: multiprocessing.Process | None = None
         self._ctl: socket.socket | None = None
         self._closed = False
-        self._error: Exception | None = None
+        self._error: BaseException | None = None
         self._ctl_eof = False
         # What the process told us (written by _pump under _ctl_lock).
         self._ready = False
@@ -115,7 +116,7 @@ class FaultHandler:
         self._final_stats: dict | None = None
         self._uffds: list[Userfaultfd] = []       # handed out by wait_registered
         self._ctl_lock = threading.Lock()
-        self._on_message = {ctl.Ready: self._on_ready, ctl.Vcpus: self._on_vcpus,
+        self._on_message: dict[type, Callable[[Any, list[int]], None]] = {ctl.Ready: self._on_ready, ctl.Vcpus: self._on_vcpus,
                             ctl.Stats: self._on_stats, ctl.Error: self._on_error}
         self._dir = tempfile.mkdtemp(prefix="engine-postcopy-")
         self.socket_path = os.path.join(self._dir, "faults.sock")
