@@ -233,6 +233,7 @@ class FaultHandler:
         code = self._proc.exitcode if self._proc is not None else None
         how = (f"killed by signal {-code}" if code is not None and code < 0
                else f"exited with code {code}")
+        trace("postcopy_fault_handler_died", exitcode=code)
         return PostcopyError(f"postcopy fault handler process {how}")
 
     def _await(self, done, what: str, timeout: float) -> None:
