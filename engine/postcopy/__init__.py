@@ -10,8 +10,12 @@ they touch memory and ask the handler themselves (software faults).
 
 Modules:
 
-* :mod:`uffd` - userfaultfd through ctypes, hole punching;
-* :mod:`faultproto` - the messages between vCPUs and the fault handler;
+* :mod:`engine.uffd` - userfaultfd through ctypes, hole punching (below ram and postcopy);
+* :mod:`engine.ram.faultproto` - the messages between vCPUs and the fault handler;
 * :mod:`placer` - atomic page placement (UFFDIO_COPY, or a lock + bitmap);
-* :mod:`handler` - the fault handler process and its coordinator-side handle.
+* :mod:`handler` - the fault handler, seen from the coordinator;
+* :mod:`faultloop` - the fault handler process and its poll loop;
+* :mod:`control` - the typed messages between the two;
+* :mod:`blocktime` - the blocked-time and fault-latency statistics;
+* :mod:`lock` - the lock the coordinator and the handler share.
 """

@@ -3,7 +3,7 @@
 During postcopy a destination vCPU runs before all of guest RAM has arrived.
 :class:`FaultClient` lives in the vCPU process and connects it to the fault
 handler (:mod:`engine.postcopy.handler`) over an ``AF_UNIX``
-``SOCK_SEQPACKET`` socket, speaking :mod:`engine.postcopy.faultproto`:
+``SOCK_SEQPACKET`` socket, speaking :mod:`engine.ram.faultproto`:
 
 * **userfaultfd**: the vCPU opens a userfaultfd, registers its own mapping of
   every block in MISSING mode and sends the descriptor with REGISTER.  From
@@ -31,9 +31,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from engine.errors import EngineError, GuestError, ProtocolError
-from engine.postcopy import faultproto
-from engine.postcopy.faultproto import (MAX_MESSAGE, MODE_SOFTWARE, MODE_USERFAULTFD,
-                                        Fault, Register, Registered, Wake)
+from engine.ram import faultproto
+from engine.ram.faultproto import (MAX_MESSAGE, MODE_SOFTWARE, MODE_USERFAULTFD, Fault,
+                                   Register, Registered, Wake)
 from engine.ram.dirty import DirtyLog, DirtyLogHandle
 
 __all__ = ["FaultClient", "FaultSetupError", "MODE_DETACH", "error_code", "describe_error",
@@ -177,12 +177,12 @@ class FaultClient:
         self._handler_gone = False
 
     def _bases(self) -> tuple[int, ...]:
-        from engine.postcopy.uffd import buffer_address
+        from engine.uffd import buffer_address
         return tuple(buffer_address(b.buf) for b in self.blocks)
 
     def _register_uffd(self, bases: tuple[int, ...]) -> None:
         from engine.errors import PostcopyError
-        from engine.postcopy.uffd import Userfaultfd
+        from engine.uffd import Userfaultfd
         try:
             self.uffd = Userfaultfd.open()
         except PostcopyError as exc:

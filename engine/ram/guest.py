@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from engine.errors import ConfigError, GuestError, InvalidParameterError, PostcopyError
-from engine.postcopy.faultproto import MODE_NAMES
+from engine.ram.faultproto import MODE_NAMES
 from engine.ram.abcheck import ABResult, ab_region, check_ab
 from engine.ram.block import DEFAULT_PAGE_SIZE, RamBlock
 from engine.ram.dirty import DirtyLog

@@ -64,7 +64,7 @@ from typing import Sequence
 import numpy as np
 
 from engine.errors import GuestError, PostcopyError
-from engine.postcopy.faultproto import MODE_NAMES, MODE_SOFTWARE
+from engine.ram.faultproto import MODE_NAMES, MODE_SOFTWARE
 from engine.procs import child_setup, parent_alive, spawn
 from engine.ram.block import RamBlock, RamBlockHandle
 from engine.ram.dirty import DirtyLog, DirtyLogHandle

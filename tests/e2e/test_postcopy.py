@@ -22,7 +22,7 @@ from engine.library import make_options
 from engine.machine import get_profile
 from engine.migration.destination import DestinationMigration
 from engine.migration.source import SourceMigration
-from engine.postcopy import uffd
+from engine import uffd
 from engine.ram.guest import Guest
 from engine.ram.workloads import REG_CHUNKS, WorkloadSpec
 from engine.state import MigrationStatus as S

@@ -24,8 +24,8 @@ import psutil
 import pytest
 
 from engine.errors import PostcopyError, RemoteProtocolError
-from engine.postcopy import faultproto as fp
-from engine.postcopy import uffd as uffd_mod
+from engine.ram import faultproto as fp
+from engine import uffd as uffd_mod
 from engine.postcopy.handler import FaultHandler
 from engine.postcopy.placer import Placer
 from engine.procs import child_setup, spawn
@@ -520,6 +520,7 @@ def test_malformed_preempt_channel_is_a_protocol_error_naming_the_channel():
         rig.preempt.sendall(enc.page("vga.ram", 0, rig.src[1].pages[0])
                             + enc.page("nosuch.ram", 0, rig.src[1].pages[0]))
         exc = _wait_failure(rig.handler, RemoteProtocolError)
+        assert type(exc) is RemoteProtocolError     # itself, not rebuilt from a kind
         assert exc.channel == "postcopy preempt"
         assert "unknown RAM block 'nosuch.ram'" in str(exc)
         # where the second record's block name starts
@@ -529,6 +530,39 @@ def test_malformed_preempt_channel_is_a_protocol_error_naming_the_channel():
             rig.handler.check()
         with pytest.raises(RemoteProtocolError):
             rig.handler.placed(0, 0)
+
+
+def test_an_error_in_the_process_arrives_as_itself_with_channel_and_offset():
+    """The loop refuses a PLACED outside the guest (its control channel's
+    remote data); the coordinator raises that very error: same class,
+    channel and offset, with a note naming the process."""
+    with contextlib.ExitStack() as stack:
+        rig = Rig(stack, "software", 0, start_source=False)
+        pid = rig.handler._proc.pid
+        rig.handler.placed(5, 0)                # the guest has blocks 0 and 1
+        exc = _wait_failure(rig.handler, RemoteProtocolError)
+        assert type(exc) is RemoteProtocolError
+        assert exc.channel == "fault handler control" and exc.offset == 0
+        assert "PLACED for page 0 of block 5" in exc.message
+        assert any("postcopy fault handler" in note for note in exc.__notes__)
+        deadline = time.monotonic() + WAIT
+        while psutil.pid_exists(pid) and rig.handler._proc.exitcode is None:
+            assert time.monotonic() < deadline, "the process outlived its error"
+            time.sleep(0.01)
+        with pytest.raises(RemoteProtocolError) as again:
+            rig.handler.stats()
+        assert again.value is exc
+
+
+def test_a_postcopy_error_in_the_process_arrives_as_a_postcopy_error():
+    with contextlib.ExitStack() as stack:
+        rig = Rig(stack, "software", 0, start_source=False)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+            s.connect(rig.handler.socket_path)
+            s.send(fp.pack(fp.Register(0, 42, fp.MODE_USERFAULTFD, (0, 0))))
+            exc = _wait_failure(rig.handler, PostcopyError)
+        assert type(exc) is PostcopyError
+        assert str(exc).startswith("vCPU 0 (pid 42) registered for userfaultfd faults")
 
 
 def test_a_block_list_on_the_preempt_channel_is_refused():

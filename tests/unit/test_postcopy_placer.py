@@ -19,7 +19,7 @@ import pytest
 
 from engine.errors import PostcopyError
 from engine.postcopy.placer import Placer
-from engine.postcopy.uffd import Userfaultfd, buffer_address, probe, punch_hole
+from engine.uffd import Userfaultfd, buffer_address, probe, punch_hole
 from engine.ram.block import RamBlock
 from engine.ram.dirty import DirtyLog
 

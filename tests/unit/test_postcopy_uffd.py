@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 from engine.errors import PostcopyError
-from engine.postcopy import uffd as U
-from engine.postcopy.uffd import (FaultEvent, Userfaultfd, buffer_address, probe,
+from engine import uffd as U
+from engine.uffd import (FaultEvent, Userfaultfd, buffer_address, probe,
                                   punch_hole)
 from engine.ram.block import RamBlock
 

@@ -20,10 +20,10 @@ import psutil
 import pytest
 
 from engine.errors import ConfigError, PostcopyError
-from engine.postcopy import faultproto
-from engine.postcopy.faultproto import (MAX_MESSAGE, MODE_SOFTWARE, MODE_USERFAULTFD,
+from engine.ram import faultproto
+from engine.ram.faultproto import (MAX_MESSAGE, MODE_SOFTWARE, MODE_USERFAULTFD,
                                         Fault, Register, Registered, Wake)
-from engine.postcopy.uffd import Userfaultfd, buffer_address, probe, punch_hole
+from engine.uffd import Userfaultfd, buffer_address, probe, punch_hole
 from engine.ram import Guest, WorkloadSpec, check_ab
 from engine.ram.abcheck import ab_slices
 from engine.ram.block import RamBlock

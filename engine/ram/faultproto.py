@@ -20,6 +20,10 @@ FAULT          vCPU ->     software mode: pages [page, page+count) of *block*
 WAKE           -> vCPU     software mode: something this vCPU waits for has
                            been placed; look at the bitmap again.
 =============  ==========  ====================================================
+
+It lives with the vCPUs in :mod:`engine.ram` (the lower layer): the vCPU
+side (:mod:`engine.ram.faults`) and the handler (:mod:`engine.postcopy`)
+both speak it, and postcopy builds on ram, never the other way round.
 """
 from __future__ import annotations
 
