@@ -131,6 +131,10 @@ class CodecError(EngineError):
     """A page codec failed to encode or decode."""
 
 
+class XbzrleError(CodecError):
+    """An XBZRLE encoding that does not decode into the page it patches."""
+
+
 class MigrationError(EngineError):
     """The migration failed; ``str()`` is the error-desc."""
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.errors import XbzrleError
+
 __all__ = [
     "ENCODING_FLAG_XBZRLE",
     "XbzrleError",
@@ -41,10 +43,6 @@ ENCODING_FLAG_XBZRLE = 0x01
 
 #: the largest length a run may have: ULEB128 in two bytes
 _MAX_SMALL = 0x3FFF
-
-
-class XbzrleError(ValueError):
-    """An XBZRLE encoding that does not decode into the page it patches."""
 
 
 def uleb128_encode_small(n: int) -> bytes:
