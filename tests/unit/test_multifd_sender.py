@@ -10,6 +10,7 @@ import pytest
 from engine.compress import get_codec
 from engine.multifd.packet import MultiFDPacketHeader, packet_size
 from engine.multifd.receiver import PacketReader
+from engine import trace
 from engine.multifd.sender import PacketWriter
 from engine.ram.block import RamBlock
 from engine.ram.dirty import DirtyLog
@@ -147,3 +148,28 @@ def test_batch_round_trip_through_a_reader(src, codec, populated):
         assert (dst.pages[others] == 0xFF).all()     # fresh: zero pages left alone
         assert np.flatnonzero(received.log).tolist() == sorted(BATCH.tolist())
         assert reader.offset - 64 == writer.wire_bytes
+
+
+def test_each_packet_and_sync_is_traced_under_qemus_names(src, capsys):
+    a, b = socket.socketpair()
+    channel = connect(f"fd:{a.detach()}")
+    trace.enable("multifd_send,multifd_recv,multifd_*sync*")
+    try:
+        with channel, b, RamBlock.create("m0", 24 * PS) as dst, DirtyLog.create(24) as log:
+            writer = PacketWriter(channel, [src], "zstd", 1, True, PS, PC, channel_id=3)
+            reader = PacketReader(b, 3, [dst], [log], [True], "zstd", PS, PC)
+            t = threading.Thread(target=lambda: (writer.send_batch(0, BATCH, 40),
+                                                 writer.send_sync(44)))
+            t.start()
+            for _ in range(5):
+                reader.read_packet()
+            t.join(10)
+    finally:
+        trace.enable(None)
+    lines = [line.split(":", 1)[1] for line in capsys.readouterr().err.splitlines()]
+    sent = [x for x in lines if x.startswith("multifd_send ")]
+    got = [x for x in lines if x.startswith("multifd_recv ")]
+    assert [x.split()[2] for x in sent] == [f"packet_num={n}" for n in range(40, 44)]
+    assert sent[1].split()[1:5] == ["id=3", "packet_num=41", "normal=2", "zero=2"]
+    assert [x.split()[2] for x in got] == [f"packet_num={n}" for n in range(40, 45)]
+    assert "multifd_send_sync_main_signal id=3 packet_num=44" in lines
