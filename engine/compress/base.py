@@ -22,12 +22,22 @@ The array forms are the fast path: copies and scatters are single numpy
 calls.  The ``*_gather`` / ``*_scatter`` variants take a whole RAM block as a
 ``(block_pages, page_size)`` array plus page indexes, so a worker never builds
 per-page views.
+
+Above the page codecs sit the channel methods, QEMU's ``MultiFDMethods``:
+:meth:`Codec.send_setup` gives a sending channel its :class:`SendMethods`
+(``send_prepare``: the buffers of a batch's packets, ``send_cleanup``) and
+:meth:`Codec.recv_setup` a receiving channel its :class:`RecvMethods`
+(``recv``: read one packet's payload and land its pages, ``recv_cleanup``).
+The multifd sender and receiver look the codec up once and call these; they
+never ask which codec they have.  The methods see the channel only through
+two narrow seams, :class:`PayloadSource` and :class:`PageLanding`, so this
+package needs nothing from :mod:`engine.multifd`.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import Any, ClassVar, Union
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar, Protocol, Union
 
 import numpy as np
 
@@ -39,7 +49,9 @@ __all__ = [
     "MULTIFD_FLAG_COMPRESSION_MASK",
     "Buffer", "Pages", "Payload",
     "Codec", "PageEncoder", "PageDecoder",
-    "StreamPageEncoder", "StreamPageDecoder",
+    "StreamPageEncoder", "StreamPageDecoder", "StreamCodec",
+    "SendMethods", "RecvMethods", "StreamSendMethods", "StreamRecvMethods",
+    "PacketBatch", "PayloadSource", "PageLanding",
     "payload_nbytes",
 ]
 
@@ -185,6 +197,83 @@ class PageDecoder(ABC):
         """Like :meth:`decode`, writing page ``i`` of the packet to ``ram[indexes[i]]``."""
 
 
+class PacketBatch(Protocol):
+    """The packet headers of one batch (:class:`engine.multifd.packet.RamPacketBatch`)."""
+
+    page_count: int
+    #: normal pages per packet
+    normal: list[int]
+
+    def __len__(self) -> int: ...
+    def header(self, k: int) -> memoryview: ...
+    def normal_positions(self, k: int) -> np.ndarray: ...
+    def set_payload_size(self, k: int, size: int) -> None: ...
+
+
+class PayloadSource(Protocol):
+    """A receiving channel, as the codec's ``recv`` sees it.  Both calls read
+    exactly what they are asked for or raise (a closed or broken channel)."""
+
+    def recv_views(self, views: list, what: str) -> None:
+        """Fill each 1-D byte view of ``views``, in order."""
+
+    def recv_payload(self, size: int, what: str) -> memoryview:
+        """The next ``size`` bytes, in a buffer valid until the next call."""
+
+
+class PageLanding(Protocol):
+    """Where one RAM block's received pages go (its mapping, or its file)."""
+
+    def recv_pages(self, source: PayloadSource, idx: np.ndarray) -> None:
+        """Read ``len(idx)`` raw pages from ``source`` into pages ``idx``."""
+
+    def write(self, idx: np.ndarray, data: Buffer) -> None:
+        """Store page ``i`` of the contiguous ``data`` into page ``idx[i]``."""
+
+
+class SendMethods(ABC):
+    """A sending channel's codec methods (QEMU's ``send_setup``, ``send_prepare``,
+    ``send_cleanup``); made by :meth:`Codec.send_setup`, one per channel."""
+
+    @abstractmethod
+    def send_prepare(self, batch: PacketBatch, block, idx: np.ndarray,
+                     zero: np.ndarray) -> Iterator[list[Buffer]]:
+        """The wire buffers of ``batch``, each list to go out in one send call.
+
+        ``block`` is the RAM block (its ``buf`` and ``pages``), ``idx`` the
+        batch's page indexes and ``zero`` its zero-page mask, in batch order.
+        The codec sets each packet's payload size in ``batch`` before it yields
+        that packet's header.  A list is valid until the next one is asked for.
+        """
+
+    def send_cleanup(self) -> None:
+        """Release what the channel's codec holds (the channel is done)."""
+
+
+class RecvMethods(ABC):
+    """A receiving channel's codec methods (QEMU's ``recv_setup``, ``recv``,
+    ``recv_cleanup``); made by :meth:`Codec.recv_setup`, one per channel.
+
+    Failures caused by the payload raise :class:`CodecError`; the receiver
+    turns them into :class:`~engine.errors.RemoteProtocolError` naming the
+    channel and offset, once, where the data came in.
+    """
+
+    def payload_size(self, npages: int, page_size: int) -> int | None:
+        """The only payload size a packet of ``npages`` normal pages may
+        announce, or None when any size may be right (a compressed stream)."""
+        return None
+
+    @abstractmethod
+    def recv(self, source: PayloadSource, landing: PageLanding, idx: np.ndarray,
+             size: int, page_size: int) -> None:
+        """Read one packet's ``size``-byte payload from ``source`` and land its
+        normal pages (``idx``, in payload order) through ``landing``."""
+
+    def recv_cleanup(self) -> None:
+        """Release what the channel's codec holds (the channel is done)."""
+
+
 class Codec(ABC):
     """A multifd compression method, registered under QEMU's name.
 
@@ -227,6 +316,14 @@ class Codec(ABC):
     @abstractmethod
     def new_decoder(self) -> PageDecoder:
         """A fresh decoder (one per receiving channel)."""
+
+    @abstractmethod
+    def send_setup(self, level: int | None = None) -> SendMethods:
+        """A sending channel's methods, at ``level`` (None: the default)."""
+
+    @abstractmethod
+    def recv_setup(self) -> RecvMethods:
+        """A receiving channel's methods."""
 
     def __repr__(self) -> str:
         return f"<Codec {self.name!r} flag={self.flag:#04x}>"
@@ -342,3 +439,60 @@ class StreamPageDecoder(PageDecoder):
         Returns the output (at most ``expected + 1`` bytes need be produced to
         prove an overrun); raises :class:`CodecError` on corrupt input.
         """
+
+
+class StreamSendMethods(SendMethods):
+    """Packet by packet: each packet's normal pages through the channel's one
+    encoder, then its header (now knowing the payload size) and the output."""
+
+    def __init__(self, encoder: StreamPageEncoder) -> None:
+        self.encoder: StreamPageEncoder | None = encoder
+
+    def send_prepare(self, batch: PacketBatch, block, idx: np.ndarray,
+                     zero: np.ndarray) -> Iterator[list[Buffer]]:
+        encoder = self.encoder
+        ram = block.pages
+        for k in range(len(batch)):
+            if batch.normal[k]:
+                payload = encoder.encode_gather(ram, idx[batch.normal_positions(k)])
+                batch.set_payload_size(k, payload_nbytes(payload))
+                # An encoder's output is valid until its next call: one send each.
+                yield [batch.header(k), *payload]
+            else:
+                batch.set_payload_size(k, 0)
+                yield [batch.header(k)]
+
+    def send_cleanup(self) -> None:
+        self.encoder = None
+
+
+class StreamRecvMethods(RecvMethods):
+    """The payload into a scratch buffer, through the channel's one decoder, and
+    the plain pages to where they land."""
+
+    def __init__(self, decoder: StreamPageDecoder) -> None:
+        self.decoder: StreamPageDecoder | None = decoder
+
+    def recv(self, source: PayloadSource, landing: PageLanding, idx: np.ndarray,
+             size: int, page_size: int) -> None:
+        payload = source.recv_payload(size, "compressed page data")
+        landing.write(idx, self.decoder.decode_bytes(payload, len(idx), page_size))
+
+    def recv_cleanup(self) -> None:
+        self.decoder = None
+
+
+class StreamCodec(Codec):
+    """A codec with one long-lived compression stream per channel (zlib, zstd)."""
+
+    @abstractmethod
+    def new_encoder(self, level: int | None = None) -> StreamPageEncoder: ...
+
+    @abstractmethod
+    def new_decoder(self) -> StreamPageDecoder: ...
+
+    def send_setup(self, level: int | None = None) -> StreamSendMethods:
+        return StreamSendMethods(self.new_encoder(level))
+
+    def recv_setup(self) -> StreamRecvMethods:
+        return StreamRecvMethods(self.new_decoder())

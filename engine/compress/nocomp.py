@@ -5,30 +5,28 @@ worker can ``sendmsg`` straight out of guest shared memory.  A page the guest
 rewrites while it is being sent goes out "newer" than the dirty bitmap
 thinks, which is harmless because the write also re-dirtied it (QEMU's
 zero-copy send relies on the same argument).
+
+The channel methods keep the two fast paths: a batch goes out in one
+scatter-gather send (each packet's header, then its pages straight out of
+shared memory, one iovec per run of adjacent pages that stays inside the
+packet), and a packet's pages are received straight into where they land.
 """
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 
 from engine.compress.base import (
-    MULTIFD_FLAG_NOCOMP, Buffer, Codec, PageDecoder, PageEncoder, Pages,
-    Payload, _check_indexes, _check_rows, _flat_bytes, _joined, _out_geometry,
-    _scatter,
+    MULTIFD_FLAG_NOCOMP, Buffer, Codec, PacketBatch, PageDecoder, PageEncoder,
+    PageLanding, Pages, Payload, PayloadSource, RecvMethods, SendMethods,
+    _check_indexes, _check_rows, _flat_bytes, _joined, _out_geometry, _scatter,
 )
 from engine.errors import CodecError
+from engine.ram.runs import index_runs, run_bounds
 
-__all__ = ["NoCompCodec", "NoCompEncoder", "NoCompDecoder", "NOCOMP"]
-
-
-def contiguous_runs(indexes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(starts, lengths) of the runs of consecutive values in ``indexes``."""
-    if indexes.size == 0:
-        empty = np.empty(0, dtype=np.intp)
-        return empty, empty
-    breaks = np.flatnonzero(np.diff(indexes) != 1) + 1
-    first = np.concatenate(([0], breaks))
-    lengths = np.diff(np.concatenate((first, [indexes.size])))
-    return indexes[first], lengths
+__all__ = ["NoCompCodec", "NoCompEncoder", "NoCompDecoder",
+           "NoCompSendMethods", "NoCompRecvMethods", "NOCOMP"]
 
 
 class NoCompEncoder(PageEncoder):
@@ -47,7 +45,7 @@ class NoCompEncoder(PageEncoder):
     def encode_gather(self, ram: np.ndarray, indexes: np.ndarray) -> list[Buffer]:
         """One buffer per run of consecutive pages (few iovecs for ``sendmsg``)."""
         idx = _check_indexes(ram, indexes)
-        starts, lengths = contiguous_runs(idx)
+        starts, lengths = index_runs(idx)
         return [memoryview(ram[s:s + n].reshape(-1))
                 for s, n in zip(starts.tolist(), lengths.tolist())]
 
@@ -79,6 +77,48 @@ class NoCompDecoder(PageDecoder):
         return data
 
 
+class NoCompSendMethods(SendMethods):
+    """The whole batch as one list: header, page runs, header, page runs..."""
+
+    def send_prepare(self, batch: PacketBatch, block, idx: np.ndarray,
+                     zero: np.ndarray) -> Iterator[list[Buffer]]:
+        buf = block.buf
+        if buf.ndim != 1 or buf.format != "B":
+            buf = buf.cast("B")
+        ps = block.page_size
+        out: list = []
+        k = -1                           # the last packet whose header is in out
+        pos = np.flatnonzero(~zero)
+        if len(pos):
+            pages = idx[pos]
+            packet = pos // batch.page_count
+            firsts, ends = run_bounds(pages, packet)
+            starts = (pages[firsts] * ps).tolist()
+            stops = ((pages[firsts] + (ends - firsts)) * ps).tolist()
+            for p, a, b in zip(packet[firsts].tolist(), starts, stops):
+                while k < p:             # headers of this and any page-less packets
+                    k += 1
+                    out.append(batch.header(k))
+                out.append(buf[a:b])
+        for k in range(k + 1, len(batch)):
+            out.append(batch.header(k))
+        if out:
+            yield out
+
+
+class NoCompRecvMethods(RecvMethods):
+    """The raw pages straight from the channel to where they land."""
+
+    def payload_size(self, npages: int, page_size: int) -> int:
+        return npages * page_size
+
+    def recv(self, source: PayloadSource, landing: PageLanding, idx: np.ndarray,
+             size: int, page_size: int) -> None:
+        if size != len(idx) * page_size:
+            raise CodecError(f"nocomp: payload of {size} bytes for {len(idx)} pages")
+        landing.recv_pages(source, idx)
+
+
 class NoCompCodec(Codec):
     """No compression (QEMU's ``multifd-nocomp.c``)."""
 
@@ -91,6 +131,13 @@ class NoCompCodec(Codec):
 
     def new_decoder(self) -> NoCompDecoder:
         return NoCompDecoder()
+
+    def send_setup(self, level: int | None = None) -> NoCompSendMethods:
+        self.resolve_level(level)
+        return NoCompSendMethods()
+
+    def recv_setup(self) -> NoCompRecvMethods:
+        return NoCompRecvMethods()
 
 
 NOCOMP = NoCompCodec()

@@ -18,7 +18,7 @@ import numpy as np
 
 from engine.compress.base import Buffer
 from engine.errors import ConfigError
-from engine.ram.holes import HoleMap, block_fd
+from engine.ram.holes import HoleMap
 
 __all__ = ["find_zero_pages", "zero_page_mask_from_buffer", "block_zero_page_mask"]
 
@@ -133,7 +133,7 @@ def block_zero_page_mask(block, pages: np.ndarray, page_size: int,
     batch passes its :class:`~engine.ram.holes.HoleMap` of the block's file.
     """
     if holes is None:
-        holes = HoleMap(block_fd(block), page_size)
+        holes = HoleMap(block.fd, page_size)
     offsets = np.asarray(pages).astype(np.uint64) * np.uint64(page_size)
     return zero_page_mask_from_buffer(block.buf, offsets, page_size,
                                       known_zero=holes.mask(pages))

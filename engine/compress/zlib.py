@@ -25,7 +25,7 @@ import zlib
 from types import ModuleType
 
 from engine.compress.base import (
-    MULTIFD_FLAG_ZLIB, Buffer, Codec, StreamPageDecoder, StreamPageEncoder,
+    MULTIFD_FLAG_ZLIB, Buffer, StreamCodec, StreamPageDecoder, StreamPageEncoder,
 )
 from engine.errors import CodecError
 
@@ -112,7 +112,7 @@ class ZlibDecoder(StreamPageDecoder):
         return data
 
 
-class ZlibCodec(Codec):
+class ZlibCodec(StreamCodec):
     """Deflate (QEMU's ``multifd-zlib.c``); level ``multifd-zlib-level`` 0..9."""
 
     name = "zlib"

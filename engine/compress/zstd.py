@@ -16,7 +16,7 @@ from __future__ import annotations
 import zstandard
 
 from engine.compress.base import (
-    MULTIFD_FLAG_ZSTD, Buffer, Codec, StreamPageDecoder, StreamPageEncoder,
+    MULTIFD_FLAG_ZSTD, Buffer, StreamCodec, StreamPageDecoder, StreamPageEncoder,
 )
 from engine.errors import CodecError
 
@@ -60,7 +60,7 @@ class ZstdDecoder(StreamPageDecoder):
             raise CodecError(f"zstd: corrupt payload: {exc}") from exc
 
 
-class ZstdCodec(Codec):
+class ZstdCodec(StreamCodec):
     """Zstandard (QEMU's ``multifd-zstd.c``); level ``multifd-zstd-level`` 0..20."""
 
     name = "zstd"

@@ -32,6 +32,7 @@ import numpy as np
 
 from engine.compress.zeropage import zero_page_mask_from_buffer
 from engine.ram.holes import HoleMap, block_fd
+from engine.ram.runs import mask_runs
 from engine.stream import encoder as enc
 from engine.stream.constants import (MAX_DISCARDS_PER_COMMAND, POSTCOPY_RAM_DISCARD_VERSION,
                                      RAM_SAVE_FLAG_PAGE, MigCmd)
@@ -103,13 +104,6 @@ def encode_batch(idstr: str, pages: np.ndarray, idx: np.ndarray, page_size: int,
     wire = nn * (8 + page_size) + (len(buffers[0]) - 8 if nn else 0) + \
         (len(buffers[-1]) if nz else 0)
     return BatchResult(buffers, nn, nz, wire)
-
-
-def dirty_runs(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(first page, page count)`` of every run of set entries of ``bits``."""
-    edges = np.diff(bits.view(np.int8), prepend=np.int8(0), append=np.int8(0))
-    starts = np.flatnonzero(edges == 1)
-    return starts, np.flatnonzero(edges == -1) - starts
 
 
 def discard_commands(idstr: str, starts: np.ndarray, lengths: np.ndarray) -> bytes:
@@ -368,7 +362,7 @@ class RamSaver:
             if self.bitmaps and not any(bm.dirty for bm in self.bitmaps):
                 self.bitmaps[0].mark_dirty(0)
             for bm in self.bitmaps:
-                starts, counts = dirty_runs(bm.bits)
+                starts, counts = mask_runs(bm.bits)
                 ps = np.uint64(self.page_size)
                 out.append(discard_commands(bm.block.idstr, starts.astype(np.uint64) * ps,
                                             counts.astype(np.uint64) * ps))

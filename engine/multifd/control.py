@@ -21,7 +21,11 @@ Source side::
                             ACK(seq, normal, zero, wire_bytes)
                             SYNCED(round)
                             DONE(wire_bytes)          answer to BYE
-                            ERROR(text)
+                            ERROR(text, kind, message, channel, offset)
+                                                      the failure's text and class
+                                                      name; a protocol error's
+                                                      location apart (Error.of,
+                                                      Error.exception)
 
 Destination side::
 
@@ -29,7 +33,7 @@ Destination side::
                             SYNCED(round, normal, zero, wire_bytes)
                                                       read a SYNC packet; waits now
                             DONE(wire_bytes)          channel reached EOF cleanly
-                            ERROR(text)
+                            ERROR(text, kind, message, channel, offset)
     coordinator -> worker   RELEASE(round)            every channel has synced
                             BYE                       stop (migration over or failed)
 
@@ -43,11 +47,12 @@ by its older copy still in flight on this one.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from engine.errors import LocalProtocolError, RemoteProtocolError
+from engine.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 
 BATCH, SYNC, BYE, HELLO, CONNECT = b"BATCH", b"SYNC", b"BYE", b"HELLO", b"CONNECT"
 READY, ACK, SYNCED, DONE, ERROR, RELEASE = (b"READY", b"ACK", b"SYNCED", b"DONE",
@@ -59,6 +64,7 @@ _ACK = struct.Struct("<QIIQ")
 _SYNCED = struct.Struct("<QIIQ")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_I64 = struct.Struct("<q")
 _DONE = struct.Struct("<QQQ")
 
 
@@ -157,9 +163,34 @@ class Error:
     #: the failure's exception class, for the coordinator to raise the same
     #: kind (a channel error stays a channel error across the process line)
     kind: str = ""
+    #: for a protocol error: the message without its location, the channel
+    #: and the byte offset it names ("" and -1 when it names none)
+    message: str = ""
+    channel: str = ""
+    offset: int = -1
+
+    @classmethod
+    def of(cls, exc: BaseException) -> Error:
+        """The ERROR that carries ``exc`` to the coordinator."""
+        if isinstance(exc, ProtocolError):
+            return cls(str(exc), type(exc).__name__, exc.message, exc.channel or "",
+                       -1 if exc.offset is None else exc.offset)
+        return cls(str(exc), type(exc).__name__)
+
+    def exception(self, prefix: str, kinds: Mapping[str, type[Exception]],
+                  default: type[Exception]) -> Exception:
+        """The failure as the coordinator raises it: the class named in ``kinds``
+        (by :attr:`kind`, else ``default``), its text after ``prefix``; a
+        protocol error keeps its channel and offset as attributes."""
+        cls = kinds.get(self.kind, default)
+        if issubclass(cls, ProtocolError) and self.message:
+            return cls(f"{prefix}: {self.message}",
+                       None if self.offset < 0 else self.offset, self.channel or None)
+        return cls(f"{prefix}: {self.text}")
 
     def frames(self) -> list:
-        return [ERROR, self.text.encode(), self.kind.encode()]
+        return [ERROR, self.text.encode(), self.kind.encode(), self.message.encode(),
+                self.channel.encode(), _I64.pack(self.offset)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +232,9 @@ def decode(frames: list) -> object:
         if kind == DONE:
             return Done(*_DONE.unpack(bytes(body[0])))
         if kind == ERROR:
-            return Error(*(bytes(b).decode(errors="replace") for b in body[:2]))
+            texts = [bytes(b).decode(errors="replace") for b in body[:4]]
+            offset = _I64.unpack(bytes(body[4]))[0] if len(body) > 4 else -1
+            return Error(*texts, offset=offset)
         if kind == RELEASE:
             return Release(*_U64.unpack(bytes(body[0])))
         if kind == BYE:

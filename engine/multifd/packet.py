@@ -473,6 +473,12 @@ class RamPacketBatch:
         first = k * self.page_count
         return self.order[first:first + self.normal[k]]
 
+    def payload_bytes(self) -> int:
+        """Payload bytes of the whole batch (packets without normal pages have none)."""
+        records = self._records
+        return int(np.dot(records["next_packet_size"].astype(np.int64),
+                          records["normal_pages"] > 0))
+
     def set_payload_size(self, k: int, size: int) -> None:
         """Set packet ``k``'s ``next_packet_size`` (its codec payload's length)."""
         _check_fits("next_packet_size", size)

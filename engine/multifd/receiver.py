@@ -19,8 +19,14 @@ destination's RAM, one of two ways per block:
   without mapping it, and ``MADV_POPULATE_WRITE`` over the runs of each
   packet cost as much as the faults it saved.  With the mapping populated
   before the clock the direct path costs a third less CPU than ``pwrite``
-  (1 GiB, 2 channels).  Blocks without a file descriptor (tests' stand-ins)
-  are written through the mapping.
+  (1 GiB, 2 channels).
+
+Which of the two a block uses is its :class:`MappedLanding` or
+:class:`FileLanding`, chosen once; what the payload is (raw pages, a zlib or
+zstd stream) is the codec's business, through its receive methods
+(:mod:`engine.compress.base`), also chosen once.  A codec's error about the
+payload becomes a :class:`~engine.errors.RemoteProtocolError` naming the
+channel, the packet number and the payload's offset in the channel.
 
 Zero pages listed in a packet are only written if the page was received
 before or the memory was not known to be zero: a destination never touches
@@ -43,10 +49,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.compress import get_codec
-from engine.errors import ChannelClosedError, EngineError, RemoteProtocolError
+from engine.errors import ChannelClosedError, CodecError, EngineError, RemoteProtocolError
 from engine.multifd import control as ctl
 from engine.multifd.packet import MultiFDPacketHeader, packet_size
 from engine.multifd.worker import control_socket
+from engine.ram.runs import index_runs, run_bounds
 from engine.trace import trace
 
 #: at most this many iovecs per recvmsg_into call (Linux IOV_MAX)
@@ -93,12 +100,6 @@ def recv_exact(sock: socket.socket, views: list, what: str, offset: int, channel
     return total
 
 
-def run_bounds(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(first, end) positions in ``idx`` of each run of adjacent page indexes."""
-    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-    return np.concatenate(([0], breaks)), np.concatenate((breaks, [len(idx)]))
-
-
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     """Write all of ``data`` at ``offset`` of ``fd`` (a short write is resumed)."""
     done = os.pwrite(fd, data, offset)
@@ -109,113 +110,52 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done = os.pwrite(fd, data, offset)
 
 
-def page_runs(idx: np.ndarray) -> list[tuple[int, int]]:
-    """(first page, count) for each run of adjacent page indexes."""
-    if len(idx) == 0:
-        return []
-    starts, ends = run_bounds(idx)
-    return list(zip(idx[starts].tolist(), (ends - starts).tolist()))
+class MappedLanding:
+    """Pages land through this process's mapping of the block, populated at
+    start-up (``prealloc``): raw pages are read straight into place."""
+
+    def __init__(self, block) -> None:
+        self.pages = block.pages
+        self.buf = block.buf
+        self.page_size = block.page_size
+
+    def recv_pages(self, source, idx: np.ndarray) -> None:
+        buf, ps = self.buf, self.page_size
+        starts, counts = index_runs(idx)
+        source.recv_views([buf[p * ps:(p + n) * ps]
+                           for p, n in zip(starts.tolist(), counts.tolist())], "page data")
+
+    def write(self, idx: np.ndarray, data) -> None:
+        self.pages[idx] = np.frombuffer(data, dtype=np.uint8).reshape(len(idx), -1)
+
+    def zero(self, idx: np.ndarray) -> None:
+        self.pages[idx] = 0
 
 
-class PacketReader:
-    """Reads and applies packets from one channel (no zmq, testable alone)."""
+class FileLanding:
+    """Pages land through the block's file: one ``pwrite`` per run of adjacent
+    pages (see the module's docstring for why not through the mapping)."""
 
-    def __init__(self, sock: socket.socket, index: int, blocks, received, fresh,
-                 codec: str, page_size: int = 4096, page_count: int = 128):
-        self.sock = sock
-        self.name = f"multifd {index}"
-        #: idstr -> (block, received log, fresh, file descriptor to pwrite to, or
-        #: None to land through the mapping: populated here, or no file)
-        self.blocks = {b.idstr: (b, r, f, None if getattr(b, "populated", False)
-                                 else getattr(b, "fd", None))
-                       for b, r, f in zip(blocks, received, fresh)}
-        self.codec = get_codec(codec)
-        self.decoder = self.codec.new_decoder()
-        self.page_size = page_size
-        self.page_count = page_count
-        self.header = bytearray(packet_size(page_count))
-        self.payload = bytearray(page_count * page_size + 4096)
-        #: the source of zero pages that must be written
-        self.zeros = memoryview(bytes(page_count * page_size))
-        self.offset = 64  # the coordinator consumed MultiFDInit
-        self.normal = self.zero = 0
+    def __init__(self, block, zeros: memoryview) -> None:
+        self.fd = block.fd
+        self.page_size = block.page_size
+        #: zero bytes, at least a packet's worth, for zero pages that must be written
+        self.zeros = zeros
 
-    def read_packet(self) -> MultiFDPacketHeader | None:
-        """Apply the next packet; None at a clean end of channel."""
-        hdr = memoryview(self.header)
-        first = self.sock.recv_into(hdr, len(hdr), socket.MSG_WAITALL)
-        if first == 0:
-            return None
-        if first < len(hdr):
-            self.offset += first
-            self.offset += recv_exact(self.sock, [hdr[first:]], "a multifd packet header",
-                                      self.offset, self.name)
-        else:
-            self.offset += first
-        start = self.offset - len(hdr)
-        h = MultiFDPacketHeader.unpack(hdr, self.page_count, channel=self.name,
-                                       stream_offset=start)
-        if h.normal_pages or h.zero_pages:
-            entry = self.blocks.get(h.ramblock)
-            if entry is None:
-                raise RemoteProtocolError(f"multifd: unknown RAM block {h.ramblock!r}",
-                                          start + 64, self.name)
-            block, received, fresh, fd = entry
-            h.validate(block.used_length, self.page_size, self.name, start)
-            ps = self.page_size
-            if h.normal_pages:
-                h.check_compression(self.codec.flag, channel=self.name, stream_offset=start)
-                idx = (h.normal_offsets // np.uint64(ps)).astype(np.int64)
-                size = h.payload_size
-                if self.codec.name == "none":
-                    if size != len(idx) * ps:
-                        raise RemoteProtocolError(
-                            f"multifd: payload of {size} bytes for {len(idx)} pages",
-                            start + 20, self.name)
-                    if fd is None:
-                        buf = block.buf
-                        views = [buf[p * ps:(p + n) * ps] for p, n in page_runs(idx)]
-                        self.offset += recv_exact(self.sock, views, "page data",
-                                                  self.offset, self.name)
-                    else:
-                        view = memoryview(self.payload)[:size]
-                        self.offset += recv_exact(self.sock, [view], "page data",
-                                                  self.offset, self.name)
-                        self._write_runs(fd, idx, view)
-                else:
-                    if size > len(self.payload):
-                        self.payload = bytearray(size)
-                    view = memoryview(self.payload)[:size]
-                    self.offset += recv_exact(self.sock, [view], "compressed page data",
-                                              self.offset, self.name)
-                    if fd is None:
-                        self.decoder.decode_scatter(view, block.pages, idx)
-                    else:
-                        plain = self.decoder.decode_bytes(view, len(idx), ps)
-                        self._write_runs(fd, idx, memoryview(plain))
-                received.log[idx] = 1
-                self.normal += len(idx)
-            if h.zero_pages:
-                zidx = (h.zero_offsets // np.uint64(ps)).astype(np.int64)
-                if fresh:
-                    touch = zidx[received.log[zidx] != 0]
-                else:
-                    touch = zidx
-                if len(touch):
-                    if fd is None:
-                        block.pages[touch] = 0
-                    else:
-                        self._write_runs(fd, touch, self.zeros, zeros=True)
-                received.log[zidx] = 1
-                self.zero += len(zidx)
-        return h
+    def recv_pages(self, source, idx: np.ndarray) -> None:
+        self.write(idx, source.recv_payload(len(idx) * self.page_size, "page data"))
 
-    def _write_runs(self, fd: int, idx: np.ndarray, data: memoryview,
-                    zeros: bool = False) -> None:
-        """Write page ``i`` of ``data`` to page ``idx[i]`` of the file, one call per
-        run of adjacent pages (with ``zeros``, every run comes from the start of
-        ``data``)."""
-        ps = self.page_size
+    def write(self, idx: np.ndarray, data) -> None:
+        """Write page ``i`` of ``data`` to page ``idx[i]`` of the file."""
+        self._write_runs(idx, memoryview(data), False)
+
+    def zero(self, idx: np.ndarray) -> None:
+        self._write_runs(idx, self.zeros, True)
+
+    def _write_runs(self, idx: np.ndarray, data: memoryview, zeros: bool) -> None:
+        """One call per run of adjacent pages (with ``zeros``, every run comes from
+        the start of ``data``)."""
+        fd, ps = self.fd, self.page_size
         firsts, ends = run_bounds(idx)
         if len(firsts) == 1:
             pwrite_all(fd, data[:len(idx) * ps], int(idx[0]) * ps)
@@ -232,6 +172,107 @@ class PacketReader:
             for a, b, off in zip((firsts * ps).tolist(), (ends * ps).tolist(), at):
                 if pwrite(fd, data[a:b], off) != b - a:
                     pwrite_all(fd, data[a:b], off)
+
+
+class PacketReader:
+    """Reads and applies packets from one channel (no zmq, testable alone).
+
+    The codec is looked up once; its :class:`~engine.compress.base.RecvMethods`
+    reads each payload (QEMU's ``recv``) from this reader, which is its
+    :class:`~engine.compress.base.PayloadSource`.  Errors the remote data causes
+    leave :meth:`read_packet` as :class:`RemoteProtocolError` naming the channel,
+    the packet and the byte offset in the channel's stream.
+    """
+
+    def __init__(self, sock: socket.socket, index: int, blocks, received, fresh,
+                 codec: str, page_size: int = 4096, page_count: int = 128):
+        self.sock = sock
+        self.id = index
+        self.name = f"multifd {index}"
+        #: the source of zero pages that must be written
+        zeros = memoryview(bytes(page_count * page_size))
+        #: idstr -> (block, received log, fresh, where its pages land)
+        self.blocks = {b.idstr: (b, r, f, MappedLanding(b) if b.populated
+                                 else FileLanding(b, zeros))
+                       for b, r, f in zip(blocks, received, fresh)}
+        self.codec = get_codec(codec)
+        self.methods = self.codec.recv_setup()
+        self.page_size = page_size
+        self.page_count = page_count
+        self.header = bytearray(packet_size(page_count))
+        self.payload = bytearray(page_count * page_size + 4096)
+        self.offset = 64  # the coordinator consumed MultiFDInit
+        self.normal = self.zero = 0
+
+    # -- PayloadSource ----------------------------------------------------------
+    def recv_views(self, views: list, what: str) -> None:
+        self.offset += recv_exact(self.sock, views, what, self.offset, self.name)
+
+    def recv_payload(self, size: int, what: str) -> memoryview:
+        if size > len(self.payload):
+            self.payload = bytearray(size)
+        view = memoryview(self.payload)[:size]
+        self.offset += recv_exact(self.sock, [view], what, self.offset, self.name)
+        return view
+
+    # ----------------------------------------------------------------------------
+    def read_packet(self) -> MultiFDPacketHeader | None:
+        """Apply the next packet; None at a clean end of channel."""
+        hdr = memoryview(self.header)
+        first = self.sock.recv_into(hdr, len(hdr), socket.MSG_WAITALL)
+        if first == 0:
+            return None
+        self.offset += first
+        if first < len(hdr):
+            self.recv_views([hdr[first:]], "a multifd packet header")
+        start = self.offset - len(hdr)
+        h = MultiFDPacketHeader.unpack(hdr, self.page_count, channel=self.name,
+                                       stream_offset=start)
+        trace("multifd_recv", id=self.id, packet_num=h.packet_num, normal=h.normal_pages,
+              zero=h.zero_pages, flags=h.flags, next_packet_size=h.payload_size)
+        if h.normal_pages or h.zero_pages:
+            entry = self.blocks.get(h.ramblock)
+            if entry is None:
+                raise RemoteProtocolError(f"multifd: unknown RAM block {h.ramblock!r}",
+                                          start + 64, self.name)
+            block, received, fresh, landing = entry
+            h.validate(block.used_length, self.page_size, self.name, start)
+            ps = self.page_size
+            if h.normal_pages:
+                h.check_compression(self.codec.flag, channel=self.name, stream_offset=start)
+                idx = (h.normal_offsets // np.uint64(ps)).astype(np.int64)
+                size = h.payload_size
+                want = self.methods.payload_size(len(idx), ps)
+                if want is not None and size != want:
+                    raise RemoteProtocolError(
+                        f"multifd: payload of {size} bytes for {len(idx)} pages",
+                        start + 20, self.name)
+                payload_at = self.offset
+                try:
+                    self.methods.recv(self, landing, idx, size, ps)
+                except CodecError as exc:
+                    # The one place a codec's complaint about remote bytes
+                    # becomes the peer's protocol error, with where it came.
+                    raise RemoteProtocolError(
+                        f"multifd packet {h.packet_num}: {exc}", payload_at,
+                        self.name) from exc
+                received.log[idx] = 1
+                self.normal += len(idx)
+            if h.zero_pages:
+                zidx = (h.zero_offsets // np.uint64(ps)).astype(np.int64)
+                if fresh:
+                    touch = zidx[received.log[zidx] != 0]
+                else:
+                    touch = zidx
+                if len(touch):
+                    landing.zero(touch)
+                received.log[zidx] = 1
+                self.zero += len(zidx)
+        return h
+
+    def cleanup(self) -> None:
+        """QEMU's ``recv_cleanup``: the codec lets go of its stream."""
+        self.methods.recv_cleanup()
 
 
 def recv_worker_main(cfg: RecvWorkerConfig, fd_sock: socket.socket) -> None:
@@ -269,11 +310,15 @@ def recv_worker_main(cfg: RecvWorkerConfig, fd_sock: socket.socket) -> None:
                     rounds += 1
                     zs.send_multipart(ctl.Synced(rounds, reader.normal, reader.zero,
                                                  reader.offset).frames())
+                    trace("multifd_recv_sync_main_wait", id=channel_id, round=rounds,
+                          packet_num=h.packet_num)
                     reply = ctl.decode(zs.recv_multipart())
                     if isinstance(reply, ctl.Bye):
                         return
         finally:
-            reader = None
+            if reader is not None:
+                reader.cleanup()
+                reader = None
             if sock is not None:
                 sock.close()
             for r in (*logs, *blocks):

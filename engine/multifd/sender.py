@@ -2,13 +2,14 @@
 
 The worker maps the guest's RAM blocks itself.  For each batch the
 coordinator hands over (a block and page indexes, never bytes) it builds
-QEMU packets of up to ``page_count`` pages.  For ``none`` the whole batch
-goes out in one scatter-gather send: each packet's 1344-byte header, then
-its pages straight out of shared memory (one iovec per run of adjacent
-pages); for zlib/zstd each packet is the header and the compressed snapshot.
-With ``zero-page-detection=multifd`` the worker finds the batch's zero pages
-itself (vectorised, the whole batch at once) and lists them in the packets
-instead of sending them.
+QEMU packets of up to ``page_count`` pages and lets the codec's send methods
+(:class:`~engine.compress.base.SendMethods`, looked up once) lay out the
+wire buffers: for ``none`` the whole batch in one scatter-gather send (each
+packet's 1344-byte header, then its pages straight out of shared memory, one
+iovec per run of adjacent pages); for zlib/zstd each packet's header and
+compressed snapshot.  With ``zero-page-detection=multifd`` the worker finds
+the batch's zero pages itself (vectorised, the whole batch at once) and
+lists them in the packets instead of sending them.
 
 A page the guest rewrites while it is being sent may go out torn; that is
 fine for the same reason it is in QEMU: the write marked the page dirty
@@ -21,12 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.compress import get_codec, payload_nbytes
+from engine.compress import get_codec
 from engine.compress.zeropage import block_zero_page_mask
 from engine.multifd import control as ctl
 from engine.multifd.packet import MultiFDInit, MultiFDPacketHeader, RamPacketBatch
 from engine.multifd.worker import control_socket
-from engine.ram.holes import HoleMap, block_fd
+from engine.ram.holes import HoleMap
 from engine.trace import trace
 
 
@@ -45,22 +46,29 @@ class SendWorkerConfig:
 
 
 class PacketWriter:
-    """Turns batches into packets on one channel (no zmq, testable alone)."""
+    """Turns batches into packets on one channel (no zmq, testable alone).
+
+    The codec is looked up once: its :class:`~engine.compress.base.SendMethods`
+    lay out each batch's buffers (QEMU's ``send_prepare``), and the writer sends
+    them as they come.
+    """
 
     def __init__(self, channel, blocks, codec: str, level, zero_detect: bool,
-                 page_size: int = 4096, page_count: int = 128):
+                 page_size: int = 4096, page_count: int = 128, channel_id: int = 0):
         self.channel = channel
         self.blocks = blocks
+        self.id = channel_id
         self.codec = get_codec(codec)
-        self.encoder = self.codec.new_encoder(level)
+        self.methods = self.codec.send_setup(level)
         self.zero_detect = zero_detect
         self.page_size = page_size
         self.page_count = page_count
         self.wire_bytes = 0
         #: holes of each block's file, learned since the last SYNC (every pass has one)
-        self.holes = [HoleMap(block_fd(b), page_size) for b in blocks]
+        self.holes = [HoleMap(b.fd, page_size) for b in blocks]
 
     def send_init(self, uuid: bytes, channel_id: int) -> None:
+        self.id = channel_id
         data = MultiFDInit(uuid, channel_id).pack()
         self.channel.sendall(data)
         self.wire_bytes += len(data)
@@ -69,63 +77,24 @@ class PacketWriter:
                    first_packet_num: int) -> tuple[int, int, int]:
         """Send ``pages`` (ascending indexes) of a block; returns (normal, zero, bytes)."""
         block = self.blocks[block_index]
-        ps, pc = self.page_size, self.page_count
+        ps = self.page_size
         idx = pages.astype(np.int64)
         # One look at the whole batch: the per-call cost is paid once, not per packet.
         zero = (block_zero_page_mask(block, idx, ps, self.holes[block_index]) if self.zero_detect
                 else np.zeros(len(idx), dtype=bool))
         batch = RamPacketBatch(flags=self.codec.flag, first_packet_num=first_packet_num,
                                ramblock=block.idstr, pages=idx, zero=zero,
-                               page_size=ps, page_count=pc)
-        normal_total = sum(batch.normal)
-        if self.codec.name == "none":
-            # nocomp payloads are views of guest memory: the whole batch goes
-            # out in one scatter-gather send (a few system calls, not one per
-            # packet).
-            out: list = []
-            for k, runs in enumerate(self._nocomp_runs(block.buf, idx, zero)):
-                out.append(batch.header(k))
-                out.extend(runs)
-            if out:
-                self.channel.send_views(out)
-            sent = len(batch) * batch.header_size + normal_total * ps
-        else:
-            sent = 0
-            for k in range(len(batch)):
-                if batch.normal[k]:
-                    payload = self.encoder.encode_gather(block.pages,
-                                                         idx[batch.normal_positions(k)])
-                    size = payload_nbytes(payload)
-                else:
-                    payload, size = [], 0
-                batch.set_payload_size(k, size)
-                # A codec's output is only valid until its next call.
-                self.channel.sendmsg_all([batch.header(k), *payload])
-                sent += batch.header_size + size
+                               page_size=ps, page_count=self.page_count)
+        send = self.channel.send_views
+        for buffers in self.methods.send_prepare(batch, block, idx, zero):
+            send(buffers)
+        sent = len(batch) * batch.header_size + batch.payload_bytes()
+        for k in range(len(batch)):     # per packet, as QEMU; a dict lookup when off
+            trace("multifd_send", id=self.id, packet_num=first_packet_num + k,
+                  normal=batch.normal[k], zero=batch.zero[k], flags=self.codec.flag)
         self.wire_bytes += sent
+        normal_total = len(idx) - int(np.count_nonzero(zero))
         return normal_total, len(idx) - normal_total, sent
-
-    def _nocomp_runs(self, buf: memoryview, idx: np.ndarray, zero: np.ndarray) -> list:
-        """Per packet of the batch, its normal pages as views of ``buf``: one per run
-        of adjacent pages (a run never crosses into the next packet)."""
-        ps, pc = self.page_size, self.page_count
-        if buf.ndim != 1 or buf.format != "B":
-            buf = buf.cast("B")
-        npackets = -(-len(idx) // pc)
-        pos = np.flatnonzero(~zero)
-        runs: list[list] = [[] for _ in range(npackets)]
-        if len(pos) == 0:
-            return runs
-        pages = idx[pos]
-        packet = pos // pc
-        brk = np.flatnonzero((np.diff(pages) != 1) | (np.diff(packet) != 0)) + 1
-        firsts = np.concatenate(([0], brk))
-        ends = np.concatenate((brk, [len(pos)]))
-        starts = (pages[firsts] * ps).tolist()
-        stops = ((pages[firsts] + (ends - firsts)) * ps).tolist()
-        for p, a, b in zip(packet[firsts].tolist(), starts, stops):
-            runs[p].append(buf[a:b])
-        return runs
 
     def send_sync(self, packet_num: int) -> int:
         for holes in self.holes:
@@ -133,7 +102,12 @@ class PacketWriter:
         header = MultiFDPacketHeader.sync(packet_num).pack(self.page_count)
         self.channel.sendall(header)
         self.wire_bytes += len(header)
+        trace("multifd_send_sync_main_signal", id=self.id, packet_num=packet_num)
         return len(header)
+
+    def cleanup(self) -> None:
+        """QEMU's ``send_cleanup``: the codec lets go of its stream."""
+        self.methods.send_cleanup()
 
 
 def packets_needed(npages: int, page_count: int = 128) -> int:
@@ -155,7 +129,8 @@ def send_worker_main(cfg: SendWorkerConfig) -> None:
                 if isinstance(msg, ctl.Connect):
                     channel = connect(msg.uri)
                     writer = PacketWriter(channel, blocks, cfg.codec, cfg.level,
-                                          cfg.zero_detect, cfg.page_size, cfg.page_count)
+                                          cfg.zero_detect, cfg.page_size, cfg.page_count,
+                                          msg.channel_id)
                     writer.send_init(msg.uuid, msg.channel_id)
                     trace("multifd_send_thread_start", id=msg.channel_id)
                     sock.send_multipart(ctl.Ready(msg.channel_id).frames())
@@ -175,7 +150,9 @@ def send_worker_main(cfg: SendWorkerConfig) -> None:
                     sock.send_multipart(ctl.Done(wire).frames())
                     return
         finally:
-            writer = None
+            if writer is not None:
+                writer.cleanup()
+                writer = None
             if channel is not None:
                 channel.close()
             for b in blocks:

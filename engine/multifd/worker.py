@@ -37,7 +37,7 @@ def control_socket(endpoint: str, index: int, parent_pid: int, role: str,
     except failures as exc:
         text = str(exc)
         with contextlib.suppress(Exception):
-            sock.send_multipart(ctl.Error(text, type(exc).__name__).frames())
+            sock.send_multipart(ctl.Error.of(exc).frames())
         raise SystemExit(f"multifd {role} worker {index}: {text}") from None
     finally:
         sock.close(linger=1000)

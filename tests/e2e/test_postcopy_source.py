@@ -30,7 +30,8 @@ import pytest
 
 from engine.errors import InvalidCapabilityError, StateError
 from engine.machine import RAM_SECTION_ID
-from engine.migration.ramsave import discard_commands, dirty_runs
+from engine.migration.ramsave import discard_commands
+from engine.ram.runs import mask_runs
 from engine.migration.source import SourceMigration
 from engine.options import MigrationOptions
 from engine.state import MigrationStatus as S
@@ -480,7 +481,7 @@ def far_missing_pages(image: Image, block: str) -> tuple[int, int, int]:
 def test_discard_commands_match_the_encoder(seed):
     rng = np.random.default_rng(seed)
     bits = rng.random(rng.integers(1, 3000)) < rng.random()
-    starts, counts = dirty_runs(bits)
+    starts, counts = mask_runs(bits)
     expect = np.zeros_like(bits)
     for s, n in zip(starts, counts):
         expect[s:s + n] = True

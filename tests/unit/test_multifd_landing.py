@@ -8,19 +8,33 @@ import numpy as np
 import pytest
 
 from engine.compress import get_codec, payload_nbytes
-from engine.errors import ChannelClosedError
+from engine.errors import ChannelClosedError, CodecError, RemoteProtocolError
 from engine.multifd import receiver
 from engine.multifd.packet import MultiFDPacketHeader
-from engine.multifd.receiver import PacketReader, run_bounds
+from engine.multifd.receiver import PacketReader
 from engine.ram.block import RamBlock
+from engine.ram.dirty import DirtyLog
 
 PS = 4096
 NPAGES = 16
 
 
-class Log:
-    def __init__(self):
-        self.log = np.zeros(NPAGES, np.uint8)
+_made: list[DirtyLog] = []
+
+
+@pytest.fixture(autouse=True)
+def _release_logs():
+    """Every received log a test made (real shared memory) is gone after it."""
+    yield
+    while _made:
+        with _made.pop():
+            pass
+
+
+def Log() -> DirtyLog:
+    log = DirtyLog.create(NPAGES)
+    _made.append(log)
+    return log
 
 
 def _block(populated: bool):
@@ -141,8 +155,33 @@ def test_truncated_payload_is_an_error(dst):
         r.read_packet()
 
 
-def test_run_bounds():
-    firsts, ends = run_bounds(np.array([3, 4, 5, 9, 2, 3]))
-    assert firsts.tolist() == [0, 3, 4] and ends.tolist() == [3, 4, 6]
-    firsts, ends = run_bounds(np.array([7]))
-    assert firsts.tolist() == [0] and ends.tolist() == [1]
+@pytest.mark.parametrize("codec", ["zstd", "zlib"])
+def test_a_corrupt_compressed_payload_names_channel_packet_and_offset(dst, codec):
+    """The codec's complaint arrives as the peer's protocol error, located: the
+    channel, the packet number and where the payload starts in the channel."""
+    c = get_codec(codec)
+    good = np.stack([np.frombuffer(page(p), np.uint8) for p in (1, 2)])
+    payload = b"".join(bytes(b) for b in c.new_encoder(1).encode(good))
+    src, r = reader(dst, Log(), codec=codec)
+    send(src, [1, 2], payload=payload, flags=c.flag)              # packet at 64
+    r.read_packet()
+    garbage = bytes(range(256)) * 4
+    send(src, [3], payload=garbage, flags=c.flag)                 # packet 1 again
+    payload_at = 64 + 2 * 1344 + len(payload)
+    with pytest.raises(RemoteProtocolError) as info:
+        r.read_packet()
+    err = info.value
+    assert (err.channel, err.offset) == ("multifd 0", payload_at)
+    assert "multifd packet 1:" in str(err) and codec in str(err)
+    assert isinstance(err.__cause__, CodecError)
+
+
+def test_a_payload_that_inflates_short_is_a_remote_error(dst):
+    c = get_codec("zstd")
+    pages = np.stack([np.frombuffer(page(1), np.uint8)])
+    payload = b"".join(bytes(b) for b in c.new_encoder(1).encode(pages))
+    src, r = reader(dst, Log(), codec="zstd")
+    send(src, [1, 2], payload=payload, flags=c.flag)    # one page's worth for two
+    with pytest.raises(RemoteProtocolError, match="expected 8192") as info:
+        r.read_packet()
+    assert info.value.offset == 64 + 1344

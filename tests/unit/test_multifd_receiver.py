@@ -8,30 +8,40 @@ import pytest
 
 from engine.errors import RemoteProtocolError
 from engine.multifd.packet import MultiFDPacketHeader
-from engine.multifd.receiver import PacketReader, page_runs
+from engine.multifd.receiver import PacketReader
+from engine.ram.block import RamBlock
+from engine.ram.dirty import DirtyLog
 
 PS = 4096
 
 
-class FakeBlock:
-    """A block whose memory starts as 0xFF so any write shows."""
-
-    def __init__(self, idstr, npages):
-        self.idstr = idstr
-        self.used_length = npages * PS
-        self.array = np.full(npages * PS, 0xFF, np.uint8)
-        self.pages = self.array.reshape(npages, PS)
-        self.buf = memoryview(self.array)
+@pytest.fixture
+def block():
+    """A real block whose memory starts as 0xFF so any write shows."""
+    with RamBlock.create("m0", 8 * PS) as b:
+        b.array[:] = 0xFF
+        yield b
 
 
-class FakeLog:
-    def __init__(self, npages):
-        self.log = np.zeros(npages, np.uint8)
+@pytest.fixture
+def received():
+    with DirtyLog.create(8) as log:
+        yield log
 
 
-def reader_for(block, received, fresh):
-    a, b = socket.socketpair()
-    return a, PacketReader(b, 0, [block], [received], [fresh], "none")
+@pytest.fixture
+def reader_for():
+    """(source end, reader) over a real socketpair; both closed at the end."""
+    socks = []
+
+    def make(block, received, fresh):
+        a, b = socket.socketpair()
+        socks.extend((a, b))
+        return a, PacketReader(b, 0, [block], [received], [fresh], "none")
+
+    yield make
+    for s in socks:
+        s.close()
 
 
 def send_packet(sock, normal, zero, payload=b""):
@@ -47,8 +57,8 @@ def send_packet(sock, normal, zero, payload=b""):
     (True, True, True),      # received before: must be zeroed now
     (False, False, True),    # memory not known to be zero: must be zeroed
 ])
-def test_zero_page_written_only_when_needed(fresh, received_before, written):
-    block, received = FakeBlock("m0", 8), FakeLog(8)
+def test_zero_page_written_only_when_needed(block, received, reader_for,
+                                            fresh, received_before, written):
     if received_before:
         received.log[3] = 1
     src, reader = reader_for(block, received, fresh)
@@ -60,8 +70,7 @@ def test_zero_page_written_only_when_needed(fresh, received_before, written):
     assert (block.pages[[0, 1, 2, 4, 5, 6, 7]] == 0xFF).all()
 
 
-def test_normal_pages_land_in_place_and_are_marked():
-    block, received = FakeBlock("m0", 8), FakeLog(8)
+def test_normal_pages_land_in_place_and_are_marked(block, received, reader_for):
     src, reader = reader_for(block, received, True)
     data = bytes([1]) * PS + bytes([2]) * PS + bytes([5]) * PS
     send_packet(src, [1, 2, 5], [], data)
@@ -71,8 +80,7 @@ def test_normal_pages_land_in_place_and_are_marked():
     assert received.log.tolist() == [0, 1, 1, 0, 0, 1, 0, 0]
 
 
-def test_unknown_block_and_bad_offset_are_refused():
-    block, received = FakeBlock("m0", 8), FakeLog(8)
+def test_unknown_block_and_bad_offset_are_refused(block, received, reader_for):
     src, reader = reader_for(block, received, True)
     h = MultiFDPacketHeader.ram(flags=0, packet_num=1, ramblock="pc.ram",
                                 normal=[0], next_packet_size=PS)
@@ -85,8 +93,7 @@ def test_unknown_block_and_bad_offset_are_refused():
         reader.read_packet()
 
 
-def test_clean_end_of_channel_and_truncated_packet():
-    block, received = FakeBlock("m0", 8), FakeLog(8)
+def test_clean_end_of_channel_and_truncated_packet(block, received, reader_for):
     src, reader = reader_for(block, received, True)
     src.close()
     assert reader.read_packet() is None
@@ -97,8 +104,3 @@ def test_clean_end_of_channel_and_truncated_packet():
     src.close()
     with pytest.raises(Exception, match="truncated"):
         reader.read_packet()
-
-
-def test_page_runs():
-    assert page_runs(np.array([1, 2, 3, 7, 9, 10])) == [(1, 3), (7, 1), (9, 2)]
-    assert page_runs(np.array([], dtype=np.int64)) == []
