@@ -35,6 +35,7 @@ from engine.ram import faultproto
 from engine.ram.faultproto import (MAX_MESSAGE, MODE_SOFTWARE, MODE_USERFAULTFD, Fault,
                                    Register, Registered, Wake)
 from engine.ram.dirty import DirtyLog, DirtyLogHandle
+from engine.ram.runs import index_runs
 
 __all__ = ["FaultClient", "FaultSetupError", "MODE_DETACH", "error_code", "describe_error",
            "STAGE_MODE", "STAGE_UFFD_OPEN", "STAGE_UFFD_REGISTER", "STAGE_CONNECT",
@@ -115,13 +116,7 @@ def _errno_of(exc: BaseException, default: int) -> int:
 def missing_runs(present: np.ndarray, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(starts, counts)`` of the contiguous runs of *pages* whose entry in
     *present* is 0.  *pages* may be unsorted and hold duplicates."""
-    missing = np.unique(pages[present[pages] == 0])
-    if missing.size == 0:
-        return missing, missing
-    breaks = np.flatnonzero(np.diff(missing) != 1) + 1
-    starts = missing[np.concatenate(([0], breaks))]
-    ends = missing[np.concatenate((breaks - 1, [missing.size - 1]))] + 1
-    return starts, ends - starts
+    return index_runs(np.unique(pages[present[pages] == 0]))
 
 
 class FaultClient:
