@@ -43,7 +43,6 @@ raises the error it deserves).
 """
 from __future__ import annotations
 
-import json
 import struct
 from collections import deque
 from enum import Enum
@@ -72,6 +71,7 @@ from .events import (
     RamPages, RamZero, RamZeros, RecvBitmap, SectionEnd, SectionFooter, SectionPart, SectionStart,
     SwitchoverStart, VMDescription,
 )
+from .vmdesc import parse_vmdesc
 from .vmstate import NeedData, VMStateDescription, need
 
 _BE32 = struct.Struct(">I")
@@ -94,6 +94,9 @@ _UNSUPPORTED_RAM_FLAGS = {
     RAM_SAVE_FLAG_HOOK: "HOOK",
     RAM_SAVE_FLAG_COMPRESS_PAGE: "COMPRESS_PAGE",
 }
+
+#: RAM records that carry no page address: the rest of their header is zero
+_NO_ADDRESS = {RAM_SAVE_FLAG_EOS: "EOS", RAM_SAVE_FLAG_MULTIFD_FLUSH: "MULTIFD_FLUSH"}
 
 # The configuration subsections QEMU defines (see _config_body_len for their bodies).
 _CONFIG_SUBSECTIONS = ("configuration/target-page-bits", "configuration/capabilities",
@@ -622,7 +625,18 @@ class StreamDecoder:
                          if self._page_runs else RamZero(block.idstr, addr))
                 p += 1
             self._last_block = block
+        elif kind != RAM_SAVE_FLAG_MEM_SIZE and kind in _NO_ADDRESS and (
+                addr or flags & RAM_SAVE_FLAG_CONTINUE):
+            # EOS and MULTIFD_FLUSH name no page: a header with address bits
+            # or CONTINUE is misaligned or corrupt, not a sync point.
+            raise RemoteProtocolError(
+                f"RAM record header {word:#018x}: {_NO_ADDRESS[kind]} with address "
+                f"{addr:#x}{' and CONTINUE' if flags & RAM_SAVE_FLAG_CONTINUE else ''} "
+                f"(misaligned or corrupt)", offset=pos)
         elif kind == RAM_SAVE_FLAG_MEM_SIZE:
+            if flags & RAM_SAVE_FLAG_CONTINUE:
+                raise RemoteProtocolError(
+                    f"RAM record header {word:#018x}: MEM_SIZE with CONTINUE", offset=pos)
             event, p = self._read_block_list(buf, p, addr)
             self._blocks = {b.idstr: b for b in event.blocks}
         elif kind == RAM_SAVE_FLAG_EOS:
@@ -765,11 +779,9 @@ class StreamDecoder:
         (n,) = _BE32.unpack_from(buf, pos + 1)
         need(buf, pos + 5, n, f"VMDESCRIPTION JSON ({n} bytes)")
         try:
-            data = json.loads(bytes(buf[pos + 5:pos + 5 + n]))
-        except ValueError as exc:
-            raise RemoteProtocolError(f"VMDESCRIPTION is not JSON: {exc}", offset=pos + 5)
-        if not isinstance(data, dict):
-            raise RemoteProtocolError("VMDESCRIPTION is not a JSON object", offset=pos + 5)
+            data = parse_vmdesc(bytes(buf[pos + 5:pos + 5 + n]))
+        except RemoteProtocolError as exc:
+            raise RemoteProtocolError(exc.message, offset=pos + 5) from None
         self._pos = pos + 5 + n
         self._state = _State.DONE
         return [VMDescription(data)]
