@@ -754,6 +754,8 @@ class DestinationMigration:
         self.ram = RamLoader(self.guest.blocks, self._received, self.page_size)
 
     def _load_device(self, event: ev.DeviceState) -> None:
+        trace("qemu_loadvm_state_section_startfull", section_id=event.section_id,
+              idstr=event.idstr, instance_id=event.instance_id, version_id=event.version_id)
         for dev in self.machine.devices(self.vcpus):
             if dev.idstr == event.idstr and dev.instance_id == event.instance_id:
                 if dev.idstr in ("cpu", "counter") and self.guest is None:
