@@ -15,10 +15,11 @@ from engine.commands.common import json_values, write_json
 from engine.errors import ChannelClosedError, ConfigError, EngineError
 
 
-def _all_devices():
+def _all_devices(vcpus: int | None = None):
     """The vmsd lookup of every known machine profile, for any number of
     vCPUs: a device that has one instance per vCPU (``cpu``) is known at
-    every instance, so the stream's own sections say how many there are."""
+    every instance, so the stream's own sections say how many there are
+    (``vcpus`` is accepted and not needed)."""
     from engine.machine import PROFILES
     table, per_vcpu = {}, {}
     for profile in PROFILES.values():
