@@ -54,10 +54,11 @@ class RecoveryWait:
             if self._closing.is_set():
                 raise MigrationError("destination closed while postcopy was paused")
             if deadline is not None and time.monotonic() >= deadline:
+                waited = f"within {self.timeout:g} s" if self.timeout else "possible here"
                 raise PostcopyPaused(
-                    f"postcopy-paused: {cause}; no recovery (migrate-recover) within "
-                    f"{self.timeout:g} s, giving up: the guest's memory is split "
-                    f"between source and destination")
+                    f"postcopy-paused: {cause}; no recovery (migrate-recover) {waited}, "
+                    f"giving up: the guest's memory is split between source and "
+                    f"destination")
             check()
             if not self._ready.wait(0.1):
                 continue
