@@ -20,6 +20,7 @@ import threading
 from types import MappingProxyType
 
 from engine.errors import ConfigError, PostcopyError, RemoteProtocolError
+from engine.trace import trace
 
 __all__ = ["PostcopyIncoming", "PostcopyState", "FAULT_MODES", "resolve_fault_mode"]
 
@@ -101,6 +102,7 @@ class PostcopyIncoming:
             raise RemoteProtocolError(
                 f"{_COMMAND[new]} in incoming postcopy state '{self.state.value}'",
                 channel="main")
+        trace("postcopy_state_set", old=self.state.value, new=new.value)
         self.state = new
 
     # -- the stream's commands ------------------------------------------------------

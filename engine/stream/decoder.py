@@ -95,8 +95,8 @@ _UNSUPPORTED_RAM_FLAGS = {
     RAM_SAVE_FLAG_COMPRESS_PAGE: "COMPRESS_PAGE",
 }
 
-#: RAM records that carry no page address: the rest of their header is zero
-_NO_ADDRESS = {RAM_SAVE_FLAG_EOS: "EOS", RAM_SAVE_FLAG_MULTIFD_FLUSH: "MULTIFD_FLUSH"}
+#: RAM records that never continue a block (EOS and FLUSH carry no address either)
+_NO_CONTINUE = frozenset({RAM_SAVE_FLAG_EOS, RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SAVE_FLAG_MEM_SIZE})
 
 # The configuration subsections QEMU defines (see _config_body_len for their bodies).
 _CONFIG_SUBSECTIONS = ("configuration/target-page-bits", "configuration/capabilities",
@@ -625,18 +625,11 @@ class StreamDecoder:
                          if self._page_runs else RamZero(block.idstr, addr))
                 p += 1
             self._last_block = block
-        elif kind != RAM_SAVE_FLAG_MEM_SIZE and kind in _NO_ADDRESS and (
-                addr or flags & RAM_SAVE_FLAG_CONTINUE):
-            # EOS and MULTIFD_FLUSH name no page: a header with address bits
-            # or CONTINUE is misaligned or corrupt, not a sync point.
-            raise RemoteProtocolError(
-                f"RAM record header {word:#018x}: {_NO_ADDRESS[kind]} with address "
-                f"{addr:#x}{' and CONTINUE' if flags & RAM_SAVE_FLAG_CONTINUE else ''} "
-                f"(misaligned or corrupt)", offset=pos)
+        elif kind in _NO_CONTINUE and (flags & RAM_SAVE_FLAG_CONTINUE
+                                       or addr and kind != RAM_SAVE_FLAG_MEM_SIZE):
+            # Only PAGE and ZERO continue; EOS and FLUSH name no page: not a sync point.
+            raise RemoteProtocolError(f"misaligned RAM record header {word:#018x}", offset=pos)
         elif kind == RAM_SAVE_FLAG_MEM_SIZE:
-            if flags & RAM_SAVE_FLAG_CONTINUE:
-                raise RemoteProtocolError(
-                    f"RAM record header {word:#018x}: MEM_SIZE with CONTINUE", offset=pos)
             event, p = self._read_block_list(buf, p, addr)
             self._blocks = {b.idstr: b for b in event.blocks}
         elif kind == RAM_SAVE_FLAG_EOS:
