@@ -98,7 +98,8 @@ def analyze_stream(path: str, *, vcpus: int | None = None, mem_path: str | None 
                             loader.land(e.block, e.offsets, e.data)
                     elif kind is ev.RamZeros:
                         ram["zero_pages"] += len(e)
-                        # A fresh image is zero already: nothing to write.
+                        if loader is not None:  # clears only pages received before
+                            loader.zero(e.block, e.offsets)
                     elif kind is ev.Configuration:
                         report["machine"] = e.machine
                         if expected is not None and e.machine != expected:

@@ -221,3 +221,25 @@ def test_an_event_outside_its_states_is_named_with_state_channel_and_offset(elem
     assert isinstance(err, RemoteProtocolError)
     assert err.channel == "main" and err.offset == len(head)
     assert name in str(err) and f"'{state}'" in str(err), str(err)
+
+
+def test_load_image_holds_the_last_copy_of_a_page_even_when_it_turned_zero(tmp_path):
+    """A page sent with data in one pass and as zero in a later one is zero in
+    the image: only untouched pages are trusted to be the new file's zeros."""
+    from engine.stream import encoder
+
+    ps = 4096
+    ram = encoder.RamRecordEncoder(ps)
+    stream = (encoder.file_header() + encoder.configuration("none")
+              + encoder.ram_setup_section(2, [("m0", 4 * ps)])
+              + encoder.section_part(2)
+              + ram.page("m0", ps, b"\x11" * ps) + ram.page("m0", 2 * ps, b"\x22" * ps)
+              + encoder.ram_eos() + encoder.section_footer(2)
+              + encoder.section_part(2) + ram.zero_page("m0", ps) + ram.zero_page("m0", 3 * ps)
+              + encoder.ram_eos() + encoder.section_footer(2) + encoder.eof())
+    path, img = tmp_path / "s.mig", tmp_path / "img"
+    path.write_bytes(stream)
+    res = run(["load", str(path), "--mem-path", str(img)])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "ram pages: 2 normal, 2 zero" in res.stdout
+    assert img.read_bytes() == bytes(2 * ps) + b"\x22" * ps + bytes(ps)
