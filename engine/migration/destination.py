@@ -521,7 +521,7 @@ class DestinationMigration:
                                       offset, channel)
         handler, legal = entry
         if self.state.status not in legal:
-            trace("loadvm_event_refused", event=name, state=self.state.status.value,
+            trace("loadvm_event_refused", name=name, state=self.state.status.value,
                   channel=channel, offset=offset)
             raise RemoteProtocolError(
                 f"{name} is not expected in migration state '{self.state.status.value}'",
