@@ -11,6 +11,14 @@ from engine.errors import ConfigError
 
 
 def run_incoming(args) -> int:
+    """Listen, load one migration, report it.
+
+    ``--timeout`` bounds both waits on the source: for it to connect, and,
+    in postcopy, for a recovery after its channel broke.  Nobody can send
+    this process migrate-recover (it has no monitor), so without
+    ``--timeout`` a paused postcopy is given up at once, reported as
+    postcopy-paused with the reason; the source cannot resume it either.
+    """
     from engine.migration.channels import NULL_UUID, accept_channels
     from engine.migration.destination import DestinationMigration
     from engine.ram.guest import Guest
@@ -45,7 +53,8 @@ def run_incoming(args) -> int:
                                    guest_factory=None if guest else factory,
                                    vcpus=args.vcpus, verify=args.verify,
                                    ab_check=args.verify and workload.name == "ab",
-                                   postcopy_faults=args.postcopy_faults, uuid=args.uuid)
+                                   postcopy_faults=args.postcopy_faults, uuid=args.uuid,
+                                   pause_timeout=args.timeout or 0.0)
         try:
             mig.prepare()            # multifd workers start before anyone connects
             with listen(address) as listener:
@@ -65,10 +74,10 @@ def run_incoming(args) -> int:
         if not args.quiet:
             print(format_info_migrate(info))
             for name, values in mig.devices_loaded.items():
-                print(f"device {name}: {values}")
+                print(f"device {name}: {json_values(values)}")
         for warning in mig.warnings:
             print(f"engine: warning: {warning}", file=sys.stderr)
-        if info.status == "failed":
+        if info.status != "completed" and info.error_desc:
             # --quiet silences the report, never the reason for a failure.
             print(f"engine: error: {info.error_desc}", file=sys.stderr)
         report = {

@@ -8,6 +8,16 @@ ends with EOF it answers SHUT(0) on an open return path, optionally proves
 what it received (digests and the `ab` check, before any vCPU runs), and
 resumes the guest if the source's global state says it was running.
 
+Events are dispatched through one table (:meth:`DestinationMigration.
+_event_table`): each event type has its handler and the migration statuses
+in which it is legal; any other event, or one out of its statuses, is a
+:class:`RemoteProtocolError` naming the event, the status, the channel and
+the offset.  That is also the receive boundary: whatever a handler raises
+about remote data leaves :meth:`DestinationMigration._load` as a
+RemoteProtocolError with channel and offset.  Pages go to the
+:class:`~engine.migration.ramload.RamLoader`, which places them atomically
+once postcopy listens.
+
 Block lists: given a guest, the announced RAM blocks must match it (name and
 length, as QEMU checks); given only a guest factory, the guest is built from
 the announced list.
@@ -15,17 +25,20 @@ the announced list.
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import uuid as uuidlib
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
 
-from engine.errors import (BlockMismatchError, ChannelClosedError, ChannelError, EngineError,
+from engine.errors import (ChannelClosedError, ChannelError, EngineError,
                            MigrationError, RemoteProtocolError)
 from engine.machine import GuestState, MachineProfile
 from engine.migration import check_implemented
-from engine.migration.ramload import RamLoader
+from engine.migration.ramload import RamLoader, check_block_list
+from engine.migration.recovery import RecoveryWait
 from engine.migration.verify import memory_digests
 from engine.options import MigrationOptions
 from engine.procs import CpuMeter, no_cycle_collection
@@ -36,7 +49,6 @@ from engine.stream import returnpath as rp
 from engine.stream.constants import TARGET_PAGE_SIZE
 from engine.stream.decoder import StreamDecoder
 from engine.trace import trace
-from engine.transport import ChannelTimeoutError
 
 #: how much one recv may bring in; large reads keep the per-call cost low
 RECV_CHUNK = 4 << 20
@@ -46,19 +58,25 @@ VMDESC_WAIT_SECONDS = 2.0
 CHANNELS_END_SECONDS = 60.0
 
 
-def check_block_list(announced: ev.RamBlockList, blocks) -> None:
-    """QEMU's ram_load_setup checks: every announced block exists, same length."""
-    local = {b.idstr: b for b in blocks}
-    for info in announced.blocks:
-        block = local.get(info.idstr)
-        if block is None:
-            raise BlockMismatchError(
-                f'Unknown ramblock "{info.idstr}", cannot accept migration '
-                f"(this guest has: {', '.join(sorted(local)) or 'no blocks'})")
-        if block.used_length != info.used_length:
-            raise BlockMismatchError(
-                f"Length mismatch: {info.idstr}: 0x{info.used_length:x} in the stream "
-                f"!= 0x{block.used_length:x} here")
+#: what a PACKAGED blob may not hold (QEMU's package is devices and commands)
+_NOT_IN_PACKAGE = (ev.RamPage, ev.RamZero, ev.RamPages, ev.RamZeros, ev.RamBlockList,
+                   ev.Packaged, ev.Eof, ev.VMDescription)
+
+
+def _located(exc: EngineError, offset: int, channel: str = "main") -> EngineError:
+    """``exc`` with the channel and offset where its remote data began, if
+    it is a protocol error that does not say (the handlers raise without)."""
+    if not isinstance(exc, RemoteProtocolError) or (
+            exc.offset is not None and exc.channel is not None):
+        return exc
+    located = RemoteProtocolError(exc.message, exc.offset if exc.offset is not None else offset,
+                                  exc.channel or channel)
+    located.__traceback__ = exc.__traceback__
+    return located
+
+
+def _ignore(event) -> None:
+    """Framing the decoder has checked already: nothing to do."""
 
 
 class DestinationMigration:
@@ -69,7 +87,7 @@ class DestinationMigration:
                  vcpus: int = 0, verify: bool = False, ab_check: bool = False,
                  on_status: Callable[[S, S], None] | None = None,
                  resume: bool = True, postcopy_faults: str = "auto",
-                 uuid: bytes | None = None):
+                 uuid: bytes | None = None, pause_timeout: float | None = None):
         if guest is None and guest_factory is None:
             raise ValueError("need a guest or a guest factory")
         #: the VM's UUID (QEMU's -uuid), None when not set; the multifd
@@ -99,7 +117,6 @@ class DestinationMigration:
         self.ab_result = None
         #: lands precopy pages, once the block list has come
         self.ram: RamLoader | None = None
-        self._placed_pages = self._placed_zero = 0
         self._lock = threading.Lock()
         self._rp_open = False
         self._stats = None
@@ -120,15 +137,16 @@ class DestinationMigration:
         self.postcopy = None
         self.listener = None
         self.preempt = None
-        self._recover_listener = None
+        #: postcopy-paused: the wait for migrate-recover and the new channel,
+        #: bounded by ``pause_timeout`` seconds (None: until :meth:`close`, as
+        #: QEMU; a destination nobody can send migrate-recover to gives up)
+        self.recovery = RecoveryWait(pause_timeout)
         self._pending_advise = None
-        #: set at POSTCOPY_LISTEN: from then on pages go in through the placer
-        #: (a plain attribute: it is read once per page)
-        self._postcopy_placing = False
-        self._recover_ready = threading.Event()
-        self._closing = threading.Event()
         #: CPU of this process, its multifd workers and fault handler while loading
         self.cpu = CpuMeter(self._helper_pids)
+        #: bytes received on the main channel (and on its recovery channels)
+        self._main_bytes = 0
+        self._events = self._event_table()
 
     def _helper_pids(self) -> list[int]:
         pids = [p.pid for p in self.pool.procs] if self.pool is not None else []
@@ -168,13 +186,12 @@ class DestinationMigration:
         then never got to :meth:`run` (no connection, a bad channel, Ctrl-C)
         must call it.
         """
-        self._closing.set()
+        self.recovery.close()
         self._release_multifd(failed=True)
         self._release_postcopy()
-        for ch in (self.preempt, self._recover_listener):
-            if ch is not None:
-                ch.close()
-        self.preempt = self._recover_listener = None
+        if self.preempt is not None:
+            self.preempt.close()
+        self.preempt = None
 
     def _release_postcopy(self) -> None:
         if self.postcopy is not None:
@@ -223,8 +240,17 @@ class DestinationMigration:
             else:
                 info = self._stats.snapshot(self.state.status.value,
                                             error_desc=str(self.error) if self.error else None)
+        if info.ram is not None:
+            # What arrived, main channel and multifd (QEMU's destination
+            # leaves these at 0; a summary that says what it loaded is more use).
+            mf_normal, mf_zero = self.multifd_pages
+            normal = self.pages + mf_normal
+            info = replace(info, ram=replace(
+                info.ram, normal=normal, duplicate=self.zero_pages + mf_zero,
+                normal_bytes=normal * self.page_size,
+                transferred=max(info.ram.transferred,
+                                self._main_bytes + mf_normal * self.page_size)))
         if pc:
-            from dataclasses import replace
             requests = pc.pop("postcopy-requests", 0)
             extra = dict(info.extra or {})
             extra.update(pc)
@@ -261,6 +287,7 @@ class DestinationMigration:
         self.listener = listener
         self.multifd_channels = dict(multifd_channels or {})
         self.cpu.start()
+        trace("loadvm_state_setup", channel=channel.name, multifd=len(self.multifd_channels))
         self.state.transition(S.ACTIVE)
         try:
             dec = StreamDecoder(self.machine.lookup(self.vcpus), page_size=self.page_size,
@@ -282,8 +309,11 @@ class DestinationMigration:
                 self.postcopy.check()
                 self._release_postcopy()
             self._finish()
+            trace("ram_load_complete", pages=self.pages, zero_pages=self.zero_pages)
             self.state.transition(S.COMPLETED)
         except BaseException as exc:
+            trace("loadvm_error", state=self.state.status.value, error=type(exc).__name__,
+                  reason=str(exc))
             self._release_multifd(failed=True)
             with self._lock:
                 self.error = exc if isinstance(exc, EngineError) else \
@@ -348,12 +378,15 @@ class DestinationMigration:
                 dec.feed_eof()
             else:
                 dec.buffer_updated(n)
+                self._main_bytes += n
             while True:
+                at = dec.offset
                 event = dec.next_event()
                 if event is ev.NEED_DATA:
                     break
                 if isinstance(event, ev.Eof):
                     seen_eof = True
+                    trace("loadvm_state_eof", offset=at)
                     if self._postcopy_listening():
                         # QEMU's postcopy ends with EOF alone (no vmdesc).
                         self.postcopy.end()
@@ -363,7 +396,16 @@ class DestinationMigration:
                     self.vmdesc = event.data
                     return
                 else:
-                    self._handle(event)
+                    try:
+                        self._handle(event, at)
+                    except EngineError as exc:
+                        raise _located(exc, at) from exc.__cause__
+                    except (ValueError, KeyError, IndexError, struct.error) as exc:
+                        # Remote data a handler could not take (a device's
+                        # values, a name): the peer's fault, said once, here.
+                        raise RemoteProtocolError(
+                            f"{type(event).__name__}: {type(exc).__name__}: {exc}",
+                            at, "main") from exc
             if n == 0 and not seen_eof:
                 raise ChannelClosedError(
                     f"{self.channel.name}: source closed the stream before its EOF section")
@@ -401,13 +443,8 @@ class DestinationMigration:
         Only in postcopy-paused.  Returns the address actually listened on
         (a tcp port 0 resolved).
         """
-        from engine.transport import listen, parse_uri
         self.state.expect(S.POSTCOPY_PAUSED)
-        old, self._recover_listener = self._recover_listener, listen(parse_uri(uri))
-        if old is not None:
-            old.close()
-        self._recover_ready.set()
-        return self._recover_listener.uri
+        return self.recovery.recover(uri)
 
     def _pause_and_recover(self, dec: StreamDecoder, exc: BaseException) -> None:
         """postcopy-paused until a recovery's new main channel arrives; ``dec``
@@ -423,7 +460,9 @@ class DestinationMigration:
             self.preempt.close()
             self.preempt = None
         self.state.transition(S.POSTCOPY_PAUSED)
-        self.channel = self._accept_recovery()
+        trace("postcopy_pause_incoming", reason=str(exc))
+        self.channel = self.recovery.accept(exc, self.postcopy.check)
+        trace("postcopy_pause_incoming_continued")
         self.state.transition(S.POSTCOPY_RECOVER)
         with self._lock:
             self.error = None
@@ -432,103 +471,130 @@ class DestinationMigration:
         dec.restart_channel()
         self._rp_open = True
 
-    def _accept_recovery(self):
-        while True:
-            if self._closing.is_set():
-                raise MigrationError("destination closed while postcopy was paused")
-            self.postcopy.check()
-            if not self._recover_ready.wait(0.1):
-                continue
-            listener = self._recover_listener
-            try:
-                return listener.accept(timeout=0.2)
-            except ChannelTimeoutError:
-                continue
-            except ChannelError:
-                if self._closing.is_set() or listener is not self._recover_listener:
-                    continue
-                raise
+    # -- the stream's events: one handler each, legal in some states ---------------------
+    def _event_table(self) -> dict:
+        """{event type: (handler, statuses where it is legal)}, QEMU's
+        qemu_loadvm_state_main and loadvm_process_command in one table.
 
-    def _handle(self, event) -> None:
-        if isinstance(event, (ev.RamPages, ev.RamZeros)):
-            if self._postcopy_placing:
-                self._place(event)
-            else:
-                self.ram.apply(event)
-            return
-        if isinstance(event, (ev.RamEOS, ev.RamFlush)):
-            self._multifd_sync_point(event)
-        elif isinstance(event, (ev.SectionStart, ev.SectionPart, ev.SectionEnd,
-                                ev.SectionFooter, ev.FileHeader)):
-            pass
-        elif isinstance(event, ev.RamBlockList):
-            self._setup_blocks(event)
-        elif isinstance(event, ev.DeviceState):
-            self._load_device(event)
-        elif isinstance(event, ev.Configuration):
-            self.configuration = event
-            if event.machine != self.machine.type_name:
-                raise RemoteProtocolError(
-                    f"Machine type received is '{event.machine}' and local is "
-                    f"'{self.machine.type_name}'", channel="main")
-            sent = event.subsections.get("configuration/uuid")
-            if sent is not None:
-                self._check_uuid(sent)
-        elif isinstance(event, ev.OpenReturnPath):
-            if not self.channel.bidirectional:
-                raise RemoteProtocolError(
-                    f"source asked for a return path but {self.channel.name} is one-way",
-                    channel="main")
-            self._rp_open = True
-            if self.options.cap("switchover-ack"):
-                # No device here needs to approve the switchover, so the ACK
-                # goes at once, as QEMU's does in that case.
-                self._rp_send(rp.rp_switchover_ack())
-        elif isinstance(event, ev.Ping):
-            if not self._rp_open:
-                raise RemoteProtocolError("PING received without a return path", channel="main")
-            self._rp_send(rp.rp_pong(event.value))
-        elif isinstance(event, ev.SwitchoverStart):
-            pass
-        elif isinstance(event, ev.PostcopyAdvise):
-            if not self.postcopy_cap:
-                raise RemoteProtocolError(
-                    "RAM postcopy is disabled but have 16 byte advise" if
-                    event.page_size_summary is not None else
-                    "dirty-bitmaps postcopy is not supported", channel="main")
-            if self.guest is None:
-                # QEMU sends ADVISE before the RAM section that names the
-                # blocks; a destination that builds its guest from that list
-                # takes the advice once the guest exists.
-                self._pending_advise = event
-                return
-            self.prepare()
-            self.postcopy.advise(event.page_size_summary, event.target_page_size)
-        elif isinstance(event, ev.PostcopyRamDiscard):
-            self._require_postcopy("POSTCOPY_RAM_DISCARD")
-            self.postcopy.discard(event.block, event.ranges)
-        elif isinstance(event, ev.Packaged):
-            self._require_postcopy("PACKAGED")
-            self._load_package(event.data)
-        elif isinstance(event, ev.PostcopyListen):
-            self._postcopy_listen()
-        elif isinstance(event, ev.PostcopyRun):
-            self._postcopy_run()
-        elif isinstance(event, ev.RecvBitmap):
-            self._require_postcopy("RECV_BITMAP")
-            if self.state.status is not S.POSTCOPY_RECOVER:
-                raise RemoteProtocolError("RECV_BITMAP outside postcopy recovery",
-                                          channel="main")
-            bits = self.postcopy.received_bitmap(event.block)
-            self._rp_send(rp.rp_recv_bitmap(event.block) + rp.encode_recv_bitmap(bits))
-        elif isinstance(event, ev.PostcopyResume):
-            if self.state.status is not S.POSTCOPY_RECOVER:
-                raise RemoteProtocolError("POSTCOPY_RESUME outside postcopy recovery",
-                                          channel="main")
-            self._postcopy_resume()
-        else:
+        The statuses are the destination's MigrationStatus: precopy elements
+        come while ``active``; the postcopy package's devices and the
+        background pages in ``postcopy-device``/``-active``; RECV_BITMAP and
+        POSTCOPY_RESUME only in ``postcopy-recover``.  EOF and VMDESCRIPTION
+        end the loop itself (:meth:`_load`).
+        """
+        loading = frozenset({S.ACTIVE, S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE})
+        precopy = frozenset({S.ACTIVE})
+        postcopy = frozenset({S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE})
+        recover = frozenset({S.POSTCOPY_RECOVER})
+        ignore = _ignore
+        return {
+            ev.RamPages: (self._on_pages, loading),
+            ev.RamZeros: (self._on_pages, loading),
+            ev.RamEOS: (self._multifd_sync_point, loading),
+            ev.RamFlush: (self._multifd_sync_point, loading),
+            ev.FileHeader: (ignore, precopy),
+            ev.SectionStart: (self._on_section, precopy),
+            ev.SectionPart: (ignore, loading),
+            ev.SectionEnd: (ignore, loading),
+            ev.SectionFooter: (ignore, loading),
+            ev.RamBlockList: (self._setup_blocks, precopy),
+            ev.DeviceState: (self._load_device, loading),
+            ev.Configuration: (self._on_configuration, precopy),
+            ev.OpenReturnPath: (self._on_open_return_path, precopy),
+            ev.Ping: (self._on_ping, loading | recover),
+            ev.SwitchoverStart: (ignore, precopy),
+            ev.PostcopyAdvise: (self._on_advise, precopy),
+            ev.PostcopyRamDiscard: (self._on_discard, precopy),
+            ev.Packaged: (self._on_packaged, precopy),
+            ev.PostcopyListen: (self._postcopy_listen, precopy),
+            ev.PostcopyRun: (self._postcopy_run, postcopy),
+            ev.RecvBitmap: (self._on_recv_bitmap, recover),
+            ev.PostcopyResume: (self._postcopy_resume, recover),
+        }
+
+    def _handle(self, event, offset: int | None = None, channel: str = "main") -> None:
+        """Apply one event of ``channel`` that started at byte ``offset``."""
+        entry = self._events.get(type(event))
+        name = type(event).__name__
+        if entry is None:
+            raise RemoteProtocolError(f"{name} is not supported by this destination",
+                                      offset, channel)
+        handler, legal = entry
+        if self.state.status not in legal:
+            trace("loadvm_event_refused", name=name, state=self.state.status.value,
+                  channel=channel, offset=offset)
             raise RemoteProtocolError(
-                f"{type(event).__name__} is not supported by this destination", channel="main")
+                f"{name} is not expected in migration state '{self.state.status.value}'",
+                offset, channel)
+        handler(event)
+
+    def _on_pages(self, event) -> None:
+        self.ram.apply(event)
+
+    def _on_section(self, event: ev.SectionStart) -> None:
+        trace("qemu_loadvm_state_section_startfull", section_id=event.section_id,
+              idstr=event.idstr, instance_id=event.instance_id, version_id=event.version_id)
+
+    def _on_configuration(self, event: ev.Configuration) -> None:
+        self.configuration = event
+        if event.machine != self.machine.type_name:
+            raise RemoteProtocolError(
+                f"Machine type received is '{event.machine}' and local is "
+                f"'{self.machine.type_name}'", channel="main")
+        sent = event.subsections.get("configuration/uuid")
+        if sent is not None:
+            self._check_uuid(sent)
+
+    def _on_open_return_path(self, event) -> None:
+        trace("loadvm_process_command", cmd="OPEN_RETURN_PATH")
+        if not self.channel.bidirectional:
+            raise RemoteProtocolError(
+                f"source asked for a return path but {self.channel.name} is one-way",
+                channel="main")
+        self._rp_open = True
+        if self.options.cap("switchover-ack"):
+            # No device here needs to approve the switchover, so the ACK
+            # goes at once, as QEMU's does in that case.
+            self._rp_send(rp.rp_switchover_ack())
+
+    def _on_ping(self, event: ev.Ping) -> None:
+        trace("loadvm_process_command_ping", val=event.value)
+        if not self._rp_open:
+            raise RemoteProtocolError("PING received without a return path", channel="main")
+        self._rp_send(rp.rp_pong(event.value))
+
+    def _on_advise(self, event: ev.PostcopyAdvise) -> None:
+        trace("loadvm_postcopy_handle_advise", summary=event.page_size_summary)
+        if not self.postcopy_cap:
+            raise RemoteProtocolError(
+                "RAM postcopy is disabled but have 16 byte advise" if
+                event.page_size_summary is not None else
+                "dirty-bitmaps postcopy is not supported", channel="main")
+        if self.guest is None:
+            # QEMU sends ADVISE before the RAM section that names the
+            # blocks; a destination that builds its guest from that list
+            # takes the advice once the guest exists.
+            self._pending_advise = event
+            return
+        self.prepare()
+        self.postcopy.advise(event.page_size_summary, event.target_page_size)
+
+    def _on_discard(self, event: ev.PostcopyRamDiscard) -> None:
+        trace("loadvm_postcopy_ram_handle_discard", block=event.block,
+              ranges=len(event.ranges))
+        self._require_postcopy("POSTCOPY_RAM_DISCARD")
+        self.postcopy.discard(event.block, event.ranges)
+
+    def _on_packaged(self, event: ev.Packaged) -> None:
+        trace("loadvm_handle_cmd_packaged", length=len(event.data))
+        self._require_postcopy("PACKAGED")
+        self._load_package(event.data)
+
+    def _on_recv_bitmap(self, event: ev.RecvBitmap) -> None:
+        trace("loadvm_handle_recv_bitmap", block=event.block)
+        self._require_postcopy("RECV_BITMAP")
+        bits = self.postcopy.received_bitmap(event.block)
+        self._rp_send(rp.rp_recv_bitmap(event.block) + rp.encode_recv_bitmap(bits))
 
     def _multifd_sync_point(self, event) -> None:
         """A MULTIFD_FLUSH record or an EOS: sync the channels if the source's
@@ -570,13 +636,14 @@ class DestinationMigration:
 
     @property
     def pages(self) -> int:
-        """Pages received with their contents (main channel, then placed)."""
-        return (self.ram.pages if self.ram is not None else 0) + self._placed_pages
+        """Pages received with their contents on the main channel (precopy and
+        postcopy; the preempt channel's are the fault handler's)."""
+        return self.ram.pages if self.ram is not None else 0
 
     @property
     def zero_pages(self) -> int:
-        """Zero pages received (main channel, then placed)."""
-        return (self.ram.zero_pages if self.ram is not None else 0) + self._placed_zero
+        """Zero pages received on the main channel."""
+        return self.ram.zero_pages if self.ram is not None else 0
 
     @property
     def multifd_pages(self) -> tuple[int, int]:
@@ -587,19 +654,6 @@ class DestinationMigration:
         return self._multifd_totals
 
     # -- postcopy -------------------------------------------------------------------
-    def _place(self, event) -> None:
-        """Postcopy: the vCPUs may be running on this memory, so a page goes in
-        whole and only if it is not there yet (QEMU's place_page: UFFDIO_COPY,
-        EEXIST ignored)."""
-        if isinstance(event, ev.RamPages):
-            for offset, data in zip(event.offsets.tolist(), event.data):
-                self.postcopy.place(event.block, offset, data)
-            self._placed_pages += len(event)
-        else:
-            for offset in event.offsets.tolist():
-                self.postcopy.place_zero(event.block, offset)
-            self._placed_zero += len(event)
-
     def _require_postcopy(self, what: str) -> None:
         if self.postcopy is None or self.postcopy.state.value == "none":
             raise RemoteProtocolError(f"{what} without POSTCOPY_ADVISE", channel="main")
@@ -618,30 +672,33 @@ class DestinationMigration:
         nested.feed(blob)
         nested.feed_eof()
         while True:
+            at = nested.offset
             event = nested.next_event()
             if event is ev.NEED_DATA:
                 break
-            if isinstance(event, (ev.RamPage, ev.RamZero, ev.RamPages, ev.RamZeros,
-                                  ev.RamBlockList, ev.Packaged, ev.Eof)):
-                raise RemoteProtocolError(
-                    f"{type(event).__name__} inside a PACKAGED blob", channel="main (package)")
-            self._handle(event)
+            if isinstance(event, _NOT_IN_PACKAGE):
+                raise RemoteProtocolError(f"{type(event).__name__} inside a PACKAGED blob",
+                                          at, "main (package)")
+            self._handle(event, at, "main (package)")
 
-    def _postcopy_listen(self) -> None:
+    def _postcopy_listen(self, event=None) -> None:
         self._require_postcopy("POSTCOPY_LISTEN")
+        trace("loadvm_postcopy_handle_listen", ps=self.postcopy.state.value)
         # Every page multifd carried is in place (the last RAM EOS synced the
         # channels).  The workers stay: QEMU 7.2 keeps its channels open and
         # syncs them at every EOS in postcopy too, and closes them only after
         # SHUT; a source that closed them already has its DONEs queued.
         sock = self.channel.sock if self._rp_open else None
         self.postcopy.listen(sock, self.preempt.sock if self.preempt is not None else None)
-        self._postcopy_placing = True
+        self.ram.place_through(self.postcopy.placer, self.postcopy.requested,
+                               self.postcopy.placed)
         # QEMU 10.2: with a return path the destination stays in
         # postcopy-device while it loads the package's device state.
         self.state.transition(S.POSTCOPY_DEVICE if self._rp_open else S.POSTCOPY_ACTIVE)
 
-    def _postcopy_run(self) -> None:
+    def _postcopy_run(self, event=None) -> None:
         self._require_postcopy("POSTCOPY_RUN")
+        trace("loadvm_postcopy_handle_run", ps=self.postcopy.state.value)
         self.postcopy.run()
         if self.state.status is S.POSTCOPY_DEVICE:
             self.state.transition(S.POSTCOPY_ACTIVE)
@@ -651,9 +708,10 @@ class DestinationMigration:
         if self.resume and self.guest_state.runstate == "running" and self.vcpus:
             self.guest.start()
 
-    def _postcopy_resume(self) -> None:
+    def _postcopy_resume(self, event=None) -> None:
+        trace("loadvm_postcopy_handle_resume")
         if self.options.cap("postcopy-preempt"):
-            self.preempt = self._recover_listener.accept(timeout=30)
+            self.preempt = self.recovery.listener.accept(timeout=30)
         self.state.transition(S.POSTCOPY_ACTIVE)
         self._rp_send(rp.rp_resume_ack(1))
         self.postcopy.resumed(self.channel.sock,
@@ -696,6 +754,8 @@ class DestinationMigration:
         self.ram = RamLoader(self.guest.blocks, self._received, self.page_size)
 
     def _load_device(self, event: ev.DeviceState) -> None:
+        trace("qemu_loadvm_state_section_startfull", section_id=event.section_id,
+              idstr=event.idstr, instance_id=event.instance_id, version_id=event.version_id)
         for dev in self.machine.devices(self.vcpus):
             if dev.idstr == event.idstr and dev.instance_id == event.instance_id:
                 if dev.idstr in ("cpu", "counter") and self.guest is None:

@@ -1,11 +1,26 @@
-"""The RAM side of loadvm on the main channel (QEMU's ram.c, load half).
+"""The RAM side of loadvm (QEMU's ram.c, load half): page records into memory.
 
-:class:`RamLoader` applies the page records a decoder yields to a guest's
-memory while nothing runs on it (precopy): runs of pages
-(:class:`~engine.stream.events.RamPages`) land with one array assignment
-each, runs of zero pages (:class:`~engine.stream.events.RamZeros`) clear
-only what is not zero already.  It keeps the "received" bitmap of every
-block, which the multifd workers and the postcopy fault handler share.
+:class:`RamLoader` is the one place where the page records a decoder
+yields land in a guest's memory, for every reader of a stream: the
+destination's main channel (precopy, then postcopy), ``engine load``
+writing an image, and - through the same :class:`~engine.postcopy.placer.
+Placer` - the postcopy fault handler's preempt channel.
+
+Two ways to land, switched once at POSTCOPY_LISTEN (QEMU's
+``ram_load_precopy`` and ``ram_load_postcopy``):
+
+* **precopy**: nothing runs on the memory.  A run of pages
+  (:class:`~engine.stream.events.RamPages`) lands with one array assignment;
+  a run of zero pages (:class:`~engine.stream.events.RamZeros`) clears only
+  what is not zero already.
+* **postcopy** (:meth:`RamLoader.place_through`): vCPUs may run on the
+  memory, so each page goes in atomically and only once, through the
+  placer (UFFDIO_COPY, or array writes under the lock shared with the fault
+  handler), and a page some vCPU asked for is reported to ``on_placed`` so
+  that its waiters wake.
+
+The loader keeps the "received" bitmap of every block, which the multifd
+workers and the postcopy fault handler share.
 
 Zero pages: a block this process created is known to be zero where nothing
 was received yet (a page that never arrived is still the creator's zero),
@@ -16,54 +31,109 @@ scattered pages to test them cost four times what clearing them does.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
+from engine.errors import BlockMismatchError
 from engine.stream import events as ev
+
+__all__ = ["RamLoader", "check_block_list"]
+
+
+def check_block_list(announced: ev.RamBlockList, blocks) -> None:
+    """QEMU's ram_load_setup checks: every announced block exists, same length."""
+    local = {b.idstr: b for b in blocks}
+    for info in announced.blocks:
+        block = local.get(info.idstr)
+        if block is None:
+            raise BlockMismatchError(
+                f'Unknown ramblock "{info.idstr}", cannot accept migration '
+                f"(this guest has: {', '.join(sorted(local)) or 'no blocks'})")
+        if block.used_length != info.used_length:
+            raise BlockMismatchError(
+                f"Length mismatch: {info.idstr}: 0x{info.used_length:x} in the stream "
+                f"!= 0x{block.used_length:x} here")
 
 
 class RamLoader:
-    """Lands precopy page records in the blocks of one guest.
+    """Lands page records in the blocks of one guest (or image).
 
-    ``received`` maps each block's idstr to its received bitmap (one entry
-    per page, any numpy dtype that takes True); ``page_size`` is the target
-    page size.  ``pages`` and ``zero_pages`` count what was applied.
+    ``blocks`` have ``idstr``, ``pages`` (a ``(npages, page_size)`` uint8
+    array) and ``fresh``; ``received`` maps each block's idstr to its
+    received bitmap (one entry per page, any numpy dtype that takes True);
+    ``page_size`` is the target page size.  ``pages`` and ``zero_pages``
+    count what was applied, precopy and postcopy alike.
     """
 
     def __init__(self, blocks, received: dict, page_size: int):
         self.page_size = page_size
         self._pages = {b.idstr: b.pages for b in blocks}
         self._fresh = {b.idstr: bool(getattr(b, "fresh", False)) for b in blocks}
+        self._index = {b.idstr: i for i, b in enumerate(blocks)}
         self.received = received
         self.pages = self.zero_pages = 0
+        #: postcopy: the placer, per block the "requested" bitmap, the callback
+        self._placer = None
+        self._requested: list | None = None
+        self._on_placed: Callable[[int, int], None] | None = None
+        # By event type: what lands it (pages as (block, offsets, data)).
+        self._appliers = {
+            ev.RamPages: lambda e: self.land(e.block, e.offsets, e.data),
+            ev.RamZeros: lambda e: self.zero(e.block, e.offsets),
+            ev.RamPage: lambda e: self.land(
+                e.block, np.array([e.offset], np.uint64),
+                np.frombuffer(e.data, np.uint8).reshape(1, -1)),
+            ev.RamZero: lambda e: self.zero(e.block, np.array([e.offset], np.uint64)),
+        }
+
+    @property
+    def postcopy(self) -> bool:
+        """Whether pages go in through a placer (after POSTCOPY_LISTEN)."""
+        return self._placer is not None
+
+    def place_through(self, placer, requested: list | None = None,
+                      on_placed: Callable[[int, int], None] | None = None) -> None:
+        """From now on pages go in atomically through ``placer`` (postcopy).
+
+        ``requested[i]`` is block *i*'s bitmap of pages a vCPU asked for;
+        ``on_placed(i, page)`` is called for each of those once it is in
+        place (QEMU's postcopy_place_page waking the faulting vCPU).
+        """
+        self._placer = placer
+        self._requested = requested
+        self._on_placed = on_placed
 
     def apply(self, event) -> None:
         """Land a RamPages, RamZeros, RamPage or RamZero event."""
-        if isinstance(event, ev.RamPages):
-            self.land(event.block, event.offsets, event.data)
-        elif isinstance(event, ev.RamZeros):
-            self.zero(event.block, event.offsets)
-        elif isinstance(event, ev.RamPage):
-            self.land(event.block, np.array([event.offset], np.uint64),
-                      np.frombuffer(event.data, np.uint8).reshape(1, -1))
-        elif isinstance(event, ev.RamZero):
-            self.zero(event.block, np.array([event.offset], np.uint64))
-        else:
-            raise TypeError(f"not a RAM page event: {type(event).__name__}")
+        try:
+            applier = self._appliers[type(event)]
+        except KeyError:
+            raise TypeError(f"not a RAM page event: {type(event).__name__}") from None
+        applier(event)
 
     def land(self, block: str, offsets: np.ndarray, data: np.ndarray) -> None:
         """Pages ``data[i]`` at byte ``offsets[i]`` of ``block``.
 
-        Repeated offsets are fine: numpy assigns in order, so the last copy
-        of a page wins, as it would one record at a time.
+        Precopy: repeated offsets are fine, numpy assigns in order, so the
+        last copy of a page wins, as it would one record at a time.
+        Postcopy: the first copy wins (a page is placed once).
         """
         idx = offsets // np.uint64(self.page_size)
+        self.pages += len(idx)
+        if self._placer is not None:
+            self._place(block, idx, data)
+            return
         self._pages[block][idx] = data
         self.received[block][idx] = True
-        self.pages += len(idx)
 
     def zero(self, block: str, offsets: np.ndarray) -> None:
         """The pages at byte ``offsets`` of ``block`` are zero."""
         idx = offsets // np.uint64(self.page_size)
+        self.zero_pages += len(idx)
+        if self._placer is not None:
+            self._place(block, idx, None)
+            return
         received = self.received[block]
         # Known zero unless something was written there: a block we created
         # holds zeros wherever nothing has been received yet.
@@ -71,4 +141,12 @@ class RamLoader:
         if len(maybe):
             self._pages[block][maybe] = 0
         received[idx] = True
-        self.zero_pages += len(idx)
+
+    def _place(self, block: str, idx: np.ndarray, data) -> None:
+        i = self._index[block]
+        self._placer.place_run(i, idx, data)
+        requested = self._requested
+        if requested is not None and self._on_placed is not None:
+            asked = idx[requested[i][idx] != 0]
+            for page in asked.tolist():     # only pages a vCPU is waiting for
+                self._on_placed(i, page)

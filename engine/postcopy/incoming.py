@@ -20,6 +20,7 @@ import threading
 from types import MappingProxyType
 
 from engine.errors import ConfigError, PostcopyError, RemoteProtocolError
+from engine.trace import trace
 
 __all__ = ["PostcopyIncoming", "PostcopyState", "FAULT_MODES", "resolve_fault_mode"]
 
@@ -75,8 +76,9 @@ class PostcopyIncoming:
 
     Lifecycle, driven by the stream: :meth:`advise` (checks; starts the fault
     handler), :meth:`discard` per POSTCOPY_RAM_DISCARD, :meth:`listen` (vCPUs
-    register, pages from now on are placed atomically), :meth:`run`, then
-    :meth:`place` / :meth:`place_zero` for every page until :meth:`end`.
+    register, pages from now on are placed atomically through :attr:`placer`
+    by the destination's :class:`~engine.migration.ramload.RamLoader`),
+    :meth:`run`, then :meth:`end`.
     :meth:`close` releases everything whatever happened.
     """
 
@@ -100,6 +102,7 @@ class PostcopyIncoming:
             raise RemoteProtocolError(
                 f"{_COMMAND[new]} in incoming postcopy state '{self.state.value}'",
                 channel="main")
+        trace("postcopy_state_set", old=self.state.value, new=new.value)
         self.state = new
 
     # -- the stream's commands ------------------------------------------------------
@@ -209,20 +212,15 @@ class PostcopyIncoming:
         except KeyError:
             raise RemoteProtocolError(f"unknown RAM block '{block}'", channel="main") from None
 
-    def place(self, block: str, offset: int, data) -> None:
-        """A page from the main channel (postcopy: placed atomically, once)."""
-        i = self._index[block]
-        page = offset // self.page_size
-        self.placer.place(i, page, data)
-        if self._requested[i][page]:
-            self.handler.placed(i, page)
+    @property
+    def requested(self) -> list:
+        """Per block, the bitmap of pages some vCPU asked for (shared with the
+        handler): a page placed there must be reported with :meth:`placed`."""
+        return self._requested
 
-    def place_zero(self, block: str, offset: int) -> None:
-        i = self._index[block]
-        page = offset // self.page_size
-        self.placer.place_zero(i, page)
-        if self._requested[i][page]:
-            self.handler.placed(i, page)
+    def placed(self, block: int, page: int) -> None:
+        """A requested page is in place: the handler wakes its waiters."""
+        self.handler.placed(block, page)
 
     # -- return path, pause, recovery ------------------------------------------------
     @property

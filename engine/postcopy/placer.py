@@ -129,6 +129,48 @@ class Placer:
             received[page] = 1
         return True
 
+    def place_run(self, block: int, pages: np.ndarray, data: np.ndarray | None) -> int:
+        """Place ``data[k]`` at page ``pages[k]`` of *block* (``data`` None:
+        zero pages) for a whole run of records; returns how many this call
+        placed.  The first copy of a page wins, as one :meth:`place` at a
+        time would have it.
+
+        Without userfaultfd the run goes in with array operations under the
+        lock (which the fault handler's single pages take too);
+        UFFDIO_COPY installs one page a call, so there it is a loop.
+        """
+        if self.uffd is not None:
+            placed = 0
+            if data is None:
+                for page in pages.tolist():
+                    placed += self.place_zero(block, page)
+            else:
+                for page, row in zip(pages.tolist(), data):
+                    placed += self.place(block, page, row)
+            return placed
+        received = self.received[block]
+        with self._guard:
+            new = received[pages] == 0
+            if not new.all():
+                pages = pages[new]
+                data = data[new] if data is not None else None
+            if len(pages) > 1 and not (pages[1:] > pages[:-1]).all():
+                # Repeats in the run: keep each page's first copy.
+                _, first = np.unique(pages, return_index=True)
+                pages = pages[first]
+                data = data[first] if data is not None else None
+            if not len(pages):
+                return 0
+            if data is not None:
+                self.blocks[block].pages[pages] = data
+            elif not self._fresh[block]:
+                rows = self._u64[block][pages]
+                dirty = pages[rows.any(axis=1)]
+                if len(dirty):
+                    self._u64[block][dirty] = 0
+            received[pages] = 1
+        return len(pages)
+
     def discard(self, block: int, start: int, length: int) -> None:
         """POSTCOPY_RAM_DISCARD of bytes [start, start+length) of *block*
         (page aligned): the pages count as not received and their memory is

@@ -43,7 +43,6 @@ raises the error it deserves).
 """
 from __future__ import annotations
 
-import json
 import struct
 from collections import deque
 from enum import Enum
@@ -72,6 +71,7 @@ from .events import (
     RamPages, RamZero, RamZeros, RecvBitmap, SectionEnd, SectionFooter, SectionPart, SectionStart,
     SwitchoverStart, VMDescription,
 )
+from .vmdesc import parse_vmdesc
 from .vmstate import NeedData, VMStateDescription, need
 
 _BE32 = struct.Struct(">I")
@@ -94,6 +94,9 @@ _UNSUPPORTED_RAM_FLAGS = {
     RAM_SAVE_FLAG_HOOK: "HOOK",
     RAM_SAVE_FLAG_COMPRESS_PAGE: "COMPRESS_PAGE",
 }
+
+#: RAM records that never continue a block (EOS and FLUSH carry no address either)
+_NO_CONTINUE = frozenset({RAM_SAVE_FLAG_EOS, RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SAVE_FLAG_MEM_SIZE})
 
 # The configuration subsections QEMU defines (see _config_body_len for their bodies).
 _CONFIG_SUBSECTIONS = ("configuration/target-page-bits", "configuration/capabilities",
@@ -622,6 +625,10 @@ class StreamDecoder:
                          if self._page_runs else RamZero(block.idstr, addr))
                 p += 1
             self._last_block = block
+        elif kind in _NO_CONTINUE and (flags & RAM_SAVE_FLAG_CONTINUE
+                                       or addr and kind != RAM_SAVE_FLAG_MEM_SIZE):
+            # Only PAGE and ZERO continue; EOS and FLUSH name no page: not a sync point.
+            raise RemoteProtocolError(f"misaligned RAM record header {word:#018x}", offset=pos)
         elif kind == RAM_SAVE_FLAG_MEM_SIZE:
             event, p = self._read_block_list(buf, p, addr)
             self._blocks = {b.idstr: b for b in event.blocks}
@@ -765,11 +772,9 @@ class StreamDecoder:
         (n,) = _BE32.unpack_from(buf, pos + 1)
         need(buf, pos + 5, n, f"VMDESCRIPTION JSON ({n} bytes)")
         try:
-            data = json.loads(bytes(buf[pos + 5:pos + 5 + n]))
-        except ValueError as exc:
-            raise RemoteProtocolError(f"VMDESCRIPTION is not JSON: {exc}", offset=pos + 5)
-        if not isinstance(data, dict):
-            raise RemoteProtocolError("VMDESCRIPTION is not a JSON object", offset=pos + 5)
+            data = parse_vmdesc(bytes(buf[pos + 5:pos + 5 + n]))
+        except RemoteProtocolError as exc:
+            raise RemoteProtocolError(exc.message, offset=pos + 5) from None
         self._pos = pos + 5 + n
         self._state = _State.DONE
         return [VMDescription(data)]

@@ -61,3 +61,50 @@ def test_a_fresh_block_trusts_its_zeros_until_a_page_arrives(tmp_shm_path):
         assert not block.pages[6].any()                     # received before: cleared
         ram.apply(ev.RamZero("m0", 2 * PS))
         assert not block.pages[2].any()                     # received now: cleared
+
+
+# -- postcopy: through a Placer, first copy wins, requested pages reported ---------------
+
+def _postcopy_loader(tmp_shm_path, lock=None):
+    from engine.postcopy.placer import Placer
+    block = RamBlock.create("m0", 16 * PS, mem_path=str(tmp_shm_path))
+    received = np.zeros(16, np.uint8)
+    requested = np.zeros(16, np.uint8)
+    ram = RamLoader([block], {"m0": received}, PS)
+    placed = []
+    ram.place_through(Placer([block], [received], lock=lock), [requested],
+                      lambda b, p: placed.append((b, p)))
+    return block, ram, received, requested, placed
+
+
+def test_postcopy_pages_go_in_once_and_requested_ones_are_reported(tmp_shm_path):
+    import threading
+    block, ram, received, requested, placed = _postcopy_loader(tmp_shm_path,
+                                                               lock=threading.Lock())
+    with block:
+        ram.apply(ev.RamPages("m0", offsets(3), np.full((1, PS), 1, np.uint8)))
+        requested[[3, 5, 8]] = 1
+        data = np.stack([np.full(PS, v, np.uint8) for v in (2, 3, 4, 5)])
+        # Page 3 is in place already (a vCPU may have changed it since), and
+        # page 5 comes twice in the run: its first copy wins.
+        ram.apply(ev.RamPages("m0", offsets(3, 5, 7, 5), data))
+        assert (block.pages[3] == 1).all()
+        assert (block.pages[5] == 3).all() and (block.pages[7] == 4).all()
+        assert np.flatnonzero(received).tolist() == [3, 5, 7]
+        assert ram.pages == 5
+        ram.apply(ev.RamZeros("m0", offsets(8, 9)))
+        assert received[8] and received[9] and not block.pages[8].any()
+        # Requested pages are reported whether or not this run placed them.
+        assert (0, 3) in placed and (0, 5) in placed and (0, 8) in placed
+        assert (0, 7) not in placed and (0, 9) not in placed
+
+
+def test_postcopy_zero_pages_clear_a_used_block_only_where_needed(tmp_shm_path):
+    tmp_shm_path.write_bytes(b"\x55" * 16 * PS)
+    block, ram, received, _, _ = _postcopy_loader(tmp_shm_path)
+    with block:
+        assert not block.fresh
+        block.pages[4] = 0
+        ram.apply(ev.RamZeros("m0", offsets(2, 4)))
+        assert not block.pages[[2, 4]].any() and (block.pages[3] == 0x55).all()
+        assert received[2] and received[4] and ram.zero_pages == 2
