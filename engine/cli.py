@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     ld = sub.add_parser("load", help="load a migration stream file and report its sections")
     ld.add_argument("file")
     ld.add_argument("--machine", default=None, help="machine profile (default: from the stream)")
-    add_vcpus_option(ld)
+    add_vcpus_option(ld, default=None,
+                     help="check that the stream carries N vCPUs (default: as the stream says)")
     ld.add_argument("--mem-path", metavar="PATH", help="also write the RAM image to PATH")
     ld.add_argument("--json", type=output_file, metavar="FILE")
 

@@ -192,9 +192,10 @@ def add_guest_options(p: argparse.ArgumentParser, *, ram_default: str | None) ->
                         "(auto: userfaultfd when this host has it, else software)")
 
 
-def add_vcpus_option(p: argparse.ArgumentParser, default: int = 1) -> None:
+def add_vcpus_option(p: argparse.ArgumentParser, default: int | None = 1,
+                     help: str | None = None) -> None:
     limit = max_vcpus()
     p.add_argument("--vcpus", type=integer(0, limit, hint=" (4 per host CPU, at least 8)"),
                    default=default, metavar="N",
-                   help=f"vCPUs, each a process (0: none; at most {limit} on this host: "
-                        f"{MAX_VCPUS_PER_CPU} per CPU, at least 8)")
+                   help=help or f"vCPUs, each a process (0: none; at most {limit} on this "
+                                f"host: {MAX_VCPUS_PER_CPU} per CPU, at least 8)")

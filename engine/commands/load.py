@@ -151,10 +151,8 @@ def analyze_stream(path: str, *, vcpus: int | None = None, mem_path: str | None 
 
 def run_load(args) -> int:
     try:
-        # The stream says how many vCPUs it has; --vcpus (default 1 in the
-        # parser) is a check only when it asks for another number.
-        vcpus = args.vcpus if args.vcpus not in (None, 1) else None
-        report = analyze_stream(args.file, vcpus=vcpus, mem_path=args.mem_path,
+        # The stream says how many vCPUs it has; --vcpus is a check.
+        report = analyze_stream(args.file, vcpus=args.vcpus, mem_path=args.mem_path,
                                 machine=args.machine)
     except OSError as exc:
         print(f"engine: error: cannot read {args.file}: {exc.strerror}", file=sys.stderr)

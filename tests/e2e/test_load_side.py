@@ -152,7 +152,10 @@ def test_standalone_incoming_gives_up_a_postcopy_whose_source_died(tmp_path, tmp
                   "--mem-path", str(tmp_shm_path), "--workload", "ab", "--dirty-rate", "0",
                   "--cap", "postcopy-ram=on", "--param", "downtime-limit=1",
                   "--param", "max-postcopy-bandwidth=1M", "--postcopy-after", "0", "--quiet"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        # SIGKILLed below: nothing of it can remove its work directory, so
+        # that lands in the test's own tmp_path
+        env=dict(os.environ, TMPDIR=str(tmp_path)))
     try:
         deadline = time.monotonic() + TIMEOUT
         for line in inc.stderr:
