@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def fault_modes(choice: str) -> tuple[list[str], str | None]:
     """The modes to measure, and why userfaultfd is left out (if it is)."""
-    from engine.postcopy import uffd
+    from engine import uffd
     ok, why = uffd.probe()
     if choice == "software":
         return ["software"], None

@@ -8,7 +8,7 @@ owns the incoming postcopy sub-state (a table, like QEMU's
 the :class:`~engine.postcopy.placer.Placer` that puts arriving pages in place
 atomically.
 
-Fault mode: ``auto`` picks userfaultfd when :func:`~engine.postcopy.uffd.
+Fault mode: ``auto`` picks userfaultfd when :func:`~engine.uffd.
 probe` says this host can use it, software faults otherwise;
 ``userfaultfd`` insists (an error where it is missing), ``software`` never
 tries.
@@ -58,7 +58,7 @@ _COMMAND = {_P.ADVISE: "POSTCOPY_ADVISE", _P.DISCARD: "POSTCOPY_RAM_DISCARD",
 
 def resolve_fault_mode(requested: str) -> str:
     """``auto`` -> what this host supports; check an explicit choice."""
-    from engine.postcopy import uffd
+    from engine import uffd
     if requested not in FAULT_MODES:
         raise ConfigError(f"postcopy faults '{requested}': choose one of {', '.join(FAULT_MODES)}")
     if requested == "software":
@@ -189,7 +189,7 @@ class PostcopyIncoming:
         cover what it still has to send, but this does not rely on them.
         """
         import numpy as np
-        from engine.postcopy.uffd import punch_hole
+        from engine.uffd import punch_hole
         for block, received in zip(self.guest.blocks, self.received):
             missing = np.concatenate(([0], (received == 0).view(np.int8), [0]))
             edges = np.flatnonzero(np.diff(missing))

@@ -29,7 +29,7 @@ import contextlib
 import numpy as np
 
 from engine.errors import PostcopyError
-from engine.postcopy.uffd import Userfaultfd, buffer_address, punch_hole
+from engine.uffd import Userfaultfd, buffer_address, punch_hole
 from engine.ram.block import RamBlock
 
 __all__ = ["Placer"]
