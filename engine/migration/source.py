@@ -122,7 +122,6 @@ def _peer_closed(channel) -> bool:
         sock.detach()
 
 
-
 class SourceMigration:
     """One outgoing migration.  Create, then ``run(channel)`` once.
 

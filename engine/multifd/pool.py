@@ -202,6 +202,8 @@ class _Pool:
 
     def kill(self) -> None:
         """Abort: workers are killed at once (migration failed or cancelled)."""
+        if not self._closed:
+            trace("multifd_terminate_threads", role=self.role, channels=self.n)
         for p in self.procs:
             if p.exitcode is None:
                 p.kill()

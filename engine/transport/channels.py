@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Callable
 
 from engine.errors import ChannelBrokenError, ChannelClosedError
+from engine.trace import trace
 
 #: Most buffers one ``sendmsg``/``writev`` takes (Linux: 1024).
 IOV_MAX: int = os.sysconf("SC_IOV_MAX")
@@ -320,6 +321,7 @@ class _SocketChannel(Channel):
     def _shutdown(self, how: int) -> None:
         if self._sock.fileno() < 0:
             return
+        trace("qio_channel_shutdown", channel=self.name, how=how)
         try:
             self._sock.shutdown(how)
         except OSError as exc:
@@ -467,6 +469,7 @@ class _FdChannel(Channel):
             self._state.close_fd()
 
     def shutdown(self) -> None:
+        trace("qio_channel_shutdown", channel=self.name)
         self._shut = True
         self._state.aborted = True
         with self._state.lock:

@@ -10,6 +10,7 @@ import weakref
 from typing import Callable
 
 from engine.errors import ChannelBrokenError, ChannelClosedError
+from engine.trace import trace
 from engine.transport.addresses import (Address, ExecAddress, FdAddress, FileAddress,
                                         TcpAddress, UnixAddress, _as_address)
 from engine.transport.channels import Channel, ChannelTimeoutError, _broken, _SocketChannel
@@ -97,6 +98,7 @@ class _SocketListener(Listener):
             name = f"{self.uri} <- {host}:{peer[1]}"
         else:
             name = f"{self.uri} #{self._accepted}"
+        trace("migration_socket_incoming_accepted", channel=name)
         return _SocketChannel(conn, name)
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ import subprocess
 from typing import Callable
 
 from engine.errors import ChannelBrokenError
+from engine.trace import trace
 from engine.transport.addresses import (Address, ExecAddress, FdAddress, FileAddress,
                                         TcpAddress, UnixAddress, _as_address)
 from engine.transport.channels import (EXEC_SHELL, Channel, _broken, _ExecChannel,
@@ -33,7 +34,9 @@ def connect(addr: Address | str, timeout: float | None = 30) -> Channel:
     as the channel; ``fd:`` takes ownership of the descriptor.
     """
     address = _as_address(addr)
-    return _CONNECTORS[type(address)](address, timeout)
+    channel = _CONNECTORS[type(address)](address, timeout)
+    trace("migration_channel_connect", channel=channel.name)
+    return channel
 
 
 def _connect_tcp(addr: TcpAddress, timeout: float | None) -> Channel:
