@@ -275,13 +275,15 @@ def test_qmp_migrate_cancel_with_a_stalled_destination(tmp_path, peer_kind):
             peer.close()
 
 
-@pytest.mark.parametrize("how", ["quit", "sigterm"])
-def test_engine_vm_exits_promptly_during_a_stalled_migration(tmp_path, how):
+@pytest.mark.parametrize("how,multifd", [("quit", False), ("sigterm", False),
+                                         ("quit", True)])
+def test_engine_vm_exits_promptly_during_a_stalled_migration(tmp_path, how, multifd):
     """quit over QMP, or SIGTERM: the VM cancels its migration (the blocked
-    send fails at once) and exits 0 within seconds, not after its close
-    timeouts (70 s before)."""
+    send fails at once; multifd workers blocked on their channels are given
+    up) and exits 0 within seconds, not after its close timeouts (70 s before)."""
     peer = SilentPeer(tmp_path)
-    src = _engine_vm(tmp_path, "src", "--param", "zero-page-detection=none")
+    src = _engine_vm(tmp_path, "src", "--param", "zero-page-detection=none",
+                     *(["--cap", "multifd=on"] if multifd else []))
     try:
         src.cmd("migrate", {"uri": peer.uri})
         src.wait_status("active")
