@@ -38,8 +38,9 @@ DESTINATION_START_SECONDS = 60
 #: how long the local destination may take to exit at each step of kill()
 DESTINATION_EXIT_SECONDS = 10
 #: after an interrupt, how long the destination gets to fail by itself before
-#: it is told to (its source is gone: it only has to notice)
-INTERRUPTED_GRACE_SECONDS = 1.0
+#: it is told to (its source is gone: it only has to notice, and failing on
+#: its own is its clean path; a SIGINT may land in its cleanup)
+INTERRUPTED_GRACE_SECONDS = 3.0
 
 
 #: a line of engine.trace output: pid@seconds:event
@@ -129,16 +130,16 @@ class LocalDestination:
         that to the resource tracker; SIGKILL is the last resort.
         """
         steps = ((None, grace), (signal.SIGINT, DESTINATION_EXIT_SECONDS), (signal.SIGKILL, None))
+        if self.proc.poll() is None:
+            # A stopped destination (SIGSTOP, a debugger) must run to notice
+            # that its source is gone, and to clean up after itself.
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGCONT)
         for sig, wait in steps:
             if self.proc.poll() is not None:
                 return
             if sig is not None:
                 self.proc.send_signal(sig)
-                if sig is not signal.SIGKILL:
-                    # A stopped destination (SIGSTOP, a debugger) must run to
-                    # act on it: clean up, not be killed with its segments.
-                    with contextlib.suppress(ProcessLookupError):
-                        self.proc.send_signal(signal.SIGCONT)
             try:
                 self.proc.wait(wait)
             except subprocess.TimeoutExpired:
@@ -264,9 +265,12 @@ def run_migrate(args) -> int:
         with channel, progress, sampler or contextlib.nullcontext(), watcher:
             info = mig.run(channel, uri)
         # The source guest has served its purpose (its switchover digests are
-        # taken): it goes while the destination finishes, not after.
-        guest.close()
-        guest = None
+        # taken): it goes while the destination finishes, not after.  A
+        # Ctrl-C must not cut its close in two (a segment unlinked but still
+        # registered with the resource tracker): it is held until the end.
+        with _signals_held():
+            guest.close()
+            guest = None
         if isinstance(local, FileAddress) and info.status == "completed":
             dest = LocalDestination(args, local.uri, workdir)
         dest_rc, dest_report = dest.finish() if dest else (None, None)

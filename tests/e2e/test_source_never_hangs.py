@@ -376,14 +376,17 @@ def test_engine_migrate_ctrl_c_in_postcopy(tmp_path, vcpus):
     tmp, env = _private_tmp(tmp_path)
     proc = ManagedProcess([*ENGINE_CMD, "migrate", "--ram", "256M", "--vcpus", str(vcpus),
                            "--workload", "ab" if vcpus else "none", "--cap", "postcopy-ram=on",
-                           "--postcopy-after", "1", "--param", "max-postcopy-bandwidth=16M"],
+                           "--postcopy-after", "0", "--param", "max-postcopy-bandwidth=16M",
+                           "--param", "zero-page-detection=none"],
                           tmp_path, "migrate", env=env)
     try:
-        _wait_trace(proc, "new=postcopy-active")
+        _wait_trace(proc, "source old=postcopy-device new=postcopy-active")
         time.sleep(0.2)
         start = time.monotonic()
         _interrupt(proc, signal.SIGINT)
         _clean_exit(proc, tmp, start)
+        err = Path(proc.stderr_path).read_text()
+        assert "source old=postcopy-active new=failed" in err, proc.describe()
     finally:
         proc.close()
 
