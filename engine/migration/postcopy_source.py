@@ -16,10 +16,14 @@ to postcopy, and what the return-path thread does for it meanwhile:
   the pages for the migration thread or, with ``postcopy-preempt``, sends
   them at once on the preempt channel.
 
-It works on its :class:`~engine.migration.source.SourceMigration` (``mig``)
-through a few members named in ``SourceMigration``'s attribute table:
-the main channel, the RAM saver, the stats, the limiter, the wake event,
-the checkpoint and the return path.
+It works on its :class:`~engine.migration.source.SourceMigration` (``mig``),
+a back-reference rather than a narrow interface so far.  What it uses:
+data (``channel``, ``uri``, ``ram``, ``stats`` under ``_lock``, ``limiter``,
+``state``, ``options``, ``page_size``, ``pongs``, ``return_path``, ``mfd``,
+``_owned_channels``, ``_wake``) and the migration thread's services
+(``_checkpoint``, ``_wait_until``, ``_send_counted``, ``_account_batch``,
+``_device_sections``, ``_count_sync``, ``_start_return_path``,
+``_stop_return_path``).
 
 Who writes what (the rest is the migration thread's alone):
 
