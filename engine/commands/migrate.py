@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,6 @@ import tempfile
 import threading
 import time
 import uuid as uuidlib
-from pathlib import Path
 
 from engine.commands.args import EXIT_FAILED, EXIT_MISMATCH, EXIT_OK
 from engine.commands.common import (Progress, check_multifd_transport, options_from,
@@ -37,6 +37,10 @@ from engine.trace import trace
 DESTINATION_START_SECONDS = 60
 #: how long the local destination may take to exit at each step of kill()
 DESTINATION_EXIT_SECONDS = 10
+#: after an interrupt, how long the destination gets to fail by itself before
+#: it is told to (its source is gone: it only has to notice, and failing on
+#: its own is its clean path; a SIGINT may land in its cleanup)
+INTERRUPTED_GRACE_SECONDS = 3.0
 
 
 #: a line of engine.trace output: pid@seconds:event
@@ -126,6 +130,11 @@ class LocalDestination:
         that to the resource tracker; SIGKILL is the last resort.
         """
         steps = ((None, grace), (signal.SIGINT, DESTINATION_EXIT_SECONDS), (signal.SIGKILL, None))
+        if self.proc.poll() is None:
+            # A stopped destination (SIGSTOP, a debugger) must run to notice
+            # that its source is gone, and to clean up after itself.
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGCONT)
         for sig, wait in steps:
             if self.proc.poll() is not None:
                 return
@@ -256,9 +265,12 @@ def run_migrate(args) -> int:
         with channel, progress, sampler or contextlib.nullcontext(), watcher:
             info = mig.run(channel, uri)
         # The source guest has served its purpose (its switchover digests are
-        # taken): it goes while the destination finishes, not after.
-        guest.close()
-        guest = None
+        # taken): it goes while the destination finishes, not after.  A
+        # Ctrl-C must not cut its close in two (a segment unlinked but still
+        # registered with the resource tracker): it is held until the end.
+        with _signals_held():
+            guest.close()
+            guest = None
         if isinstance(local, FileAddress) and info.status == "completed":
             dest = LocalDestination(args, local.uri, workdir)
         dest_rc, dest_report = dest.finish() if dest else (None, None)
@@ -284,20 +296,47 @@ def run_migrate(args) -> int:
             return EXIT_MISMATCH
         return EXIT_OK
     finally:
-        if mig is not None and mig.pool is not None:
-            mig.pool.kill()
-        if dest is not None:
-            dest.kill(grace=DESTINATION_EXIT_SECONDS if connected else 0)
-        if guest is not None:
-            guest.close()
-            trace("engine_guest_closed")
-        for p in Path(workdir).glob("*"):
-            p.unlink()
-        os.rmdir(workdir)
-        # Last: the processes and segments are released first, and what was
-        # recorded is drawn whatever the outcome.
-        if plot and sampler is not None:
-            _write_plot(plot, sampler, args, mig)
+        # Interrupted (Ctrl-C, SIGTERM): the destination has lost its source
+        # and fails by itself at once, unless it is stopped; either way there
+        # is no point waiting long for it.  A second Ctrl-C or SIGTERM while
+        # cleaning up must not cut the cleanup short (processes, segments and
+        # the work directory would be left behind): it is held until the end.
+        interrupted = isinstance(sys.exc_info()[1], (KeyboardInterrupt, SystemExit))
+        with _signals_held():
+            if mig is not None and mig.pool is not None:
+                mig.pool.kill()
+            if dest is not None:
+                grace = DESTINATION_EXIT_SECONDS if connected else 0
+                dest.kill(grace=min(grace, INTERRUPTED_GRACE_SECONDS) if interrupted
+                          else grace)
+            if guest is not None:
+                guest.close()
+                trace("engine_guest_closed")
+            shutil.rmtree(workdir, ignore_errors=True)
+            # Last: the processes and segments are released first, and what was
+            # recorded is drawn whatever the outcome.
+            if plot and sampler is not None:
+                _write_plot(plot, sampler, args, mig)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM noted instead of acted on for the duration (main
+    thread only); one that came is raised afterwards, unless an exception
+    is already on its way out (it ends the command the same way)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    signums = (signal.SIGINT, signal.SIGTERM)
+    old = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if held and sys.exc_info()[1] is None:
+        signal.raise_signal(held[0])
 
 
 def _check_plot_path(path: str) -> None:

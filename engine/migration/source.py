@@ -39,29 +39,34 @@ here once the destination runs it.
 The loop runs in the caller's thread.  ``cancel()``, ``info()``,
 ``start_postcopy()``, ``pause()`` and ``resume()`` are safe from any other
 thread (a progress display, a QMP monitor, a signal handler).
+
+Where the parts live (QEMU's seams): this module is the migration thread
+and its control API; :mod:`~engine.migration.postcopy_source` the postcopy
+switch, page-request service, preempt channel, pause and recovery;
+:mod:`~engine.migration.returnpath` the return-path reader;
+:mod:`~engine.migration.multifd_source` the multifd pool's use;
+:mod:`~engine.migration.ratelimit` ``max-bandwidth``.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import select
 import socket
-import sys
 import threading
 import time
 from typing import Callable
 
-import numpy as np
-
-from engine.errors import (ChannelBrokenError, ChannelClosedError, ChannelError, ConfigError,
-                           EngineError, InvalidCapabilityError, MigrationCancelled,
-                           MigrationError, PostcopyError, PostcopyPaused, RemoteProtocolError,
-                           StateError)
+from engine.errors import (ChannelClosedError, ChannelError, ConfigError, EngineError,
+                           InvalidCapabilityError, MigrationCancelled, MigrationError,
+                           PostcopyPaused, StateError)
 from engine.machine import RAM_SECTION_ID, GuestState, MachineProfile
 from engine.migration import check_implemented
-from engine.compress.zeropage import block_zero_page_mask
-from engine.multifd.packet import packet_size
-from engine.migration.ramsave import BATCH_PAGES, PRECOPY_BATCH_PAGES, RamSaver
+from engine.migration.postcopy_source import (POSTCOPY_SWITCH_INTERVAL, RESUME_ACK_VALUE,
+                                              PostcopySource)
+from engine.migration.multifd_source import MultifdMode, MultifdSource
+from engine.migration.ramsave import PRECOPY_BATCH_PAGES, RamSaver
+from engine.migration.ratelimit import WINDOW_SECONDS, RateLimiter
+from engine.migration.returnpath import ReturnPathReader
 from engine.migration.verify import memory_digests
 from engine.options import MigrationOptions
 from engine.procs import CpuMeter, no_cycle_collection
@@ -71,32 +76,24 @@ from engine.stream import encoder as enc
 from engine.stream import returnpath as rp
 from engine.stream.constants import (QEMU_VM_PING_PACKAGED_LOADED, RAM_SECTION_IDSTR,
                                      RAM_SECTION_VERSION, TARGET_PAGE_SIZE)
-from engine.stream.encoder import RamRecordEncoder
 from engine.stream.vmdesc import build_vmdesc
-from engine.transport import connect, parse_uri
+from engine.transport import parse_uri
 from engine.trace import trace
 
-#: QEMU's BUFFER_DELAY: the rate limiter's and the bandwidth meter's window.
-WINDOW_SECONDS = 0.1
+__all__ = ["SourceMigration", "RateLimiter", "WINDOW_SECONDS", "POSTCOPY_SWITCH_INTERVAL",
+           "RESUME_ACK_VALUE", "MultifdMode"]
+
 #: ram_save_iterate's time slice.
 ITERATION_SECONDS = 0.05
-#: pages taken from the bitmap per hand-out to the multifd workers (8 packets)
-BATCH_PAGES_MULTIFD = 1024
-#: the smallest wire/reservation ratio a multifd charge assumes: a guest whose
-#: pages were all zero so far may hand a full batch of data next
-_MIN_WIRE_RATIO = 0.05
-#: the interpreter's thread switch interval while postcopy runs, seconds.  The
-#: return-path thread answers page requests (a destination vCPU waits on each);
-#: with CPython's default 5 ms it can wait that long for the GIL each time the
-#: migration thread holds it between two system calls.  The interval is
-#: process-wide: set when the package goes out, restored when ``run`` returns.
-POSTCOPY_SWITCH_INTERVAL = 1e-4
-#: how often waits in postcopy look at the return path and control requests
+#: how often waits look at the return path and control requests
 POLL_SECONDS = 0.05
 #: how long a source whose channel broke waits for the destination's SHUT.
 RP_GRACE_SECONDS = 1.0
-#: RESUME_ACK's only value (QEMU's MIGRATION_RESUME_ACK_VALUE)
-RESUME_ACK_VALUE = 1
+#: statuses in which migrate_cancel shuts the channels down at once (QEMU's
+#: migration_cancel -> qemu_file_shutdown): a send blocked on a destination
+#: that stopped reading must not hold the cancel up
+_CANCEL_SHUTDOWN_STATES = frozenset({S.SETUP, S.WAIT_UNPLUG, S.ACTIVE, S.PRE_SWITCHOVER,
+                                     S.DEVICE})
 
 
 def _peer_closed(channel) -> bool:
@@ -125,71 +122,40 @@ def _peer_closed(channel) -> bool:
         sock.detach()
 
 
-class RateLimiter:
-    """``max-bandwidth`` as a byte budget per 100 ms window (0 = unlimited)."""
-
-    def __init__(self, bytes_per_second: int, clock=time.monotonic, sleep=time.sleep):
-        self.limit = bytes_per_second
-        self.clock, self.sleep = clock, sleep
-        self.window_start = clock()
-        self.used = 0
-
-    def account(self, nbytes: int) -> None:
-        self.used += nbytes
-
-    def exceeded(self) -> bool:
-        if not self.limit:
-            return False
-        now = self.clock()
-        if now - self.window_start >= WINDOW_SECONDS:
-            self.window_start, self.used = now, 0
-            return False
-        return self.used >= self.limit * WINDOW_SECONDS
-
-    def wait(self, cancelled: threading.Event) -> None:
-        """Sleep until the current window ends (or cancel)."""
-        remaining = self.window_start + WINDOW_SECONDS - self.clock()
-        if remaining > 0:
-            cancelled.wait(remaining)
-        self.window_start, self.used = self.clock(), 0
-
-    def wait_or(self, event: threading.Event) -> None:
-        """Sleep until the current window ends, or less if ``event`` is set (a
-        postcopy page request must not wait for the background's budget)."""
-        remaining = self.window_start + WINDOW_SECONDS - self.clock()
-        if remaining > 0 and event.wait(remaining):
-            return
-        self.window_start, self.used = self.clock(), 0
-
-    def room(self) -> int | None:
-        """Bytes the current window still allows; None when unlimited."""
-        if not self.limit:
-            return None
-        return max(0, int(self.limit * WINDOW_SECONDS) - self.used)
-
-    def batch_pages(self, bytes_per_page: int, most: int = BATCH_PAGES) -> int:
-        """Pages for the next batch: at most ``most``, and no more than what is
-        left of the window's budget at ``bytes_per_page``.
-
-        What is left, not the whole budget: a batch sized by the budget and
-        sent just under it would let a window carry nearly twice its bytes.
-        At least one page, so a migration always moves.
-        """
-        room = self.room()
-        if room is None:
-            return most
-        return max(1, min(most, room // bytes_per_page))
-
-    def disable(self) -> None:
-        self.limit = 0
-
-
 class SourceMigration:
     """One outgoing migration.  Create, then ``run(channel)`` once.
 
     ``postcopy_after`` (needs ``postcopy-ram``): switch to postcopy by itself
     once that many dirty-bitmap passes have completed (0: before the first
     page is sent), as if ``start_postcopy()`` had been called then.
+
+    Who owns what, as QEMU's multifd.h documents it.  The migration thread
+    is the one in :meth:`run`; "control" is any thread calling the public
+    methods (a monitor, a signal handler); "return path" is the
+    :class:`~engine.migration.returnpath.ReturnPathReader`'s thread.
+
+    ========================  ====================================================
+    ``state``                 migration thread (transitions); read by all.
+                              Its table is the truth: no flag shadows it
+    ``stats``, ``error``      written under ``_lock`` (migration thread, return
+                              path's request count, multifd acknowledgements)
+    ``channel``, ``uri``      migration thread (a recovery replaces the channel);
+                              control threads only shut it down
+    ``mfd`` (and ``pool``)    migration thread (the pool may be made by the
+                              caller's thread in :meth:`prepare`, before ``run``)
+    ``limiter``               migration thread; control writes its ``limit``
+    ``return_path``           migration thread (one reader per channel); its
+                              outcome is written by the reader's thread only
+    ``pongs``                 appended by the return path, read by all
+    ``postcopy``              :class:`PostcopySource` (see its table)
+    ``_cancel``, ``_continue``, control threads set; the migration thread waits
+    ``_postcopy_requested``
+    ``_switchover_acked``     return path sets; the migration thread reads
+    ``_wake``                 anyone sets (news for the migration thread); the
+                              migration thread clears before it looks
+    ``_yanked``               control sets (our own shutdown of the channels)
+    ``_eof_sent``             migration thread: the main stream is complete
+    ========================  ====================================================
     """
 
     def __init__(self, guest, machine: MachineProfile, options: MigrationOptions,
@@ -197,6 +163,7 @@ class SourceMigration:
                  on_pass: Callable[[int], None] | None = None,
                  vcpus: int | None = None, runstate: str | None = None,
                  postcopy_after: int | None = None, uuid: bytes | None = None):
+        check_implemented(options)
         self.guest = guest
         #: the VM's UUID (QEMU's -uuid), None when not set: it goes in every
         #: MultiFDInit (zeros when not set) and, with validate-uuid, in the
@@ -212,15 +179,12 @@ class SourceMigration:
         self.ram = RamSaver(guest, self.page_size, detect_zero=detect)
         self.stats = StatsAccumulator(self.ram.total_bytes, self.page_size)
         self.error: EngineError | None = None
+        self._lock = threading.Lock()
         self._cancel = threading.Event()
         self._continue = threading.Event()
         self._switchover_acked = threading.Event()
-        check_implemented(options)
-        self._lock = threading.Lock()
-        self._rp_thread: threading.Thread | None = None
-        self._rp_shut: threading.Event = threading.Event()
-        self._rp_status: int | None = None
-        self._rp_error: EngineError | None = None
+        self._wake = threading.Event()
+        self.return_path: ReturnPathReader | None = None
         self.pongs: list[int] = []
         self.guest_state = GuestState(guest)
         #: globalstate's runstate; by default 'running' or 'prelaunch'
@@ -228,59 +192,36 @@ class SourceMigration:
         self.switchover_digests: dict[str, str] | None = None
         self.compute_digests = False
         self.multifd = options.cap("multifd")
-        self.pool = None
-        #: QEMU 7.2's multifd dialect (a sync at every RAM section) or later
-        #: QEMUs' (a MULTIFD_FLUSH per round, noted in _flushed_round)
-        self._flush_each_section = options.prop("multifd-flush-after-each-section")
-        self._flushed_round = -1
-        #: multifd rate accounting: what each batch in flight was charged (by
-        #: seq), and the wire/reservation ratio of recent acknowledgements
-        self._multifd_charged: dict[int, int] = {}
-        self._wire_ratio = 1.0
-        self._multifd_live = False      # the pool carries pages (precopy only)
-        #: postcopy: the pool carries no pages but its channels stay open and
-        #: sync at every RAM EOS, as QEMU 7.2's do (its destination waits for
-        #: those syncs); ours accepts that or channels that ended
-        self._multifd_sync_only = False
+        self.mfd = MultifdSource(self)
+        self.channel = None
         self.uri: str | None = None
         self.limiter: RateLimiter | None = None
+        self._eof_sent = False
+        self._owned_channels: list = []
+        self._yanked = False
 
-        # -- postcopy ----------------------------------------------------------
-        self.postcopy = options.cap("postcopy-ram")
+        self.postcopy_enabled = options.cap("postcopy-ram")
         self.preempt = options.cap("postcopy-preempt")
         if postcopy_after is not None:
-            if not self.postcopy:
+            if not self.postcopy_enabled:
                 raise InvalidCapabilityError(
                     "postcopy-ram", "switching to postcopy needs it enabled")
             if postcopy_after < 0:
                 raise ConfigError(f"postcopy_after must be >= 0, not {postcopy_after}")
         self.postcopy_after = postcopy_after
         self._postcopy_requested = threading.Event()
-        #: set once the package is on its way: page requests are valid from then on
-        self._in_postcopy = False
-        self._pong_packaged = threading.Event()
-        #: wakes the migration thread: a page request, PONG 0x42, the return
-        #: path ending, migrate-pause, a new bandwidth
-        self._wake = threading.Event()
-        #: (block index, first page, pages) asked for, served on the main channel
-        self._requests: collections.deque[tuple[int, int, int]] = collections.deque()
-        self.preempt_channel = None
-        self._preempt_lock = threading.Lock()
-        self._preempt_encoder = RamRecordEncoder(self.page_size)
-        self._pause_requested = threading.Event()
-        self._resume_event = threading.Event()
-        self._resume_uri: str | None = None
-        self._abandoned: str | None = None
-        self._received: dict[int, np.ndarray] = {}
-        self._resume_acked = threading.Event()
-        #: the reason of the latest pause, or of the latest failed recovery
-        self.pause_error: EngineError | None = None
-        self._owned_channels: list = []
-        #: set by yank(): the channel errors that follow are of our own making
-        self._yanked = False
-        self._saved_switch_interval: float | None = None
+        self.postcopy = PostcopySource(self, self.preempt)
         #: CPU of this process and its multifd workers during the migration
         self.cpu = CpuMeter(lambda: [p.pid for p in self.pool.procs] if self.pool else [])
+
+    # Read-only views kept for callers of the undivided class.
+    @property
+    def preempt_channel(self):
+        return self.postcopy.preempt_channel
+
+    @property
+    def pause_error(self) -> EngineError | None:
+        return self.postcopy.pause_error
 
     def prepare(self) -> None:
         """Start the multifd workers now, before the migration's clock runs.
@@ -290,57 +231,23 @@ class SourceMigration:
         line, a monitor) starts them ahead, like a thread pool.  ``run`` calls
         this itself if nobody did.
         """
-        if not self.multifd or self.pool is not None:
-            return
-        from engine.multifd.pool import SendPool
-        opts = self.options
-        codec = opts.param("multifd-compression")
-        level = {"zlib": opts.param("multifd-zlib-level"),
-                 "zstd": opts.param("multifd-zstd-level")}.get(codec)
-        self.pool = SendPool(int(opts.param("multifd-channels")), self.guest.blocks,
-                             codec=codec, level=level,
-                             zero_detect=opts.param("zero-page-detection") == "multifd",
-                             page_size=self.page_size)
-        self.pool.on_ack = self._on_multifd_ack
-        # A cancel, or the destination's SHUT, must not wait for workers stuck
-        # on a destination that stopped reading (QEMU shuts the channels down).
-        self.pool.check_abort = self._check_cancel
+        if self.multifd:
+            self.mfd.prepare()
 
-    def _multifd_reservation(self, npages: int) -> int:
-        """Bytes a batch of ``npages`` may take on the wire at most: every page
-        in full plus each packet's header (QEMU 7.2 charges exactly this at
-        hand-off)."""
-        packets = -(-npages // self.pool.page_count)
-        return npages * self.page_size + packets * packet_size(self.pool.page_count)
-
-    def _multifd_charge(self, npages: int) -> int:
-        """What a batch is charged when handed to a worker: its reservation
-        scaled by the wire/reservation ratio of the batches acknowledged so
-        far.  Charging the full reservation held a zero-page-heavy guest to
-        max-bandwidth in guest pages rather than wire bytes until the give-back
-        at each acknowledgement caught up (a 1 GiB idle guest took 0.5-0.8 s
-        on 4 channels against 0.15 s on one); QEMU since 8.x charges what was
-        written, after the fact."""
-        return max(1, int(self._multifd_reservation(npages) * self._wire_ratio))
-
-    def _on_multifd_ack(self, ack) -> None:
-        with self._lock:
-            self.stats.add_normal(ack.normal, 0)
-            self.stats.add_zero(ack.zero, 0)
-            self.stats.add_multifd_bytes(ack.wire_bytes)
-        reserved = self._multifd_reservation(ack.normal + ack.zero)
-        charged = self._multifd_charged.pop(ack.seq, reserved)
-        if reserved:
-            ratio = 0.5 * self._wire_ratio + 0.5 * ack.wire_bytes / reserved
-            self._wire_ratio = min(1.0, max(_MIN_WIRE_RATIO, ratio))
-        if self.limiter is not None:
-            # Now that the batch's real size is known, settle the difference
-            # with its charge, so max-bandwidth limits bytes on the wire.
-            self.limiter.account(ack.wire_bytes - charged)
+    @property
+    def pool(self):
+        """The multifd send pool (None without multifd, or before :meth:`prepare`)."""
+        return self.mfd.pool
 
     # -- control from other threads ------------------------------------
     def cancel(self) -> None:
-        """migrate_cancel: stop at the next batch boundary.
+        """migrate_cancel: the migration ends in ``cancelled``, the guest running.
+
+        As QEMU's migration_cancel shuts the migration's QEMUFile down, the
+        channels are shut down at once: a send blocked on a destination that
+        stopped reading (a stopped process, a full socket) fails now instead
+        of whenever the peer moves.  The source's memory is never written, so
+        cutting a page record short costs nothing here.
 
         Refused (:class:`StateError`) once postcopy has started: the
         destination may already run the guest, and only it has the pages
@@ -353,6 +260,18 @@ class SourceMigration:
                         "the destination, and cancelling would lose it",)
             raise err
         self._cancel.set()
+        trace("migrate_cancel", status=status.value)
+        if status in _CANCEL_SHUTDOWN_STATES:
+            self._shutdown_channels()
+        self._wake.set()
+
+    def _shutdown_channels(self) -> None:
+        """Shut down (not close) the main and preempt channels; any thread."""
+        channel = self.channel
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                channel.shutdown()
+        self.postcopy.shutdown_preempt()
 
     def start_postcopy(self) -> None:
         """QMP migrate-start-postcopy: switch to postcopy at the next iteration.
@@ -361,7 +280,7 @@ class SourceMigration:
         ``postcopy-ram`` and :class:`StateError` unless the migration is in
         ``setup`` or ``active``.
         """
-        if not self.postcopy:
+        if not self.postcopy_enabled:
             raise InvalidCapabilityError(
                 "postcopy-ram", "enable it before the migration starts to use "
                 "migrate-start-postcopy")
@@ -373,11 +292,7 @@ class SourceMigration:
         ``postcopy-paused`` for :meth:`resume` (only in ``postcopy-active`` or
         ``postcopy-recover``; :class:`StateError` otherwise)."""
         self.state.expect(S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER)
-        self._pause_requested.set()
-        for ch in (self.channel, self.preempt_channel):
-            if ch is not None:
-                with contextlib.suppress(Exception):
-                    ch.shutdown()
+        self.postcopy.request_pause((self.channel,))
         self._wake.set()
 
     def yank(self) -> None:
@@ -389,10 +304,8 @@ class SourceMigration:
         channels are the workers' sockets; the caller reaches those.
         """
         self._yanked = True
-        for ch in (getattr(self, "channel", None), self.preempt_channel):
-            if ch is not None:
-                with contextlib.suppress(Exception):
-                    ch.shutdown()
+        trace("migration_yank", status=self.state.status.value)
+        self._shutdown_channels()
         self._wake.set()
 
     def resume(self, uri: str) -> None:
@@ -405,17 +318,13 @@ class SourceMigration:
         """
         parse_uri(uri)
         self.state.expect(S.POSTCOPY_PAUSED)
-        with self._lock:
-            self._resume_uri = uri
-        self._resume_event.set()
+        self.postcopy.request_resume(uri)
 
     def abandon(self, reason: str) -> None:
         """Give up a paused postcopy that nobody can recover (the destination
         is gone, or there is no monitor to send migrate-recover there): the
         migration fails; the guest now exists only where it ran last."""
-        with self._lock:
-            self._abandoned = reason
-        self._resume_event.set()
+        self.postcopy.abandon(reason)
 
     def set_parameters(self, params: dict) -> None:
         """migrate-set-parameters while migrating: validated, applied at once.
@@ -427,7 +336,8 @@ class SourceMigration:
         self.options = self.options.with_parameters(params)
         limiter = self.limiter
         if limiter is not None:
-            name = "max-postcopy-bandwidth" if self._in_postcopy else "max-bandwidth"
+            name = "max-postcopy-bandwidth" if self.state.status in POSTCOPY_STATES \
+                else "max-bandwidth"
             if name in params:
                 limiter.limit = int(self.options.param(name))
                 self._wake.set()
@@ -436,6 +346,7 @@ class SourceMigration:
         """QMP migrate-continue: leave pre-switchover (guarded by the state)."""
         self.state.expect(S(expected))
         self._continue.set()
+        self._wake.set()
 
     def info(self) -> MigrationInfo:
         """query-migrate; ``error-desc`` only with status failed, as QEMU shows it
@@ -457,6 +368,7 @@ class SourceMigration:
         self.channel = channel
         self.uri = uri
         self.limiter = None
+        trace("migration_thread_setup", channel=channel.name, uri=uri)
         was_running = bool(getattr(self.guest, "running", False))
         if self.runstate is not None:
             self.guest_state.runstate = self.runstate
@@ -468,16 +380,19 @@ class SourceMigration:
         self.state.transition(S.SETUP)
         self.stats.start()
         self.cpu.start()
+        if self._cancel.is_set():
+            # A cancel that came before the channel was ours to shut down.
+            self._shutdown_channels()
         try:
             self._setup()
             # A migrate_cancel issued during setup ends it in setup, as in QEMU,
             # instead of after a first pass of active.
-            self._check_cancel()
+            self._checkpoint()
             self.stats.setup_done()
             self.state.transition(S.ACTIVE)
             postcopy = self._iterate()
             if postcopy:
-                self._postcopy_prepare()
+                self.postcopy.prepare()
             # QEMU's migration_completion: stop the VM first, then (with
             # pause-before-switchover) wait in pre-switchover for
             # migrate-continue, then serialise devices in 'device'.
@@ -497,12 +412,11 @@ class SourceMigration:
             self.limiter = None
             if self.options.cap("pause-before-switchover"):
                 self.state.transition(S.PRE_SWITCHOVER)
-                while not self._continue.wait(0.05):
-                    self._check_cancel()
+                self._wait_until(self._continue.is_set)
             self.state.transition(S.DEVICE)
             if postcopy:
-                self._postcopy_switch()
-                self._postcopy_run()
+                self.postcopy.switch()
+                self.postcopy.run()
             else:
                 self._complete()
                 self._await_return_path()
@@ -516,21 +430,23 @@ class SourceMigration:
                 # the switchover contents without adding to the downtime.
                 self.switchover_digests = memory_digests(self.guest.blocks)
         except BaseException as exc:  # includes KeyboardInterrupt: cancel path
+            trace("migration_thread_error", error=f"{type(exc).__name__}: {exc}")
             if self.pool is not None:
                 self.pool.kill()
             self._abort(self._with_destination_reason(exc), stopped_by_us)
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
         finally:
-            self._restore_switch_interval()
+            self.postcopy.restore_switch_interval()
             self._stop_return_path()
-            self._close_preempt()
+            self.postcopy.close_preempt()
             for ch in self._owned_channels:
                 with contextlib.suppress(Exception):
                     ch.close()
             self._owned_channels.clear()
             if self.pool is not None:
                 self.pool.close()
+            trace("migration_thread_after_loop", status=self.state.status.value)
         return self.info()
 
     def _abort(self, exc: BaseException, stopped_by_us: bool) -> None:
@@ -541,10 +457,7 @@ class SourceMigration:
         """
         status = self.state.status
         split = status in POSTCOPY_STATES and status is not S.POSTCOPY_DEVICE
-        for ch in (self.channel, self.preempt_channel):
-            if ch is not None:
-                with contextlib.suppress(Exception):
-                    ch.shutdown()
+        self._shutdown_channels()
         # No cancel once postcopy started (cancel() refuses it; one that came
         # just before the switch lost the race).
         cancelled = status not in POSTCOPY_STATES and (
@@ -578,15 +491,54 @@ class SourceMigration:
         if self.state.status is S.CANCELLING:
             self.state.transition(S.CANCELLED)
 
-    def _check_cancel(self) -> None:
-        if self._cancel.is_set():
+    def _checkpoint(self) -> None:
+        """Raise what must end or pause the migration thread now; the one place
+        that decides (QEMU spreads it over migration_iteration_run,
+        migration_detect_error and the postcopy waits).
+
+        * before postcopy: a migrate_cancel;
+        * in postcopy: a migrate-pause (cancel() refuses those states);
+        * always: the return path's error or the destination's failure SHUT
+          (sending on, or stopping the guest for a switchover, cannot succeed),
+          and in a recovery any end of the return path;
+        * PONG 0x42 in ``postcopy-device``: the destination loaded the devices,
+          the postcopy is ``postcopy-active`` from here on.
+        """
+        status = self.state.status
+        if status in POSTCOPY_STATES:
+            if self.postcopy.pause_requested.is_set():
+                raise PostcopyPaused("paused by migrate-pause")
+        elif self._cancel.is_set():
             raise MigrationCancelled("migration cancelled")
-        if self._rp_error is not None:
-            raise self._rp_error
-        if self._rp_status:
-            # The destination gave up loading: sending on (or, worse, stopping
-            # the guest for a switchover) cannot succeed any more.
-            raise self._shut_error()
+        rpath = self.return_path
+        if rpath is not None:
+            rpath.check(recovering=status is S.POSTCOPY_RECOVER)
+        if status is S.POSTCOPY_DEVICE and self.postcopy.devices_loaded.is_set():
+            self.state.transition(S.POSTCOPY_ACTIVE)
+
+    def _multifd_checkpoint(self) -> None:
+        """:meth:`_checkpoint`, and while the main stream is not complete, the
+        destination closing the main channel: a destination that rejected
+        the stream (QEMU exits, or keeps its multifd sockets without reading
+        them) would otherwise leave the workers blocked until the pool's
+        acknowledgement timeout.  Called by the pool every poll interval
+        while it waits, never per batch."""
+        self._checkpoint()
+        if self.mfd.carries_pages and not self._eof_sent \
+                and _peer_closed(self.channel):
+            raise ChannelClosedError(
+                f"{self.channel.name}: the destination closed the migration channel "
+                "while multifd pages were in flight")
+
+    def _wait_until(self, done: Callable[[], bool]) -> None:
+        """Block until ``done()``, at :meth:`_checkpoint` every poll interval
+        and at every wake (which raises what ends the wait otherwise)."""
+        while True:
+            self._wake.clear()
+            self._checkpoint()
+            if done():
+                return
+            self._wake.wait(POLL_SECONDS)
 
     def _with_destination_reason(self, exc: BaseException) -> BaseException:
         """A channel that broke under us usually broke because the destination
@@ -599,19 +551,18 @@ class SourceMigration:
             err = type(exc)(f"{exc} (the migration's channels were yanked)")
             err.__cause__ = exc
             return err
-        if self._rp_thread is not None:
-            deadline = time.monotonic() + RP_GRACE_SECONDS
-            while not self._rp_shut.wait(0.02) and time.monotonic() < deadline:
-                pass
-            if self._rp_status:
-                err = MigrationError(f"{self._shut_error()}; the source then saw: {exc}")
+        rpath = self.return_path
+        if rpath is not None:
+            rpath.shut.wait(RP_GRACE_SECONDS)
+            if rpath.status:
+                err = MigrationError(f"{rpath.shut_error()}; the source then saw: {exc}")
                 err.__cause__ = exc
                 return err
         if self.state.status in POSTCOPY_STATES or not _peer_closed(self.channel):
             return exc      # the destination is still there: a channel broke alone
         why = f"{exc} (the destination gave up: it rejected the stream or failed; its " \
               "log says why"
-        if (self.multifd and not self._flush_each_section
+        if (self.multifd and not self.mfd.flush_each_section
                 and self.stats.dirty_sync_count <= 1):
             # The likeliest rejection this early: QEMU before 8.1 refuses the
             # MULTIFD_FLUSH record (0x200) of the setup section.
@@ -621,10 +572,6 @@ class SourceMigration:
         err = type(exc)(why + ")")
         err.__cause__ = exc
         return err
-
-    def _shut_error(self) -> MigrationError:
-        return MigrationError(
-            f"destination reported an error loading the stream (SHUT {self._rp_status})")
 
     def _send(self, buffers) -> None:
         self.channel.sendmsg_all(buffers)
@@ -640,10 +587,7 @@ class SourceMigration:
         if self.multifd:
             if self.uri is None:
                 raise MigrationError("multifd needs the destination's URI to open its channels")
-            self.prepare()
-            # QEMU opens every multifd channel before the header goes out.
-            self.pool.connect(self.uri, self.uuid or bytes(16))
-            self._multifd_live = True
+            self.mfd.connect(self.uri, self.uuid or bytes(16))
         config = {}
         if self.uuid is not None and self.options.cap("validate-uuid"):
             config["configuration/uuid"] = enc.config_uuid(self.uuid)
@@ -656,7 +600,7 @@ class SourceMigration:
                     f"a return path needs a bidirectional channel; {self.channel.name} is not")
             self._send_counted(enc.open_return_path() + enc.ping(1))
             self._start_return_path()
-        if self.postcopy:
+        if self.postcopy_enabled:
             self._send_counted(enc.postcopy_advise(self.ram.page_size_summary(),
                                                    self.page_size))
         body = (enc.section_start(RAM_SECTION_ID, RAM_SECTION_IDSTR, 0, RAM_SECTION_VERSION)
@@ -667,10 +611,7 @@ class SourceMigration:
         self._count_sync(0, self.ram.pending_pages())
         self._send([body])
         self.stats.add_bytes(len(body))
-        if self._multifd_live and not self._flush_each_section:
-            # QEMU >= 8.1: the setup section's flush, after the block list;
-            # it also tells the destination which dialect this stream speaks.
-            self._multifd_flush()
+        self.mfd.setup_done()
         self._end_ram_section()
 
     def _count_sync(self, new: int, pending_pages: int) -> None:
@@ -693,28 +634,14 @@ class SourceMigration:
           this section on another channel;
         * off (QEMU 8.1 and later, the default): only a MULTIFD_FLUSH record
           is, written once in the setup section and once per dirty-bitmap
-          round (:meth:`_multifd_flush`); a round's pages then cannot be
+          round (:meth:`MultifdSource.flush`); a round's pages then cannot be
           overtaken by the next round's, and within a round each page goes
           out once.
         """
-        if self._multifd_live and self._flush_each_section:
-            self.pool.sync()
+        self.mfd.section_end()
         tail = enc.ram_eos() + enc.section_footer(RAM_SECTION_ID)
         self._send([tail])
         self.stats.add_bytes(len(tail))
-
-    def _multifd_flush(self) -> None:
-        """QEMU's multifd_ram_flush_and_sync: a SYNC on every channel, then the
-        MULTIFD_FLUSH record that tells the destination to wait for them."""
-        self.pool.sync()
-        self._send_counted(enc.ram_flush())
-
-    def _round_done(self) -> None:
-        """The scan reached the end of RAM (QEMU: the page search wrapped)."""
-        if self._multifd_live and not self._flush_each_section \
-                and self._flushed_round != self.ram.round:
-            self._flushed_round = self.ram.round
-            self._multifd_flush()
 
     def _return_path_wanted(self) -> bool:
         return self.options.cap("return-path") or self.options.cap("postcopy-ram")
@@ -731,7 +658,7 @@ class SourceMigration:
         if self.postcopy_after == 0:
             self._postcopy_requested.set()
         while True:
-            self._check_cancel()
+            self._checkpoint()
             if self._postcopy_requested.is_set():
                 return True
             downtime_limit = int(self.options.param("downtime-limit"))
@@ -764,14 +691,14 @@ class SourceMigration:
         self._send([header])
         self.stats.add_bytes(len(header))
         while True:
-            self._check_cancel()
+            self._checkpoint()
             if limiter is not None and limiter.exceeded():
                 limiter.wait(self._cancel)
                 if deadline is not None:
                     break
-            if self._multifd_live:
-                if not self._submit_multifd():
-                    self._round_done()
+            if self.mfd.carries_pages:
+                if not self.mfd.submit():
+                    self.mfd.round_done(self.ram.round)
                     break
             else:
                 batch = self.ram.next_batch(
@@ -793,50 +720,6 @@ class SourceMigration:
             self.stats.add_zero(batch.zero,
                                 batch.wire_bytes - batch.normal * (8 + self.page_size))
             self.stats.set_remaining(self.ram.pending_pages())
-
-    def _submit_multifd(self) -> bool:
-        """Hand the next dirty pages to the workers; False when the round is done.
-
-        With zero-page-detection=legacy the zero pages are found here and go
-        on the main channel as ZERO records (what QEMU 7.2 always does);
-        otherwise the workers find them (multifd) or nobody does (none).
-        """
-        limiter = self.limiter
-        most = BATCH_PAGES_MULTIFD
-        if limiter is not None:
-            # A page and its share of a packet header, as the charge counts.
-            full = self.pool.page_count
-            most = limiter.batch_pages(-(-self._multifd_charge(full) // full), most)
-        item = self.ram.next_pages(most)
-        if item is None:
-            return False
-        index, idx = item
-        if self.options.param("zero-page-detection") == "legacy":
-            bm = self.ram.bitmaps[index]
-            block = bm.block
-            zero = block_zero_page_mask(block, idx, self.page_size, bm.holes)
-            if zero.any():
-                offsets = idx.astype(np.uint64) * np.uint64(self.page_size)
-                records = [self.ram.encoder.zero_pages(block.idstr, offsets[zero])]
-                self._send(records)
-                nbytes = sum(len(r) for r in records)
-                with self._lock:
-                    self.stats.add_zero(int(zero.sum()), nbytes)
-                if limiter is not None:
-                    limiter.account(nbytes)
-                idx = idx[~zero]
-        if len(idx):
-            if limiter is not None:
-                # One hand-out is one BATCH (most <= the pool's batch size).
-                charge = self._multifd_charge(len(idx))
-                self._multifd_charged[self.pool.next_seq] = charge
-                limiter.account(charge)
-            self.pool.submit(index, idx.astype(np.uint64))
-        self.pool.poll_acks()
-        with self._lock:
-            self.stats.set_remaining(self.ram.pending_pages())
-        return True
-
     def _device_sections(self, described: list | None = None) -> list[bytes]:
         """The FULL section of every device (vCPUs stopped)."""
         records = []
@@ -861,457 +744,45 @@ class SourceMigration:
         records.append(enc.vmdescription(build_vmdesc(self.page_size, described)))
         self._send(records)
         self.stats.add_bytes(sum(len(r) for r in records))
-        if self._multifd_live:
-            self.pool.finish()      # BYE: every channel closed cleanly
-            self._multifd_live = False
+        self._eof_sent = True
+        self.mfd.complete()
         with self._lock:
             self.stats.set_remaining(0)
-
-    # -- postcopy: the switch ----------------------------------------------
-    def _postcopy_prepare(self) -> None:
-        """Spec 4.5 steps 3-4, guest still running: the preempt channel, then
-        the "postcopy prepare" PART section whose multifd sync puts every page
-        multifd carried in place before the destination can run the guest."""
-        if self.preempt:
-            # A PONG says the destination took the main channel: the preempt
-            # channel must reach it after the main (and multifd) ones.
-            self._wait_until(lambda: bool(self.pongs), self._check_cancel)
-            self._connect_preempt(self.uri)
-        self._send_counted(enc.section_part(RAM_SECTION_ID))
-        if self._multifd_live and not self._flush_each_section:
-            self._multifd_flush()
-        self._end_ram_section()
-        if self._multifd_live:
-            # Postcopy pages are placed one by one as they arrive (multifd
-            # cannot do that): no more pages for the pool.  QEMU 7.2 keeps
-            # the channels and syncs them at every EOS (its destination waits
-            # for that); QEMU 10.1 closes them.
-            self._multifd_live = False
-            if self._flush_each_section:
-                self._multifd_sync_only = True
-            else:
-                self.pool.finish()
-
-    def _postcopy_switch(self) -> None:
-        """Spec 4.5 steps 7-9, guest stopped, in ``device``: discards, package."""
-        new = self.ram.sync()
-        pending = self.ram.pending_pages()
-        self._count_sync(new, pending)
-        discards = self.ram.discard_commands()
-        # QEMU forgets the last block after the discard, so the first
-        # postcopy record names its block.
-        self.ram.encoder.reset()
-        self.ram.rewind()
-        self._send_counted(discards + enc.ping(2))
-        package = [enc.postcopy_listen(), *self._device_sections(), enc.ping(3)]
-        if self._rp_thread is not None:
-            package.append(enc.ping(QEMU_VM_PING_PACKAGED_LOADED))
-        package.append(enc.postcopy_run())
-        self._check_cancel()        # the last moment a cancel can win
-        self._in_postcopy = True    # the destination may fault while loading devices
-        self._saved_switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(POSTCOPY_SWITCH_INTERVAL)
-        self._send_counted(enc.packaged(b"".join(package)) + enc.ping(4))
-        with self._lock:
-            self.stats.postcopy_started()
-        self.limiter = RateLimiter(int(self.options.param("max-postcopy-bandwidth")))
-        self.state.transition(S.POSTCOPY_DEVICE if self._rp_thread is not None
-                              else S.POSTCOPY_ACTIVE)
-
-    def _restore_switch_interval(self) -> None:
-        if self._saved_switch_interval is not None:
-            sys.setswitchinterval(self._saved_switch_interval)
-            self._saved_switch_interval = None
-
-    # -- postcopy: background, requests, pause and recovery ---------------------
-    def _postcopy_run(self) -> None:
-        """Until the destination's SHUT(0); a broken channel in
-        ``postcopy-active`` pauses, and the loop goes on after a recovery."""
-        while True:
-            try:
-                self._postcopy_send_all()
-                return
-            except (ChannelError, OSError, PostcopyPaused) as exc:
-                if self.state.status is not S.POSTCOPY_ACTIVE:
-                    raise           # postcopy-device: a precopy failure
-                self._postcopy_paused(exc)
-
-    def _postcopy_check(self) -> None:
-        """Raise what ends or pauses the postcopy; note PONG 0x42."""
-        if self._pause_requested.is_set():
-            raise PostcopyPaused("paused by migrate-pause")
-        if self._rp_error is not None:
-            raise self._rp_error
-        if self._rp_status:
-            raise self._shut_error()
-        if self.state.status is S.POSTCOPY_DEVICE and self._pong_packaged.is_set():
-            self.state.transition(S.POSTCOPY_ACTIVE)
-
-    def _postcopy_send_all(self) -> None:
-        """RAM PART sections until nothing is left, then END, EOF and SHUT."""
-        limiter = self.limiter
-        while True:
-            self._postcopy_check()
-            if not self._requests and not self._pending():
-                break
-            self._send_counted(enc.section_part(RAM_SECTION_ID))
-            deadline = time.monotonic() + ITERATION_SECONDS
-            while True:
-                # Cleared before looking: a request arriving from here on
-                # sets it again and cuts the next sleep short.
-                self._wake.clear()
-                self._postcopy_check()
-                self._serve_requests()
-                if limiter.exceeded():
-                    limiter.wait_or(self._wake)
-                    if time.monotonic() >= deadline:
-                        break
-                    continue
-                batch = self.ram.next_batch(limiter.batch_pages(self.page_size + 8))
-                if batch is None:
-                    if not self._pending():
-                        break
-                    self.ram.rewind()       # pages skipped after a request
-                    continue
-                self.channel.send_views(batch.buffers)
-                self._account_batch(batch)
-                limiter.account(batch.wire_bytes)
-                if time.monotonic() >= deadline:
-                    break
-            self._postcopy_multifd_sync()
-            self._send_counted(enc.ram_eos() + enc.section_footer(RAM_SECTION_ID))
-        # QEMU completes only after PONG 0x42 (postcopy-device -> active).
-        self._wait_until(lambda: self.state.status is not S.POSTCOPY_DEVICE,
-                         self._postcopy_check)
-        self._end_preempt()
-        self._send_counted(enc.section_end(RAM_SECTION_ID))
-        self._postcopy_multifd_sync()
-        self._send_counted(enc.ram_eos() + enc.section_footer(RAM_SECTION_ID) + enc.eof())
-        with self._lock:
-            self.stats.set_remaining(0)
-        if self._rp_thread is not None:
-            self._wait_until(lambda: self._rp_shut.is_set(), self._postcopy_check)
-            self._postcopy_check()
-        if self._multifd_sync_only:
-            self._multifd_sync_only = False
-            self.pool.finish()      # BYE, after the destination's SHUT as in QEMU 7.2
-
-    def _postcopy_multifd_sync(self) -> None:
-        """QEMU 7.2's per-section sync, in postcopy too (no pages move).
-
-        If a channel broke, multifd is over for this migration: the pool
-        goes and the destination sees the channels end (ours accepts that);
-        postcopy itself goes on over the main and preempt channels.
-        """
-        if not self._multifd_sync_only:
-            return
-        try:
-            self.pool.sync()
-        except EngineError:
-            self._multifd_sync_only = False
-            self.pool.kill()
-
-    def _pending(self) -> int:
-        with self.ram.lock:
-            return self.ram.pending_pages()
-
-    def _wait_until(self, done: Callable[[], bool], check: Callable[[], None]) -> None:
-        """Block until ``done()``, calling ``check()`` (which raises) meanwhile."""
-        while True:
-            self._wake.clear()
-            check()
-            if done():
-                return
-            self._wake.wait(POLL_SECONDS)
-
-    def _serve_requests(self) -> None:
-        """Pages the destination asked for, ahead of the background scan
-        (without postcopy-preempt: on the main channel, inside the section)."""
-        while self._requests:
-            index, first, count = self._requests.popleft()
-            idx = self.ram.take_range(index, first, count)
-            for start in range(0, len(idx), BATCH_PAGES):
-                batch = self.ram.encode(index, idx[start:start + BATCH_PAGES])
-                self.channel.send_views(batch.buffers)
-                self._account_batch(batch)
-                if self.limiter is not None:
-                    self.limiter.account(batch.wire_bytes)
-
-    def _on_page_request(self, block: str | None, start: int, length: int) -> None:
-        """Return-path thread: one REQ_PAGES(_ID) message."""
-        with self._lock:
-            self.stats.add_postcopy_requests(1)
-        if not self._in_postcopy:
-            raise RemoteProtocolError("page request before postcopy started",
-                                      channel="return path")
-        index = self.ram.block_index(block) if block is not None else None
-        if index is None:
-            raise RemoteProtocolError(f"page request for unknown RAM block {block!r}",
-                                      channel="return path")
-        used = self.ram.bitmaps[index].block.used_length
-        ps = self.page_size
-        if start % ps or length % ps or length <= 0 or start + length > used:
-            raise RemoteProtocolError(
-                f"page request of {length:#x} bytes at {start:#x} of block {block!r} "
-                f"({used:#x} bytes) is not a range of whole {ps}-byte pages in it",
-                channel="return path")
-        first, count = start // ps, length // ps
-        if self.preempt_channel is not None:
-            self._send_urgent(index, first, count)
-        else:
-            self._requests.append((index, first, count))
-            self._wake.set()
-
-    def _send_urgent(self, index: int, first: int, count: int) -> None:
-        """Return-path thread, postcopy-preempt: the pages at once, on the preempt
-        channel, unless another sender took them first."""
-        with self._preempt_lock:
-            channel = self.preempt_channel
-            if channel is None:         # ended: nothing is left to send anyway
-                return
-            # Taken under the preempt lock: the EOS that ends the channel
-            # cannot come between taking a page and sending it.
-            if count == 1:
-                self._send_urgent_page(channel, index, first)
-                return
-            idx = self.ram.take_range(index, first, count)
-            if not len(idx):
-                return
-            for start in range(0, len(idx), BATCH_PAGES):
-                batch = self.ram.encode(index, idx[start:start + BATCH_PAGES],
-                                        self._preempt_encoder)
-                channel.send_views(batch.buffers)
-                self._account_batch(batch)
-
-    def _send_urgent_page(self, channel, index: int, page: int) -> None:
-        """One requested page (the usual request): the fault's latency path.
-
-        The source guest is stopped in postcopy, so the record can point
-        straight into guest memory: no staging copy, no batch encoder.
-        ``remaining`` is left to the migration thread (counting the bitmap
-        here would cost more than sending the page).
-        """
-        if not self.ram.take_page(index, page):
-            return
-        block = self.ram.bitmaps[index].block
-        data = block.pages[page]
-        offset = page * self.page_size
-        if not self.ram.detect_zero or data.view(np.uint64).any():
-            channel.sendmsg_all([self._preempt_encoder.page_header(block.idstr, offset), data])
-            wire = 8 + self.page_size
-            with self._lock:
-                self.stats.add_normal(1, wire)
-        else:
-            record = self._preempt_encoder.zero_page(block.idstr, offset)
-            channel.sendmsg_all([record])
-            with self._lock:
-                self.stats.add_zero(1, len(record))
-
-    def _connect_preempt(self, uri: str) -> None:
-        channel = connect(uri)
-        with self._preempt_lock:
-            # A new channel: the destination knows no previous block on it.
-            self._preempt_encoder = RamRecordEncoder(self.page_size)
-            self.preempt_channel = channel
-
-    def _end_preempt(self) -> None:
-        """EOS on the preempt channel: no urgent page follows (everything was sent)."""
-        with self._preempt_lock:
-            channel, self.preempt_channel = self.preempt_channel, None
-            if channel is not None:
-                self._owned_channels.append(channel)
-                channel.sendmsg_all([enc.ram_eos()])
-
-    def _close_preempt(self) -> None:
-        with self._preempt_lock:
-            channel, self.preempt_channel = self.preempt_channel, None
-        if channel is not None:
-            with contextlib.suppress(Exception):
-                channel.shutdown()
-            channel.close()
-
-    def _teardown_channels(self) -> None:
-        """Stop the return path and drop the broken channels (pause, failed recovery)."""
-        self._stop_return_path()
-        self._close_preempt()
-        if self.channel in self._owned_channels:
-            self._owned_channels.remove(self.channel)
-            self.channel.close()
-
-    def _postcopy_paused(self, cause: BaseException) -> None:
-        """``postcopy-paused`` until a :meth:`resume` succeeds (spec 4.6)."""
-        self._teardown_channels()
-        self._enter_paused(cause)
-        while True:
-            while not self._resume_event.wait(POLL_SECONDS):
-                pass
-            self._resume_event.clear()
-            with self._lock:
-                uri, abandoned = self._resume_uri, self._abandoned
-            if abandoned is not None:
-                raise PostcopyError(f"postcopy abandoned while paused: {abandoned}")
-            self.state.transition(S.POSTCOPY_RECOVER_SETUP)
-            try:
-                channel = connect(uri)
-            except (EngineError, OSError) as exc:
-                self._enter_paused(exc)
-                continue
-            self._owned_channels.append(channel)
-            self.channel = channel
-            self.state.transition(S.POSTCOPY_RECOVER)
-            try:
-                self._resume_handshake(uri)
-            except (EngineError, OSError) as exc:
-                self._teardown_channels()
-                self._enter_paused(exc)
-                continue
-            self.state.transition(S.POSTCOPY_ACTIVE)
-            return
-
-    def _enter_paused(self, cause: BaseException) -> None:
-        self._pause_requested.clear()
-        self._requests.clear()      # the destination asks again after the resume
-        with self._lock:
-            self.pause_error = cause if isinstance(cause, EngineError) else \
-                ChannelBrokenError(f"{type(cause).__name__}: {cause}")
-        self.state.transition(S.POSTCOPY_PAUSED)
-
-    def _resume_handshake(self, uri: str) -> None:
-        """``postcopy-recover``: the received bitmaps, then POSTCOPY_RESUME."""
-        self._received = {}
-        self._resume_acked.clear()
-        self._start_return_path()
-        nblocks = len(self.ram.bitmaps)
-        self._send_counted(b"".join(enc.recv_bitmap(bm.block.idstr)
-                                    for bm in self.ram.bitmaps))
-        self._wait_until(lambda: len(self._received) == nblocks, self._recover_check)
-        for index, received in self._received.items():
-            self.ram.set_received(index, received)
-        self.ram.encoder.reset()
-        if self.preempt:
-            self._connect_preempt(uri)
-        self._send_counted(enc.postcopy_resume())
-        self._wait_until(self._resume_acked.is_set, self._recover_check)
-        with self._lock:
-            self.stats.set_remaining(self._pending())
-
-    def _recover_check(self) -> None:
-        if self._pause_requested.is_set():
-            raise PostcopyPaused("paused by migrate-pause")
-        if self._rp_error is not None:
-            raise self._rp_error
-        if self._rp_shut.is_set():
-            raise ChannelClosedError(
-                f"{self.channel.name}: the return path ended during recovery"
-                + (f" (SHUT {self._rp_status})" if self._rp_status is not None else ""))
-
-    def _on_received_bitmap(self, ev: rp.ReceivedBitmap) -> None:
-        """Return-path thread: a block's received bitmap (recovery only)."""
-        if self.state.status is not S.POSTCOPY_RECOVER:
-            raise RemoteProtocolError("received bitmap outside postcopy recovery",
-                                      channel="return path")
-        index = self.ram.block_index(ev.block)
-        if index is None:
-            raise RemoteProtocolError(f"received bitmap of unknown RAM block {ev.block!r}",
-                                      channel="return path")
-        npages = len(self.ram.bitmaps[index].bits)
-        if len(ev.bitmap) != rp.recv_bitmap_size(npages):
-            raise RemoteProtocolError(
-                f"received bitmap of {ev.block!r} has {len(ev.bitmap)} bytes, expected "
-                f"{rp.recv_bitmap_size(npages)}", channel="return path")
-        self._received[index] = rp.bitmap_bits(ev.bitmap, npages)
-        self._wake.set()
 
     # -- return path -------------------------------------------------------
     def _start_return_path(self) -> None:
-        # Fresh per channel: a finished thread's flags must not leak into the next.
-        self._rp_shut = shut = threading.Event()
-        self._rp_error = None
-        self._rp_status = None
-        self._rp_thread = threading.Thread(target=self._rp_loop, args=(self.channel, shut),
-                                           name="return-path", daemon=True)
-        self._rp_thread.start()
+        """A reader for the current channel (a new one after each recovery)."""
+        handlers = {
+            rp.Pong: (self._on_pong, None),
+            rp.SwitchoverAck: (self._on_switchover_ack, None),
+            **self.postcopy.handlers(),
+        }
+        self.return_path = ReturnPathReader(self.channel, self.state, handlers,
+                                            on_end=self._wake.set)
+        self.return_path.start()
 
-    def _rp_loop(self, channel, shut: threading.Event) -> None:
-        decoder = rp.ReturnPathDecoder()
-        buf = bytearray(1 << 16)
-        last_block: str | None = None       # REQ_PAGES names no block
-        try:
-            while not shut.is_set():
-                n = channel.recv_into(buf)
-                if n == 0:
-                    if not shut.is_set() and self.state.status != S.COMPLETED:
-                        raise ChannelClosedError(
-                            f"{channel.name}: the destination closed the return path")
-                    return
-                decoder.feed(memoryview(buf)[:n])
-                while True:
-                    ev = decoder.next_event()
-                    if ev is rp.NEED_DATA:
-                        break
-                    if isinstance(ev, rp.ReqPages):
-                        if ev.block is not None:
-                            last_block = ev.block
-                        self._on_page_request(last_block, ev.start, ev.length)
-                    elif isinstance(ev, rp.Pong):
-                        self.pongs.append(ev.value)
-                        if ev.value == QEMU_VM_PING_PACKAGED_LOADED:
-                            self._pong_packaged.set()
-                            self._wake.set()
-                    elif isinstance(ev, rp.SwitchoverAck):
-                        self._switchover_acked.set()
-                    elif isinstance(ev, rp.RecvBitmapMsg):
-                        pass        # its bitmap is the next event
-                    elif isinstance(ev, rp.ReceivedBitmap):
-                        self._on_received_bitmap(ev)
-                    elif isinstance(ev, rp.ResumeAck):
-                        if self.state.status is not S.POSTCOPY_RECOVER \
-                                or ev.value != RESUME_ACK_VALUE:
-                            raise RemoteProtocolError(
-                                f"RESUME_ACK({ev.value}) in {self.state.status.value}",
-                                channel="return path")
-                        self._resume_acked.set()
-                        self._wake.set()
-                    elif isinstance(ev, rp.Shut):
-                        if shut is self._rp_shut:
-                            self._rp_status = ev.status
-                        shut.set()
-                        self._wake.set()
-                        return
-                    else:
-                        raise RemoteProtocolError(
-                            f"unexpected return-path message {type(ev).__name__}",
-                            channel="return path")
-        except (EngineError, OSError) as exc:
-            if not shut.is_set() and shut is self._rp_shut:
-                self._rp_error = exc if isinstance(exc, EngineError) else \
-                    ChannelBrokenError(f"return path: {exc}")
-                shut.set()
-            self._wake.set()
+    def _on_pong(self, ev: rp.Pong) -> None:
+        trace("source_return_path_thread_pong", value=ev.value)
+        self.pongs.append(ev.value)
+        if ev.value == QEMU_VM_PING_PACKAGED_LOADED:
+            self.postcopy.devices_loaded.set()
+        self._wake.set()
+
+    def _on_switchover_ack(self, ev: rp.SwitchoverAck) -> None:
+        trace("source_return_path_thread_switchover_acked")
+        self._switchover_acked.set()
 
     def _await_return_path(self) -> None:
         """QEMU waits for the destination's SHUT before calling it completed."""
-        if self._rp_thread is None:
+        rpath = self.return_path
+        if rpath is None:
             return
-        while not self._rp_shut.wait(0.05):
-            if self._cancel.is_set():
-                raise MigrationCancelled("migration cancelled")
-        if self._rp_error is not None:
-            raise self._rp_error
-        if self._rp_status:
-            raise self._shut_error()
+        self._wait_until(rpath.shut.is_set)
+        rpath.check()
 
     def _stop_return_path(self) -> None:
-        if self._rp_thread is not None:
-            self._rp_shut.set()
-            try:
-                self.channel.shutdown()
-            except Exception:
-                pass
+        rpath, self.return_path = self.return_path, None
+        if rpath is not None:
             # With postcopy-preempt it may be sending an urgent page.
-            preempt = self.preempt_channel
-            if preempt is not None:
-                with contextlib.suppress(Exception):
-                    preempt.shutdown()
-            self._rp_thread.join(5)
-            self._rp_thread = None
+            self.postcopy.shutdown_preempt()
+            rpath.stop()

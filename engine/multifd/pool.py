@@ -62,7 +62,10 @@ class _Pool:
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.bind(self.endpoint)
+        #: no more waiting on the workers (set first thing by close)
         self._closed = False
+        #: everything released: workers reaped, zmq closed, directory removed
+        self._released = False
         self._backlog: deque = deque()
         #: workers that said DONE: their exit is expected
         self._ended: set[int] = set()
@@ -182,8 +185,9 @@ class _Pool:
 
     # -- lifetime ----------------------------------------------------------
     def close(self, timeout: float = 5.0) -> None:
-        """Stop and reap every worker; idempotent."""
-        if self._closed:
+        """Stop and reap every worker; idempotent, and a close cut short (a
+        second Ctrl-C) is finished by the next call instead of being skipped."""
+        if self._released:
             return
         self._closed = True
         deadline = time.monotonic() + timeout
@@ -196,12 +200,18 @@ class _Pool:
             if p.exitcode is None:
                 p.kill()
                 p.join()
-        self._router.close(linger=0)
-        self._zctx.term()
+        if not self._router.closed:
+            self._router.close(linger=0)
+        if not self._zctx.closed:
+            self._zctx.term()
         shutil.rmtree(self._dir, ignore_errors=True)
+        self._released = True
+        trace("multifd_pool_closed", role=self.role)
 
     def kill(self) -> None:
         """Abort: workers are killed at once (migration failed or cancelled)."""
+        if not self._released:
+            trace("multifd_terminate_threads", role=self.role, channels=self.n)
         for p in self.procs:
             if p.exitcode is None:
                 p.kill()
@@ -427,7 +437,7 @@ class RecvPool(_Pool):
         self.zero = sum(d.zero for d in done)
 
     def close(self, timeout: float = 5.0) -> None:
-        if not self._closed:
+        if not self._released:
             for s in self._fd_socks:
                 s.close()      # a worker still waiting for its channel sees EOF
         super().close(timeout)

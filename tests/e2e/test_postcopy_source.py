@@ -731,7 +731,7 @@ def test_ctrl_c_in_postcopy_active_fails_without_restarting(tmp_path, tmp_shm_pa
         dest.close()
         assert not sg.guest.running, "the source guest must not run a second time"
         assert sg._digest() == sg.digest, "the source wrote guest memory"
-        assert mig.preempt_channel is None and mig._rp_thread is None
+        assert mig.preempt_channel is None and mig.return_path is None
         assert "split" in str(mig.error) and "stale" in str(mig.error), mig.error
         q = mig.info().to_qmp()
         assert q["status"] == "failed", q

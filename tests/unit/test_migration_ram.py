@@ -7,7 +7,7 @@ import pytest
 from engine.errors import BlockMismatchError
 from engine.migration.destination import check_block_list
 from engine.migration.ramsave import BlockBitmap, encode_batch
-from engine.migration.source import RateLimiter
+from engine.migration.ratelimit import RateLimiter
 from engine.stream import events as ev
 from engine.stream.decoder import StreamDecoder
 from engine.stream import encoder as enc

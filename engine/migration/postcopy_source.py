@@ -1,0 +1,458 @@
+"""The source's postcopy (QEMU's postcopy parts of migration.c and ram.c).
+
+:class:`PostcopySource` is what the migration thread does once it switches
+to postcopy, and what the return-path thread does for it meanwhile:
+
+* :meth:`prepare` (guest running): the preempt channel, then the "postcopy
+  prepare" PART section whose multifd sync puts every page multifd carried
+  in place before the destination can run the guest;
+* :meth:`switch` (guest stopped, in ``device``; QEMU's postcopy_start): the
+  DISCARD ranges, then the PACKAGED blob (LISTEN, devices, PINGs, RUN);
+* :meth:`run`: the rest of RAM in the background under
+  ``max-postcopy-bandwidth``, requested pages first, until the destination's
+  SHUT; a broken channel pauses (``postcopy-paused``) until a resume, and a
+  recovery (the received bitmaps, POSTCOPY_RESUME) goes on where it left off;
+* page-request service (return-path thread): :meth:`on_page_request` queues
+  the pages for the migration thread or, with ``postcopy-preempt``, sends
+  them at once on the preempt channel.
+
+It works on its :class:`~engine.migration.source.SourceMigration` (``mig``),
+a back-reference rather than a narrow interface so far.  What it uses:
+data (``channel``, ``uri``, ``ram``, ``stats`` under ``_lock``, ``limiter``,
+``state``, ``options``, ``page_size``, ``pongs``, ``return_path``, ``mfd``,
+``_owned_channels``, ``_wake``) and the migration thread's services
+(``_checkpoint``, ``_wait_until``, ``_send_counted``, ``_account_batch``,
+``_device_sections``, ``_count_sync``, ``_start_return_path``,
+``_stop_return_path``).
+
+Who writes what (the rest is the migration thread's alone):
+
+* ``requests``: appended by the return-path thread, popped by the migration
+  thread (a deque: both ends are atomic);
+* ``preempt_channel``, ``_preempt_encoder``: set by the migration thread,
+  used by the return-path thread, both under ``_preempt_lock``;
+* ``_received``, ``devices_loaded``, ``_resume_acked``: written by the
+  return-path thread, read by the migration thread after ``mig._wake``;
+* ``pause_requested``, ``_resume_uri``/``_abandoned`` (under ``mig._lock``),
+  ``_resume_event``: set by control calls from any thread.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import sys
+import threading
+import time
+
+import numpy as np
+
+from engine.errors import (ChannelBrokenError, ChannelError, EngineError, PostcopyError,
+                           PostcopyPaused, RemoteProtocolError)
+from engine.machine import RAM_SECTION_ID
+from engine.migration.ramsave import BATCH_PAGES
+from engine.migration.ratelimit import RateLimiter
+from engine.state import MigrationStatus as S
+from engine.stream import encoder as enc
+from engine.stream import returnpath as rp
+from engine.stream.constants import QEMU_VM_PING_PACKAGED_LOADED
+from engine.stream.encoder import RamRecordEncoder
+from engine.trace import trace
+from engine.transport import connect
+
+__all__ = ["PostcopySource", "POSTCOPY_SWITCH_INTERVAL", "RESUME_ACK_VALUE",
+           "PAGE_REQUEST_STATES"]
+
+#: the interpreter's thread switch interval while postcopy runs, seconds.  The
+#: return-path thread answers page requests (a destination vCPU waits on each);
+#: with CPython's default 5 ms it can wait that long for the GIL each time the
+#: migration thread holds it between two system calls.  The interval is
+#: process-wide: set when the package goes out, restored when ``run`` returns.
+POSTCOPY_SWITCH_INTERVAL = 1e-4
+#: how often waits in postcopy look at the return path and control requests
+POLL_SECONDS = 0.05
+#: RESUME_ACK's only value (QEMU's MIGRATION_RESUME_ACK_VALUE)
+RESUME_ACK_VALUE = 1
+#: ram_save_iterate's time slice (the background's sections)
+ITERATION_SECONDS = 0.05
+#: where a page request is legal: once the package is on its way (the
+#: destination may fault while it loads the devices) and in a recovery
+#: (the destination asks again after POSTCOPY_RESUME, before our ACK wait ends)
+PAGE_REQUEST_STATES = frozenset({S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER})
+
+
+class PostcopySource:
+    def __init__(self, mig, preempt: bool):
+        self.mig = mig
+        self.preempt = preempt
+        #: (block index, first page, pages) asked for, served on the main channel
+        self.requests: collections.deque[tuple[int, int, int]] = collections.deque()
+        self.preempt_channel = None
+        self._preempt_lock = threading.Lock()
+        self._preempt_encoder = RamRecordEncoder(mig.page_size)
+        #: PONG 0x42: the destination loaded the devices (postcopy-device ends)
+        self.devices_loaded = threading.Event()
+        self.pause_requested = threading.Event()
+        self._resume_event = threading.Event()
+        self._resume_uri: str | None = None
+        self._abandoned: str | None = None
+        self._received: dict[int, np.ndarray] = {}
+        self._resume_acked = threading.Event()
+        #: the reason of the latest pause, or of the latest failed recovery
+        self.pause_error: EngineError | None = None
+        self._saved_switch_interval: float | None = None
+
+    # -- return-path handlers (the table's entries) -------------------------
+    def handlers(self) -> dict:
+        recover = frozenset({S.POSTCOPY_RECOVER})
+        return {
+            rp.ReqPages: (self.on_page_request, PAGE_REQUEST_STATES),
+            rp.RecvBitmapMsg: (lambda ev: None, recover),    # its bitmap is the next event
+            rp.ReceivedBitmap: (self.on_received_bitmap, recover),
+            rp.ResumeAck: (self.on_resume_ack, recover),
+        }
+
+    # -- control from other threads ------------------------------------------
+    def request_pause(self, channels) -> None:
+        self.pause_requested.set()
+        for ch in (*channels, self.preempt_channel):
+            if ch is not None:
+                with contextlib.suppress(Exception):
+                    ch.shutdown()
+
+    def request_resume(self, uri: str) -> None:
+        with self.mig._lock:
+            self._resume_uri = uri
+        self._resume_event.set()
+
+    def abandon(self, reason: str) -> None:
+        with self.mig._lock:
+            self._abandoned = reason
+        self._resume_event.set()
+
+    # -- the switch ------------------------------------------------------------
+    def prepare(self) -> None:
+        """Guest still running: the preempt channel, then the "postcopy
+        prepare" PART section (multifd's last sync: multifd carries precopy
+        pages only)."""
+        mig = self.mig
+        if self.preempt:
+            # A PONG says the destination took the main channel: the preempt
+            # channel must reach it after the main (and multifd) ones.
+            mig._wait_until(lambda: bool(mig.pongs))
+            self._connect_preempt(mig.uri)
+        mig._send_counted(enc.section_part(RAM_SECTION_ID))
+        mig.mfd.postcopy_prepare()
+
+    def switch(self) -> None:
+        """Guest stopped, in ``device``: discards, then the package."""
+        mig = self.mig
+        ram = mig.ram
+        new = ram.sync()
+        mig._count_sync(new, ram.pending_pages())
+        discards = ram.discard_commands()
+        # QEMU forgets the last block after the discard, so the first
+        # postcopy record names its block.
+        ram.encoder.reset()
+        ram.rewind()
+        mig._send_counted(discards + enc.ping(2))
+        package = [enc.postcopy_listen(), *mig._device_sections(), enc.ping(3)]
+        if mig.return_path is not None:
+            package.append(enc.ping(QEMU_VM_PING_PACKAGED_LOADED))
+        package.append(enc.postcopy_run())
+        mig._checkpoint()           # the last moment a cancel can win
+        with mig._lock:
+            mig.stats.postcopy_started()
+        mig.limiter = RateLimiter(int(mig.options.param("max-postcopy-bandwidth")))
+        self._saved_switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(POSTCOPY_SWITCH_INTERVAL)
+        # As QEMU's postcopy_start, the status changes before the package goes
+        # out: from here the destination may run the guest, and may fault
+        # (page requests are legal) while it loads the devices.
+        trace("postcopy_start", pending=ram.pending_pages())
+        mig.state.transition(S.POSTCOPY_DEVICE if mig.return_path is not None
+                             else S.POSTCOPY_ACTIVE)
+        mig._send_counted(enc.packaged(b"".join(package)) + enc.ping(4))
+        trace("postcopy_start_set_run")
+
+    def restore_switch_interval(self) -> None:
+        if self._saved_switch_interval is not None:
+            sys.setswitchinterval(self._saved_switch_interval)
+            self._saved_switch_interval = None
+
+    # -- background, requests, pause and recovery -------------------------------
+    def run(self) -> None:
+        """Until the destination's SHUT(0); a broken channel in
+        ``postcopy-active`` pauses, and the loop goes on after a recovery."""
+        while True:
+            try:
+                self._send_all()
+                return
+            except (ChannelError, OSError, PostcopyPaused) as exc:
+                if self.mig.state.status is not S.POSTCOPY_ACTIVE:
+                    raise           # postcopy-device: a precopy failure
+                self._paused(exc)
+
+    def _pending(self) -> int:
+        ram = self.mig.ram
+        with ram.lock:
+            return ram.pending_pages()
+
+    def _send_all(self) -> None:
+        """RAM PART sections until nothing is left, then END, EOF and SHUT."""
+        mig = self.mig
+        limiter = mig.limiter
+        while True:
+            mig._checkpoint()
+            if not self.requests and not self._pending():
+                break
+            mig._send_counted(enc.section_part(RAM_SECTION_ID))
+            deadline = time.monotonic() + ITERATION_SECONDS
+            while True:
+                # Cleared before looking: a request arriving from here on
+                # sets it again and cuts the next sleep short.
+                mig._wake.clear()
+                mig._checkpoint()
+                self._serve_requests()
+                if limiter.exceeded():
+                    limiter.wait_or(mig._wake)
+                    if time.monotonic() >= deadline:
+                        break
+                    continue
+                batch = mig.ram.next_batch(limiter.batch_pages(mig.page_size + 8))
+                if batch is None:
+                    if not self._pending():
+                        break
+                    mig.ram.rewind()       # pages skipped after a request
+                    continue
+                mig.channel.send_views(batch.buffers)
+                mig._account_batch(batch)
+                limiter.account(batch.wire_bytes)
+                if time.monotonic() >= deadline:
+                    break
+            mig.mfd.postcopy_sync()
+            mig._send_counted(enc.ram_eos() + enc.section_footer(RAM_SECTION_ID))
+        # QEMU completes only after PONG 0x42 (postcopy-device -> active).
+        mig._wait_until(lambda: mig.state.status is not S.POSTCOPY_DEVICE)
+        self._end_preempt()
+        mig._send_counted(enc.section_end(RAM_SECTION_ID))
+        mig.mfd.postcopy_sync()
+        mig._send_counted(enc.ram_eos() + enc.section_footer(RAM_SECTION_ID) + enc.eof())
+        with mig._lock:
+            mig.stats.set_remaining(0)
+        if mig.return_path is not None:
+            mig._wait_until(mig.return_path.shut.is_set)
+            mig._checkpoint()
+        mig.mfd.postcopy_finish()
+
+    def _serve_requests(self) -> None:
+        """Pages the destination asked for, ahead of the background scan
+        (without postcopy-preempt: on the main channel, inside the section)."""
+        mig = self.mig
+        while self.requests:
+            index, first, count = self.requests.popleft()
+            idx = mig.ram.take_range(index, first, count)
+            for start in range(0, len(idx), BATCH_PAGES):
+                batch = mig.ram.encode(index, idx[start:start + BATCH_PAGES])
+                mig.channel.send_views(batch.buffers)
+                mig._account_batch(batch)
+                if mig.limiter is not None:
+                    mig.limiter.account(batch.wire_bytes)
+
+    def on_page_request(self, ev: rp.ReqPages) -> None:
+        """Return-path thread: one REQ_PAGES(_ID) message."""
+        mig = self.mig
+        block, start, length = ev.block, ev.start, ev.length
+        with mig._lock:
+            mig.stats.add_postcopy_requests(1)
+        index = mig.ram.block_index(block) if block is not None else None
+        if index is None:
+            raise RemoteProtocolError(f"page request for unknown RAM block {block!r}",
+                                      channel="return path")
+        used = mig.ram.bitmaps[index].block.used_length
+        ps = mig.page_size
+        if start % ps or length % ps or length <= 0 or start + length > used:
+            raise RemoteProtocolError(
+                f"page request of {length:#x} bytes at {start:#x} of block {block!r} "
+                f"({used:#x} bytes) is not a range of whole {ps}-byte pages in it",
+                channel="return path")
+        first, count = start // ps, length // ps
+        if self.preempt_channel is not None:
+            self._send_urgent(index, first, count)
+        else:
+            self.requests.append((index, first, count))
+            mig._wake.set()
+
+    def _send_urgent(self, index: int, first: int, count: int) -> None:
+        """Return-path thread, postcopy-preempt: the pages at once, on the preempt
+        channel, unless another sender took them first."""
+        mig = self.mig
+        with self._preempt_lock:
+            channel = self.preempt_channel
+            if channel is None:         # ended: nothing is left to send anyway
+                return
+            # Taken under the preempt lock: the EOS that ends the channel
+            # cannot come between taking a page and sending it.
+            if count == 1:
+                self._send_urgent_page(channel, index, first)
+                return
+            idx = mig.ram.take_range(index, first, count)
+            if not len(idx):
+                return
+            for start in range(0, len(idx), BATCH_PAGES):
+                batch = mig.ram.encode(index, idx[start:start + BATCH_PAGES],
+                                       self._preempt_encoder)
+                channel.send_views(batch.buffers)
+                mig._account_batch(batch)
+
+    def _send_urgent_page(self, channel, index: int, page: int) -> None:
+        """One requested page (the usual request): the fault's latency path.
+
+        The source guest is stopped in postcopy, so the record can point
+        straight into guest memory: no staging copy, no batch encoder.
+        ``remaining`` is left to the migration thread (counting the bitmap
+        here would cost more than sending the page).
+        """
+        mig = self.mig
+        if not mig.ram.take_page(index, page):
+            return
+        block = mig.ram.bitmaps[index].block
+        data = block.pages[page]
+        offset = page * mig.page_size
+        if not mig.ram.detect_zero or data.view(np.uint64).any():
+            channel.sendmsg_all([self._preempt_encoder.page_header(block.idstr, offset), data])
+            wire = 8 + mig.page_size
+            with mig._lock:
+                mig.stats.add_normal(1, wire)
+        else:
+            record = self._preempt_encoder.zero_page(block.idstr, offset)
+            channel.sendmsg_all([record])
+            with mig._lock:
+                mig.stats.add_zero(1, len(record))
+
+    # -- the preempt channel -----------------------------------------------------
+    def _connect_preempt(self, uri: str) -> None:
+        channel = connect(uri)
+        trace("postcopy_preempt_new_channel", channel=channel.name)
+        with self._preempt_lock:
+            # A new channel: the destination knows no previous block on it.
+            self._preempt_encoder = RamRecordEncoder(self.mig.page_size)
+            self.preempt_channel = channel
+
+    def _end_preempt(self) -> None:
+        """EOS on the preempt channel: no urgent page follows (everything was sent)."""
+        with self._preempt_lock:
+            channel, self.preempt_channel = self.preempt_channel, None
+            if channel is not None:
+                self.mig._owned_channels.append(channel)
+                channel.sendmsg_all([enc.ram_eos()])
+                trace("postcopy_preempt_channel_end", channel=channel.name)
+
+    def shutdown_preempt(self) -> None:
+        """Abort the preempt channel (any thread): a blocked send fails."""
+        channel = self.preempt_channel
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                channel.shutdown()
+
+    def close_preempt(self) -> None:
+        with self._preempt_lock:
+            channel, self.preempt_channel = self.preempt_channel, None
+        if channel is not None:
+            with contextlib.suppress(Exception):
+                channel.shutdown()
+            channel.close()
+            trace("postcopy_preempt_channel_close", channel=channel.name)
+
+    # -- pause and recovery ---------------------------------------------------------
+    def _teardown_channels(self) -> None:
+        """Stop the return path and drop the broken channels (pause, failed recovery)."""
+        mig = self.mig
+        mig._stop_return_path()
+        self.close_preempt()
+        if mig.channel in mig._owned_channels:
+            mig._owned_channels.remove(mig.channel)
+            mig.channel.close()
+
+    def _paused(self, cause: BaseException) -> None:
+        """``postcopy-paused`` until a resume succeeds (spec 4.6)."""
+        mig = self.mig
+        trace("postcopy_pause_return_path", error=cause)
+        self._teardown_channels()
+        self._enter_paused(cause)
+        while True:
+            while not self._resume_event.wait(POLL_SECONDS):
+                pass
+            self._resume_event.clear()
+            with mig._lock:
+                uri, abandoned = self._resume_uri, self._abandoned
+            if abandoned is not None:
+                raise PostcopyError(f"postcopy abandoned while paused: {abandoned}")
+            mig.state.transition(S.POSTCOPY_RECOVER_SETUP)
+            try:
+                channel = connect(uri)
+            except (EngineError, OSError) as exc:
+                self._enter_paused(exc)
+                continue
+            mig._owned_channels.append(channel)
+            mig.channel = channel
+            mig.state.transition(S.POSTCOPY_RECOVER)
+            try:
+                self._resume_handshake(uri)
+            except (EngineError, OSError) as exc:
+                self._teardown_channels()
+                self._enter_paused(exc)
+                continue
+            mig.state.transition(S.POSTCOPY_ACTIVE)
+            trace("postcopy_pause_continued")
+            return
+
+    def _enter_paused(self, cause: BaseException) -> None:
+        mig = self.mig
+        self.pause_requested.clear()
+        self.requests.clear()      # the destination asks again after the resume
+        with mig._lock:
+            self.pause_error = cause if isinstance(cause, EngineError) else \
+                ChannelBrokenError(f"{type(cause).__name__}: {cause}")
+        mig.state.transition(S.POSTCOPY_PAUSED)
+
+    def _resume_handshake(self, uri: str) -> None:
+        """``postcopy-recover``: the received bitmaps, then POSTCOPY_RESUME."""
+        mig = self.mig
+        self._received = {}
+        self._resume_acked.clear()
+        mig._start_return_path()
+        nblocks = len(mig.ram.bitmaps)
+        mig._send_counted(b"".join(enc.recv_bitmap(bm.block.idstr)
+                                   for bm in mig.ram.bitmaps))
+        mig._wait_until(lambda: len(self._received) == nblocks)
+        for index, received in self._received.items():
+            mig.ram.set_received(index, received)
+        mig.ram.encoder.reset()
+        if self.preempt:
+            self._connect_preempt(uri)
+        mig._send_counted(enc.postcopy_resume())
+        mig._wait_until(self._resume_acked.is_set)
+        with mig._lock:
+            mig.stats.set_remaining(self._pending())
+
+    def on_received_bitmap(self, ev: rp.ReceivedBitmap) -> None:
+        """Return-path thread: a block's received bitmap (recovery only)."""
+        mig = self.mig
+        index = mig.ram.block_index(ev.block)
+        if index is None:
+            raise RemoteProtocolError(f"received bitmap of unknown RAM block {ev.block!r}",
+                                      channel="return path")
+        npages = len(mig.ram.bitmaps[index].bits)
+        if len(ev.bitmap) != rp.recv_bitmap_size(npages):
+            raise RemoteProtocolError(
+                f"received bitmap of {ev.block!r} has {len(ev.bitmap)} bytes, expected "
+                f"{rp.recv_bitmap_size(npages)}", channel="return path")
+        self._received[index] = rp.bitmap_bits(ev.bitmap, npages)
+        mig._wake.set()
+
+    def on_resume_ack(self, ev: rp.ResumeAck) -> None:
+        if ev.value != RESUME_ACK_VALUE:
+            raise RemoteProtocolError(f"RESUME_ACK({ev.value}), expected {RESUME_ACK_VALUE}",
+                                      channel="return path")
+        self._resume_acked.set()
+        self.mig._wake.set()
