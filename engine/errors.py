@@ -27,6 +27,8 @@ elsewhere are listed in docs/ARCHITECTURE.md (Layers).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class EngineError(Exception):
     """Base of every error the engine raises deliberately."""
@@ -93,6 +95,22 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent something malformed."""
 
 
+class NeedData(RemoteProtocolError):
+    """The buffer ends before the element does.
+
+    Raised by the stream parsers so that an incremental decoder can retry the
+    element once more bytes arrived; anyone else sees it as a
+    :class:`RemoteProtocolError` about truncated input.  ``what`` names the
+    missing item, ``offset`` is where it starts in the buffer given.
+    """
+
+    def __init__(self, what: str, offset: int, end: int | None = None):
+        self.what = what
+        #: buffer length that would at least let parsing get past this item
+        self.end = offset + 1 if end is None else end
+        super().__init__(f"truncated: expected {what}", offset=offset)
+
+
 class LocalProtocolError(ProtocolError):
     """We were asked to produce something the format cannot express."""
 
@@ -109,6 +127,10 @@ class ChannelBrokenError(ChannelError):
     """The OS reported a failure on the channel; see ``__cause__``."""
 
 
+class ChannelTimeoutError(ChannelBrokenError):
+    """A channel operation or an accept did not complete within its timeout."""
+
+
 class StateError(EngineError):
     """An illegal migration state transition (or a command in a wrong state)."""
 
@@ -117,6 +139,22 @@ class StateError(EngineError):
         who = f"{role} " if role else ""
         super().__init__(
             f"Illegal {who}migration state transition {current!r} -> {requested!r}")
+
+
+class UnexpectedStateError(StateError):
+    """A guarded command found the migration in a status it did not expect.
+
+    Raised by ``MigrationState.expect`` (the ``migrate-continue`` style
+    check).  ``current`` is the status found, ``requested`` the accepted
+    statuses joined with ``|``.
+    """
+
+    def __init__(self, current: str, expected: Iterable[str], role: str = ""):
+        names = "|".join(str(s) for s in expected)
+        super().__init__(str(current), names, role)
+        who = f"{role} " if role else ""
+        self.args = (f"{who}migration not in expected state: "
+                     f"it is {str(current)!r}, expected {names!r}",)
 
 
 class GuestError(EngineError):
@@ -156,3 +194,30 @@ class PostcopyPaused(MigrationError):
 class Terminated(SystemExit):
     """SIGTERM, turned into an exception so every ``finally`` still cleans up
     (a SystemExit, so that nothing catching EngineError or Exception stops it)."""
+
+
+class QMPError(EngineError):
+    """A QMP command failed.
+
+    ``error_class`` is one of QEMU's error classes, ``desc`` the human text
+    (clients must not parse it).  A command handler raises it to answer with
+    ``{"error": {"class", "desc"}}``; the client raises it for such an answer.
+    """
+
+    def __init__(self, error_class: str, desc: str):
+        self.error_class, self.desc = error_class, desc
+        super().__init__(f"{error_class}: {desc}")
+
+
+class FaultSetupError(EngineError):
+    """A vCPU could not carry out a faults request (postcopy's fault registration).
+
+    ``code`` is the error code the vCPU reports (stage and errno, see
+    ``engine.ram.faults.error_code``), ``reason`` the details; ``text`` is
+    the code's description.
+    """
+
+    def __init__(self, code: int, text: str, reason: str = ""):
+        self.code = code
+        self.reason = reason
+        super().__init__(f"{text}: {reason}" if reason else text)

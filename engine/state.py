@@ -75,11 +75,11 @@ import threading
 import time
 from enum import Enum
 from types import MappingProxyType
-from typing import Callable, Iterable, Literal, Mapping
+from typing import Callable, Literal, Mapping
 
 from engine.trace import trace
 
-from engine.errors import StateError
+from engine.errors import StateError, UnexpectedStateError
 
 __all__ = [
     "MigrationStatus",
@@ -215,22 +215,6 @@ def _as_status(value: MigrationStatus | str) -> MigrationStatus:
         return MigrationStatus(value)
     except ValueError:
         raise ValueError(f"{value!r} is not a migration status") from None
-
-
-class UnexpectedStateError(StateError):
-    """A guarded command found the migration in a status it did not expect.
-
-    Raised by :meth:`MigrationState.expect` (the ``migrate-continue`` style
-    check).  ``current`` is the status found, ``requested`` the accepted
-    statuses joined with ``|``.
-    """
-
-    def __init__(self, current: str, expected: Iterable[str], role: str = ""):
-        names = "|".join(str(s) for s in expected)
-        super().__init__(str(current), names, role)
-        who = f"{role} " if role else ""
-        self.args = (f"{who}migration not in expected state: "
-                     f"it is {str(current)!r}, expected {names!r}",)
 
 
 class MigrationState:

@@ -94,9 +94,10 @@ def encode_pages(old: np.ndarray, new: np.ndarray, dlen: int | None = None) -> E
     """Encode each row of *new* against the same row of *old* (both ``(n, page)`` uint8).
 
     A page whose encoding needs more than ``dlen`` bytes (default: a page)
-    overflows.  The overflow rule is QEMU's: its encoder gives up when fewer
-    than two bytes would be left for the next length, so an encoding that
-    would end within two bytes of ``dlen`` overflows too.
+    overflows.  The overflow rule is QEMU's exactly: its encoder gives up
+    where it would have fewer than two bytes left after a run's data, or
+    before a further run, so an encoding that ends near ``dlen`` may
+    overflow although it would fit.
     """
     if old.shape != new.shape or old.ndim != 2:
         raise ValueError(f"pages of different shapes: {old.shape} and {new.shape}")
@@ -133,10 +134,23 @@ def encode_pages(old: np.ndarray, new: np.ndarray, dlen: int | None = None) -> E
     prev_end[1:] = ecol[:-1]
     z = scol - np.where(first, 0, prev_end)
 
+    if len(srow) == 0:      # nothing changed anywhere
+        return Encoded(lengths, offsets, np.zeros(0, dtype=np.uint8))
     run_bytes = _uleb_size(z) + _uleb_size(nz) + nz
     per_page = np.bincount(srow, weights=run_bytes, minlength=npages).astype(np.int64)
     changed = np.bincount(srow, minlength=npages) > 0
-    overflow = changed & (per_page + 2 > limit)
+    # QEMU's encoder checks for room as it goes: before a changed run's data
+    # it wants the data plus two bytes, and before each further run (a
+    # trailing unchanged one included) two bytes.  For a whole page that
+    # comes to: the last changed run's end, less its length bytes, plus two;
+    # and with unchanged bytes after it, the whole encoding plus two.
+    last = np.flatnonzero(np.r_[srow[1:] != srow[:-1], True])   # each page's last run
+    last_rows = srow[last]
+    end_check = np.zeros(npages, dtype=np.int64)
+    end_check[last_rows] = per_page[last_rows] - _uleb_size(nz[last]) + 2
+    trailing = np.zeros(npages, dtype=bool)
+    trailing[last_rows] = ecol[last] < size
+    overflow = changed & ((end_check > limit) | (trailing & (per_page + 2 > limit)))
     lengths = np.where(overflow, -1, per_page)
 
     keep = ~overflow[srow]

@@ -1,7 +1,7 @@
 """QMP errors: QEMU's error classes and the exception that carries one."""
 from __future__ import annotations
 
-from engine.errors import EngineError
+from engine.errors import QMPError
 
 __all__ = ["QMPError", "ERROR_CLASSES", "ERROR_CLASS_GENERIC",
            "ERROR_CLASS_COMMAND_NOT_FOUND", "ERROR_CLASS_DEVICE_NOT_ACTIVE",
@@ -20,14 +20,3 @@ ERROR_CLASSES = frozenset({
 })
 
 
-class QMPError(EngineError):
-    """A QMP command failed.
-
-    ``error_class`` is one of QEMU's error classes, ``desc`` the human text
-    (clients must not parse it).  A command handler raises it to answer with
-    ``{"error": {"class", "desc"}}``; the client raises it for such an answer.
-    """
-
-    def __init__(self, error_class: str, desc: str):
-        self.error_class, self.desc = error_class, desc
-        super().__init__(f"{error_class}: {desc}")

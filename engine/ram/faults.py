@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from engine.errors import EngineError, GuestError, ProtocolError
+from engine.errors import EngineError, FaultSetupError, GuestError, ProtocolError
 from engine.ram import faultproto
 from engine.ram.faultproto import (MAX_MESSAGE, MODE_SOFTWARE, MODE_USERFAULTFD, Fault,
                                    Register, Registered, Wake)
@@ -90,17 +90,9 @@ def describe_error(code: int) -> str:
     return text
 
 
-class FaultSetupError(EngineError):
-    """A faults request that this vCPU could not carry out.
-
-    ``code`` is the :func:`error_code`, ``reason`` the details.
-    """
-
-    def __init__(self, stage: int, reason: str, err: int = 0):
-        self.code = error_code(stage, err)
-        self.reason = reason
-        super().__init__(f"{describe_error(self.code)}: {reason}" if reason
-                         else describe_error(self.code))
+def _setup_error(stage: int, reason: str, err: int = 0) -> FaultSetupError:
+    code = error_code(stage, err)
+    return FaultSetupError(code, describe_error(code), reason)
 
 
 def _errno_of(exc: BaseException, default: int) -> int:
@@ -151,7 +143,7 @@ class FaultClient:
         Raises :class:`FaultSetupError`; nothing stays registered then.
         """
         if mode not in (MODE_USERFAULTFD, MODE_SOFTWARE):
-            raise FaultSetupError(STAGE_MODE, f"mode {mode}", errno.EINVAL)
+            raise _setup_error(STAGE_MODE, f"mode {mode}", errno.EINVAL)
         try:
             bases = self._bases()
             if mode == MODE_USERFAULTFD:
@@ -181,12 +173,12 @@ class FaultClient:
         try:
             self.uffd = Userfaultfd.open()
         except PostcopyError as exc:
-            raise FaultSetupError(STAGE_UFFD_OPEN, str(exc), _errno_of(exc, 0)) from exc
+            raise _setup_error(STAGE_UFFD_OPEN, str(exc), _errno_of(exc, 0)) from exc
         for block, base in zip(self.blocks, bases):
             try:
                 self.uffd.register(base, block.used_length)
             except PostcopyError as exc:
-                raise FaultSetupError(STAGE_UFFD_REGISTER, f"block {block.idstr!r}: {exc}",
+                raise _setup_error(STAGE_UFFD_REGISTER, f"block {block.idstr!r}: {exc}",
                                       _errno_of(exc, 0)) from exc
             self._registered.append((base, block.used_length))
 
@@ -198,7 +190,7 @@ class FaultClient:
             sock.connect(path)
         except OSError as exc:
             err = _errno_of(exc, errno.EIO)
-            raise FaultSetupError(STAGE_CONNECT, "" if exc.errno else str(exc), err) from exc
+            raise _setup_error(STAGE_CONNECT, "" if exc.errno else str(exc), err) from exc
         sock.settimeout(WAIT_INTERVAL)
 
     def _send_register(self, msg: Register, fds: list[int]) -> None:
@@ -208,7 +200,7 @@ class FaultClient:
             else:
                 self.sock.send(faultproto.pack(msg))
         except OSError as exc:
-            raise FaultSetupError(STAGE_SEND, str(exc), _errno_of(exc, errno.EIO)) from exc
+            raise _setup_error(STAGE_SEND, str(exc), _errno_of(exc, errno.EIO)) from exc
 
     def _await_registered(self) -> Registered:
         deadline = time.monotonic() + REPLY_TIMEOUT
@@ -217,39 +209,39 @@ class FaultClient:
                 data = self.sock.recv(MAX_MESSAGE)
             except TimeoutError:
                 if self.cancelled():
-                    raise FaultSetupError(STAGE_REPLY, "cancelled", errno.ECANCELED) from None
+                    raise _setup_error(STAGE_REPLY, "cancelled", errno.ECANCELED) from None
                 if time.monotonic() > deadline:
-                    raise FaultSetupError(STAGE_REPLY, f"none within {REPLY_TIMEOUT} s",
+                    raise _setup_error(STAGE_REPLY, f"none within {REPLY_TIMEOUT} s",
                                           errno.ETIMEDOUT) from None
                 continue
             except OSError as exc:
-                raise FaultSetupError(STAGE_REPLY, str(exc), _errno_of(exc, errno.EIO)) from exc
+                raise _setup_error(STAGE_REPLY, str(exc), _errno_of(exc, errno.EIO)) from exc
             if not data:
-                raise FaultSetupError(STAGE_REPLY, "the handler closed the connection",
+                raise _setup_error(STAGE_REPLY, "the handler closed the connection",
                                       errno.ECONNRESET)
             try:
                 msg = faultproto.unpack(data)
             except ProtocolError as exc:
-                raise FaultSetupError(STAGE_REPLY, str(exc), errno.EPROTO) from exc
+                raise _setup_error(STAGE_REPLY, str(exc), errno.EPROTO) from exc
             if isinstance(msg, Registered):
                 return msg
             if not isinstance(msg, Wake):    # a stray WAKE is harmless
-                raise FaultSetupError(STAGE_REPLY, f"unexpected {msg!r}", errno.EPROTO)
+                raise _setup_error(STAGE_REPLY, f"unexpected {msg!r}", errno.EPROTO)
 
     def _map_bitmaps(self, reply: Registered) -> None:
         if len(reply.received) != len(self.blocks):
-            raise FaultSetupError(
+            raise _setup_error(
                 STAGE_BITMAPS, f"{len(reply.received)} bitmaps for {len(self.blocks)} blocks",
                 errno.EINVAL)
         for block, (name, npages) in zip(self.blocks, reply.received):
             if npages != block.npages:
-                raise FaultSetupError(
+                raise _setup_error(
                     STAGE_BITMAPS, f"bitmap {name!r} has {npages} pages, block "
                     f"{block.idstr!r} {block.npages}", errno.EINVAL)
             try:
                 self._logs.append(DirtyLog.attach(DirtyLogHandle(name, npages)))
             except GuestError as exc:
-                raise FaultSetupError(STAGE_BITMAPS, str(exc), errno.ENOENT) from exc
+                raise _setup_error(STAGE_BITMAPS, str(exc), errno.ENOENT) from exc
         self.received = [log.log for log in self._logs]
 
     def detach(self) -> None:

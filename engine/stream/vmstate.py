@@ -21,7 +21,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from engine.errors import LocalProtocolError, RemoteProtocolError
+from engine.errors import LocalProtocolError, NeedData, RemoteProtocolError
 
 from .constants import QEMU_VM_SUBSECTION
 
@@ -43,22 +43,6 @@ _BUFFER_TYPES = ("buffer", "unused_buffer")
 FIELD_TYPES = tuple(_INT_FORMATS) + _BUFFER_TYPES
 
 _BE32 = struct.Struct(">I")
-
-
-class NeedData(RemoteProtocolError):
-    """The buffer ends before the element does.
-
-    Raised by the parsers of this package so that an incremental decoder can
-    retry the element once more bytes arrived; anyone else sees it as a
-    :class:`RemoteProtocolError` about truncated input.  ``what`` names the
-    missing item, ``offset`` is where it starts in the buffer given.
-    """
-
-    def __init__(self, what: str, offset: int, end: int | None = None):
-        self.what = what
-        #: buffer length that would at least let parsing get past this item
-        self.end = offset + 1 if end is None else end
-        super().__init__(f"truncated: expected {what}", offset=offset)
 
 
 def need(buf, pos: int, n: int, what: str) -> None:

@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Callable
 
-from engine.errors import ChannelBrokenError, ChannelClosedError
+from engine.errors import ChannelBrokenError, ChannelClosedError, ChannelTimeoutError
 from engine.trace import trace
 
 #: Most buffers one ``sendmsg``/``writev`` takes (Linux: 1024).
@@ -32,14 +32,6 @@ EXEC_EXIT_GRACE = 10.0
 
 #: Seconds between SIGTERM and SIGKILL for a command that has to be stopped.
 EXEC_KILL_GRACE = 1.0
-
-
-class ChannelTimeoutError(ChannelBrokenError):
-    """A channel operation or an accept did not complete within its timeout."""
-
-
-# ---------------------------------------------------------------------------
-# Errors
 
 
 def _reason(exc: OSError) -> str:

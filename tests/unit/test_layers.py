@@ -209,18 +209,6 @@ def test_every_module_imports(name):
     importlib.import_module(name)
 
 
-#: exception classes still defined outside engine/errors.py, in modules other
-#: parts of issue 13 restructure; an entry that moves fails the test, so the
-#: list only shrinks
-EXCEPTIONS_ELSEWHERE = {
-    "engine.transport.ChannelTimeoutError",
-    "engine.state.UnexpectedStateError",
-    "engine.qmp.errors.QMPError",
-    "engine.stream.vmstate.NeedData",
-    "engine.ram.faults.FaultSetupError",
-}
-
-
 def test_exception_classes_live_in_errors_py():
     import inspect
     found = set()
@@ -230,7 +218,5 @@ def test_exception_classes_live_in_errors_py():
             if inspect.isclass(obj) and issubclass(obj, BaseException) \
                     and obj.__module__ == name and name != "engine.errors":
                 found.add(f"{name}.{obj.__qualname__}")
-    new = sorted(found - EXCEPTIONS_ELSEWHERE)
+    new = sorted(found)
     assert not new, f"define these in engine/errors.py: {new}"
-    gone = sorted(EXCEPTIONS_ELSEWHERE - found)
-    assert not gone, f"moved, remove from EXCEPTIONS_ELSEWHERE: {gone}"

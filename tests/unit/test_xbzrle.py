@@ -85,7 +85,7 @@ def edited_pages(draw):
     return old.tobytes(), new.tobytes()
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=1500, deadline=None)
 @given(edited_pages())
 def test_matches_qemu_and_round_trips(pair):
     old, new = pair
@@ -167,3 +167,17 @@ def test_cache_resize_keeps_the_newest():
     hit, slots = small.lookup(addrs, generation=9)
     assert hit.tolist() == [False, False, True, True]   # 2 and 3 are newer than 0 and 1
     assert small.pages(slots[hit])[:, 0].tolist() == [2, 3]
+
+
+@pytest.mark.parametrize("changed_tail", [False, True])
+def test_overflow_boundary_is_qemus(changed_tail):
+    # Alternate changed/unchanged bytes: every run costs 3 bytes; find the
+    # page sizes around dlen where QEMU's encoder starts to give up.
+    size = 64
+    for dlen in range(30, 64):
+        for nchanges in range(1, 32):
+            old = bytes(size)
+            new = bytearray(size)
+            for k in range(nchanges):
+                new[size - 1 - 2 * k if changed_tail else size - 2 - 2 * k] = 1
+            assert encode_page(old, bytes(new), dlen) == reference_encode(old, bytes(new), dlen)
