@@ -90,8 +90,7 @@ class _Pool:
             # A worker killed outside our control is the cause; the other
             # channels' errors (the peer gave up on them) are its consequence.
             self._check_killed()
-            raise _CHANNEL_ERRORS.get(msg.kind, MigrationError)(
-                f"multifd channel {index}: {msg.text}")
+            raise msg.exception(f"multifd channel {index}", _CHANNEL_ERRORS, MigrationError)
         if isinstance(msg, ctl.Done):
             self._ended.add(index)
         return index, msg
