@@ -193,11 +193,11 @@ class DestinationMigration:
             self.preempt.close()
         self.preempt = None
 
-    def _release_postcopy(self) -> None:
+    def _release_postcopy(self, failed: bool = True) -> None:
         if self.postcopy is not None:
             with self._lock:
                 self._postcopy_stats = self.postcopy.stats()
-            self.postcopy.close()
+            self.postcopy.close(failed=failed)
 
     def _release_multifd(self, failed: bool) -> None:
         for ch in self.multifd_channels.values():
@@ -307,7 +307,7 @@ class DestinationMigration:
             self._release_multifd(failed=False)
             if self.postcopy is not None:
                 self.postcopy.check()
-                self._release_postcopy()
+                self._release_postcopy(failed=False)
             self._finish()
             trace("ram_load_complete", pages=self.pages, zero_pages=self.zero_pages)
             self.state.transition(S.COMPLETED)

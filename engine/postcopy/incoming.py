@@ -71,6 +71,10 @@ def resolve_fault_mode(requested: str) -> str:
     return "software"
 
 
+#: how long a failed postcopy waits for its vCPUs to drop their registration
+#: once the handler is gone (they are stopped and discarded anyway)
+FAILED_DETACH_SECONDS = 2.0
+
 class PostcopyIncoming:
     """Postcopy on the destination for one guest.
 
@@ -258,22 +262,35 @@ class PostcopyIncoming:
         except Exception:
             return {}
 
-    def close(self) -> None:
-        """Detach the vCPUs' faults and stop the handler (idempotent)."""
+    def close(self, failed: bool = False) -> None:
+        """Detach the vCPUs' faults and stop the handler (idempotent).
+
+        After a failure (*failed*) some vCPUs may be blocked on pages that
+        will never come, and a blocked vCPU cannot answer a detach: the
+        handler goes first then (closing its userfaultfd and sockets lets
+        every waiting vCPU go on), and the detach gets a short grace.
+        """
         with self._lock:
             if self.handler is None:
                 return
             if self._final_stats is None:
                 self._final_stats = self.stats()
+            handler, self.handler = self.handler, None
+            self.placer = None
             errors = []
+            if failed:
+                handler.close()
             if self._attached:
                 self._attached = False
                 try:
-                    self.guest.detach_faults()
+                    if failed:
+                        self.guest.detach_faults(timeout=FAILED_DETACH_SECONDS)
+                    else:
+                        self.guest.detach_faults()
                 except Exception as exc:
-                    errors.append(exc)
-            self.placer = None
-            handler, self.handler = self.handler, None
-            handler.close()
+                    if not failed:
+                        errors.append(exc)
+            if not failed:
+                handler.close()
             if errors:
                 raise errors[0]

@@ -211,7 +211,7 @@ def test_remote_errors_name_the_event_state_channel_and_offset(element, words):
     from engine.options import MigrationOptions
     from engine.ram.guest import Guest
     from engine.stream import encoder
-    from engine.transport import _SocketChannel
+    from engine.transport.channels import _SocketChannel
 
     head = encoder.file_header() + encoder.configuration("none")
     body = element() if callable(element) else getattr(encoder, element)()
