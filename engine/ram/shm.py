@@ -163,7 +163,6 @@ def unlink_segment(shm: SharedMemory) -> None:
     """
     if getattr(shm, _UNLINKED_ATTR, False):
         return
-    setattr(shm, _UNLINKED_ATTR, True)
     tracked = getattr(shm, _TRACKED_ATTR, True)
     try:
         _posixshmem.shm_unlink(shm._name)
@@ -171,6 +170,9 @@ def unlink_segment(shm: SharedMemory) -> None:
         pass
     if tracked:
         resource_tracker.unregister(shm._name, "shared_memory")
+    # Marked only now: an interrupt before this point leaves the segment to a
+    # retry, which must still unlink it and drop the tracker's entry.
+    setattr(shm, _UNLINKED_ATTR, True)
 
 
 def close_segment(shm: SharedMemory) -> bool:
