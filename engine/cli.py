@@ -27,13 +27,18 @@ __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="engine", description=__doc__.splitlines()[0])
-    ap.add_argument("--trace", metavar="PATTERN",
-                    help="trace events matching these comma-separated globs to stderr, "
-                         "like QEMU's -trace (e.g. 'migrate_set_state,multifd_*'); "
-                         f"the {trace.ENV} environment variable does the same")
+    trace_help = ("trace events matching these comma-separated globs to stderr, like "
+                  "QEMU's -trace (e.g. 'migrate_set_state,multifd_*'); "
+                  f"the {trace.ENV} environment variable does the same")
+    ap.add_argument("--trace", metavar="PATTERN", help=trace_help)
+    # Also after the subcommand, where users put options; SUPPRESS keeps a
+    # value given before it.
+    traced = argparse.ArgumentParser(add_help=False)
+    traced.add_argument("--trace", metavar="PATTERN", default=argparse.SUPPRESS,
+                        help=trace_help)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    m = sub.add_parser("migrate", help="migrate a live guest (to a local destination by default)")
+    m = sub.add_parser("migrate", parents=[traced], help="migrate a live guest (to a local destination by default)")
     add_guest_options(m, ram_default="1G")
     m.add_argument("--dst-mem-path", metavar="PATH", help="file-backed RAM for the local destination")
     m.add_argument("--to", type=uri, metavar="URI", help="migrate to a destination already listening "
@@ -47,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--plot", type=output_file, metavar="FILE.png", help="draw throughput, dirty rate and remaining "
                    "RAM over time, with passes and switchover (needs matplotlib: engine[bench])")
 
-    i = sub.add_parser("incoming", help="wait for one incoming migration")
+    i = sub.add_parser("incoming", parents=[traced], help="wait for one incoming migration")
     i.add_argument("uri", type=uri)
     add_guest_options(i, ram_default=None)
     i.add_argument("--verify", action="store_true",
@@ -55,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
                    help="seconds to wait for the source to connect (finite, > 0)")
 
-    ld = sub.add_parser("load", help="load a migration stream file and report its sections")
+    ld = sub.add_parser("load", parents=[traced], help="load a migration stream file and report its sections")
     ld.add_argument("file")
     ld.add_argument("--machine", default=None, help="machine profile (default: from the stream)")
     add_vcpus_option(ld, default=None,
@@ -66,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Commands whose options live with their code (engine/commands/<name>.py:
     # add_arguments(parser) and run(args)).
     for name, help_text in _MODULE_COMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, parents=[traced], help=help_text)
         _command_module(name).add_arguments(p)
     return ap
 

@@ -39,11 +39,15 @@ def test_enabled_events_are_lines_like_qemus_log_backend(enabled, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_the_command_line_traces_both_sides_in_order(tmp_path):
-    """--trace reaches the local destination (a child), whose lines join the
-    source's stderr as they happen; each side's status changes are in order."""
-    r = subprocess.run([sys.executable, "-m", "engine", "--trace", "migrate_set_state",
-                        "migrate", "--ram", "16M", "--quiet", "--no-verify"],
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_the_command_line_traces_both_sides_in_order(tmp_path, where):
+    """--trace (before or after the subcommand) reaches the local destination
+    (a child), whose lines join the source's stderr as they happen; each
+    side's status changes are in order."""
+    opt = ["--trace", "migrate_set_state"]
+    cmd = ["migrate", "--ram", "16M", "--quiet", "--no-verify"]
+    r = subprocess.run([sys.executable, "-m", "engine",
+                        *(opt + cmd if where == "before" else cmd + opt)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     events = [LINE.match(line) for line in r.stderr.splitlines()]
