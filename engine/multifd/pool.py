@@ -75,6 +75,7 @@ class _Pool:
 
     # -- messaging ---------------------------------------------------------
     def _send(self, index: int, message) -> None:
+        trace("multifd_ctl_send", role=self.role, channel=index, msg=type(message).__name__)
         try:
             self._router.send_multipart([ctl.worker_identity(index), *message.frames()])
         except zmq.ZMQError as exc:
@@ -86,6 +87,7 @@ class _Pool:
         frames = self._router.recv_multipart(copy=False)
         index = ctl.worker_index(bytes(frames[0]))
         msg = ctl.decode(frames[1:])
+        trace("multifd_ctl_recv", role=self.role, channel=index, msg=type(msg).__name__)
         if isinstance(msg, ctl.Error):
             # A worker killed outside our control is the cause; the other
             # channels' errors (the peer gave up on them) are its consequence.
