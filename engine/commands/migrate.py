@@ -72,11 +72,8 @@ class LocalDestination:
             cmd += ["--cap", c]
         for p in args.param:
             cmd += ["--param", p]
-        # The destination's temporary files live in our work directory, so
-        # that removing it cleans up after a destination that was killed.
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, pass_fds=pass_fds,
-                                     env=dict(os.environ, TMPDIR=workdir),
                                      start_new_session=True)
         self.uri: str | None = None
         self._ready = threading.Event()

@@ -21,10 +21,8 @@ Source side::
                             ACK(seq, normal, zero, wire_bytes)
                             SYNCED(round)
                             DONE(wire_bytes)          answer to BYE
-                            ERROR(text, kind, message, channel, offset)
-                                                      the failure's text and class
-                                                      name; a protocol error's
-                                                      location apart (Error.of,
+                            ERROR(packed exception)   the failure itself, packed by
+                                                      engine.ctlerrors (Error.of,
                                                       Error.exception)
 
 Destination side::
@@ -33,7 +31,7 @@ Destination side::
                             SYNCED(round, normal, zero, wire_bytes)
                                                       read a SYNC packet; waits now
                             DONE(wire_bytes)          channel reached EOF cleanly
-                            ERROR(text, kind, message, channel, offset)
+                            ERROR(packed exception)
     coordinator -> worker   RELEASE(round)            every channel has synced
                             BYE                       stop (migration over or failed)
 
@@ -47,12 +45,13 @@ by its older copy still in flight on this one.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from engine.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from engine.ctlerrors import pack_error, unpack_error
+from engine.errors import (EngineError, LocalProtocolError, MigrationError,
+                           RemoteProtocolError)
 
 BATCH, SYNC, BYE, HELLO, CONNECT = b"BATCH", b"SYNC", b"BYE", b"HELLO", b"CONNECT"
 READY, ACK, SYNCED, DONE, ERROR, RELEASE = (b"READY", b"ACK", b"SYNCED", b"DONE",
@@ -64,7 +63,6 @@ _ACK = struct.Struct("<QIIQ")
 _SYNCED = struct.Struct("<QIIQ")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
-_I64 = struct.Struct("<q")
 _DONE = struct.Struct("<QQQ")
 
 
@@ -159,38 +157,32 @@ class Done:
 
 @dataclass(frozen=True, slots=True)
 class Error:
-    text: str
-    #: the failure's exception class, for the coordinator to raise the same
-    #: kind (a channel error stays a channel error across the process line)
-    kind: str = ""
-    #: for a protocol error: the message without its location, the channel
-    #: and the byte offset it names ("" and -1 when it names none)
-    message: str = ""
-    channel: str = ""
-    offset: int = -1
+    """A worker's failure, the exception itself packed by :mod:`engine.ctlerrors`
+    (the one way errors cross a process boundary in the engine)."""
+
+    packed: bytes
 
     @classmethod
     def of(cls, exc: BaseException) -> Error:
         """The ERROR that carries ``exc`` to the coordinator."""
-        if isinstance(exc, ProtocolError):
-            return cls(str(exc), type(exc).__name__, exc.message, exc.channel or "",
-                       -1 if exc.offset is None else exc.offset)
-        return cls(str(exc), type(exc).__name__)
+        return cls(pack_error(exc))
 
-    def exception(self, prefix: str, kinds: Mapping[str, type[Exception]],
-                  default: type[Exception]) -> Exception:
-        """The failure as the coordinator raises it: the class named in ``kinds``
-        (by :attr:`kind`, else ``default``), its text after ``prefix``; a
-        protocol error keeps its channel and offset as attributes."""
-        cls = kinds.get(self.kind, default)
-        if issubclass(cls, ProtocolError) and self.message:
-            return cls(f"{prefix}: {self.message}",
-                       None if self.offset < 0 else self.offset, self.channel or None)
-        return cls(f"{prefix}: {self.text}")
+    def exception(self, prefix: str) -> Exception:
+        """The failure as the coordinator raises it: the worker's engine error as
+        itself (class, channel, offset and other attributes), its text after
+        ``prefix``; anything else (an OSError, a bug) as a MigrationError
+        caused by it."""
+        exc = unpack_error(self.packed, fallback=MigrationError, where=prefix,
+                           channel="multifd control")
+        if isinstance(exc, EngineError) and exc.args:
+            exc.args = (f"{prefix}: {exc.args[0]}", *exc.args[1:])
+            return exc
+        wrapped = MigrationError(f"{prefix}: {exc}")
+        wrapped.__cause__ = exc
+        return wrapped
 
     def frames(self) -> list:
-        return [ERROR, self.text.encode(), self.kind.encode(), self.message.encode(),
-                self.channel.encode(), _I64.pack(self.offset)]
+        return [ERROR, self.packed]
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,9 +224,7 @@ def decode(frames: list) -> object:
         if kind == DONE:
             return Done(*_DONE.unpack(bytes(body[0])))
         if kind == ERROR:
-            texts = [bytes(b).decode(errors="replace") for b in body[:4]]
-            offset = _I64.unpack(bytes(body[4]))[0] if len(body) > 4 else -1
-            return Error(*texts, offset=offset)
+            return Error(bytes(body[0]))
         if kind == RELEASE:
             return Release(*_U64.unpack(bytes(body[0])))
         if kind == BYE:

@@ -26,18 +26,12 @@ from typing import Callable
 import numpy as np
 import zmq
 
-from engine.errors import (ChannelBrokenError, ChannelClosedError, MigrationError,
-                           RemoteProtocolError)
+from engine.errors import MigrationError
 from engine.multifd import control as ctl
 from engine.multifd.receiver import RecvWorkerConfig, recv_worker_main
 from engine.multifd.sender import SendWorkerConfig, packets_needed, send_worker_main
 from engine.procs import spawn
 from engine.trace import trace
-from engine.transport import ChannelTimeoutError
-
-#: a worker's failures the coordinator raises as their own kind (by class name)
-_CHANNEL_ERRORS = {cls.__name__: cls for cls in (
-    ChannelBrokenError, ChannelClosedError, ChannelTimeoutError, RemoteProtocolError)}
 
 #: pages per BATCH message: 8 packets, so the coordinator's cost per page is tiny
 BATCH_PAGES = 1024
@@ -92,7 +86,7 @@ class _Pool:
             # A worker killed outside our control is the cause; the other
             # channels' errors (the peer gave up on them) are its consequence.
             self._check_killed()
-            raise msg.exception(f"multifd channel {index}", _CHANNEL_ERRORS, MigrationError)
+            raise msg.exception(f"multifd channel {index}")
         if isinstance(msg, ctl.Done):
             self._ended.add(index)
         return index, msg

@@ -9,6 +9,7 @@ lost or applied out of order.
 from __future__ import annotations
 
 import json
+import os
 import select
 import socket
 import subprocess
@@ -316,7 +317,10 @@ def test_cli_destination_killed_in_postcopy_fails_instead_of_hanging(tmp_path, t
          "--workload", "ab", "--dirty-rate", "0", "--cap", "postcopy-ram=on",
          "--param", "downtime-limit=1", "--param", "max-postcopy-bandwidth=1M",
          "--postcopy-after", "0", "--json", str(report), "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # the destination is SIGKILLed below: nothing of it can remove its
+        # temporary directory, so that lands in the test's own tmp_path
+        env=dict(os.environ, TMPDIR=str(tmp_path)))
     try:
         deadline = time.monotonic() + TIMEOUT
         victim = None
