@@ -14,8 +14,11 @@ answers with what to do, and whoever drives the migration does it.
   - ``cancel``: migrate_cancel (the source keeps running).
 
 * **Stall** (a warning, no action): the remaining bytes measured right after
-  a pass's bitmap sync have not fallen below the lowest of the earlier
-  passes for :data:`STALL_PASSES` passes in a row.  Five: a converging
+  a pass's bitmap sync have not fallen for :data:`STALL_PASSES` passes in a
+  row, "fallen" meaning below the figure of the last pass that fell by more
+  than :data:`STALL_MARGIN` (smaller moves are the noise of a random
+  working set, and a precopy gaining a percent a pass is stalled in all
+  but name).  Five: a converging
   precopy shrinks what is left at nearly every pass; one that cannot
   converge (the guest dirties faster than the link carries) settles on its
   working set and wobbles around it, so five passes without a new low tells
@@ -28,10 +31,12 @@ import enum
 
 from engine.errors import ConfigError
 
-__all__ = ["TimeoutAction", "TimeoutPolicy", "STALL_PASSES", "PRECOPY_STATUSES"]
+__all__ = ["TimeoutAction", "TimeoutPolicy", "STALL_PASSES", "STALL_MARGIN", "PRECOPY_STATUSES"]
 
 #: passes without a new low of remaining bytes before the stall warning
 STALL_PASSES = 5
+#: a pass "falls" when it leaves less than this share below the last fall
+STALL_MARGIN = 0.05
 #: statuses in which a time-out still has something to act on
 PRECOPY_STATUSES = frozenset({"setup", "wait-unplug", "active"})
 
@@ -64,7 +69,8 @@ class TimeoutPolicy:
         self.stall_passes = stall_passes
         #: when the action fired (seconds since the start), None if it has not
         self.fired_at: float | None = None
-        #: the lowest remaining bytes seen after a pass, and passes since
+        #: remaining bytes after the last pass that fell, passes since, the lowest
+        self._mark: int | None = None
         self._lowest: int | None = None
         self._since_low = 0
         self._last_pass = 0
@@ -78,8 +84,9 @@ class TimeoutPolicy:
         if passes <= self._last_pass:
             return None         # the same pass seen twice
         self._last_pass = passes
-        if self._lowest is None or remaining < self._lowest:
-            self._lowest = remaining
+        self._lowest = remaining if self._lowest is None else min(self._lowest, remaining)
+        if self._mark is None or remaining < self._mark * (1 - STALL_MARGIN):
+            self._mark = remaining
             self._since_low = 0
             self.stalled = False
             return None

@@ -80,3 +80,15 @@ def test_the_same_pass_twice_counts_once():
     p.on_pass(2, 11 * MB)
     assert not p.stalled
     assert p.on_pass(3, 11 * MB) is not None
+
+
+def test_noise_is_not_progress():
+    # A random working set wobbles: 0.5 % new lows are not a fall.
+    p = TimeoutPolicy(None)
+    p.on_pass(1, 128 * MB)
+    p.on_pass(2, 60 * MB)
+    remaining = 60 * MB
+    for n in range(3, 3 + STALL_PASSES):
+        remaining = remaining * 995 // 1000
+        p.on_pass(n, remaining)
+    assert p.stalled

@@ -1,0 +1,102 @@
+"""A guest dirtying memory faster than max-bandwidth, as QEMU's migration-test
+makes one for auto-converge: it completes with auto-converge and not without
+(a time-out then cancels it); the vCPUs really slow down (their own count of
+pages written); the time-out's actions, and the stall warning.
+
+The guest: 64 MiB, one vCPU writing random pages at 200 MiB/s; the link:
+64 MiB/s, so a pass takes about a second and re-dirties most of RAM.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+ENGINE = [sys.executable, "-m", "engine"]
+TIMEOUT = 180
+MIB = 1 << 20
+
+GUEST = ["--ram", "64M", "--vcpus", "1", "--workload", "random", "--dirty-rate", "200"]
+LINK = ["--param", f"max-bandwidth={64 * MIB}"]
+#: steps of 50 %, 75 %, 99 %: converges within about six periods of a second
+THROTTLE = ["--cap", "auto-converge=on", "--param", "cpu-throttle-initial=50",
+            "--param", "cpu-throttle-increment=25"]
+
+
+def migrate(tmp_path, *extra):
+    report = tmp_path / "r.json"
+    res = subprocess.run([*ENGINE, "migrate", *GUEST, *LINK, "--json", str(report), *extra],
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    rep = json.loads(report.read_text()) if report.exists() else None
+    return res, rep
+
+
+def test_no_convergence_without_auto_converge_then_cancelled(tmp_path):
+    res, rep = migrate(tmp_path, "--timeout", "8", "--timeout-action", "cancel")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert rep["migration"]["status"] == "cancelled"
+    conv = rep["convergence"]
+    assert conv["timed-out"] is True and conv["timeout-action"] == "cancel"
+    assert conv["cpu-throttle-percentage"] == 0
+    # Several passes went by without the remaining RAM falling: the stall warning.
+    assert conv["stalled"] is True
+    assert any(w.startswith("stalled: remaining RAM has not fallen for 5 passes")
+               for w in rep["warnings"]), rep["warnings"]
+    assert "timed out after 8 s in active: cancel" in rep["warnings"]
+    assert "warning: stalled" in res.stdout
+    # Nothing slowed the guest: its own rate during the migration is its rate before.
+    assert conv["guest"]["slowdown"] > 0.7, conv["guest"]
+
+
+def test_auto_converge_completes_and_slows_the_vcpus(tmp_path):
+    res, rep = migrate(tmp_path, *THROTTLE, "--timeout", "60", "--timeout-action", "cancel")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert rep["migration"]["status"] == "completed"
+    assert rep["verification"]["memory_equal"] is True
+    conv = rep["convergence"]
+    assert conv["timed-out"] is False
+    assert 50 <= conv["cpu-throttle-percentage"] <= 99
+    # The vCPU's own count of pages written: its last second before the
+    # switchover ran at a fraction of its rate before the migration.
+    guest = conv["guest"]
+    assert guest["pages-per-second-before"] > 0
+    assert guest["slowdown-last-second"] < 0.6, guest
+    assert guest["ms-per-gib-last-second"] > guest["ms-per-gib-before"]
+    # QEMU reports the throttle only while it is on: not after completion.
+    assert "cpu-throttle-percentage" not in rep["migration"]
+
+
+def test_timeout_suspend_stops_the_guest_and_completes(tmp_path):
+    res, rep = migrate(tmp_path, "--timeout", "3")       # suspend is the default
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert rep["migration"]["status"] == "completed"
+    assert rep["verification"]["memory_equal"] is True
+    conv = rep["convergence"]
+    assert conv["timed-out"] is True and conv["timeout-action"] == "suspend"
+    assert 3 <= conv["timed-out-after"] < 4
+    assert rep["migration"]["total-time"] < 8000
+
+
+def test_timeout_postcopy_switches(tmp_path):
+    res, rep = migrate(tmp_path, "--cap", "postcopy-ram=on", "--timeout", "3",
+                       "--timeout-action", "postcopy")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert rep["migration"]["status"] == "completed"
+    assert rep["migration"]["ram"]["postcopy-bytes"] > 0
+    assert rep["convergence"]["timed-out"] is True
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--timeout", "5", "--timeout-action", "postcopy"], "needs --cap postcopy-ram=on"),
+    (["--timeout-action", "cancel"], "needs --timeout SECONDS"),
+    (["--timeout", "0"], "--timeout"),
+    (["--timeout", "nan"], "--timeout"),
+    (["--timeout", "5", "--timeout-action", "pause"], "--timeout-action"),
+])
+def test_bad_timeouts_refused_before_anything_starts(tmp_path, args, needle):
+    res = subprocess.run([*ENGINE, "migrate", "--ram", "16M", "--workload", "none", *args],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert needle in res.stderr
