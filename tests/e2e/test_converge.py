@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -86,6 +88,50 @@ def test_timeout_postcopy_switches(tmp_path):
     assert rep["migration"]["status"] == "completed"
     assert rep["migration"]["ram"]["postcopy-bytes"] > 0
     assert rep["convergence"]["timed-out"] is True
+
+
+def _pages_per_second(guest, seconds: float = 1.0) -> float:
+    from engine.ram.workloads import REG_PAGES
+    t0, p0 = time.monotonic(), int(guest.registers[:, REG_PAGES].sum())
+    time.sleep(seconds)
+    return (int(guest.registers[:, REG_PAGES].sum()) - p0) / (time.monotonic() - t0)
+
+
+def test_throttle_lifted_after_cancel():
+    """In-process: a throttled guest runs at full speed again once the
+    migration is cancelled (its vCPU's own count of pages written)."""
+    from engine.machine import get_profile
+    from engine.migration.source import SourceMigration
+    from engine.options import MigrationOptions
+    from engine.ram.guest import Guest
+    from engine.ram.workloads import WorkloadSpec
+    from engine.transport import connect
+
+    options = MigrationOptions.default().with_capabilities({"auto-converge": True}) \
+        .with_parameters({"max-bandwidth": 32 * MIB, "cpu-throttle-initial": 80,
+                          "cpu-throttle-increment": 10})
+    with Guest.create([("m0", 64 * MIB, None)], vcpus=1,
+                      workload=WorkloadSpec("random", dirty_rate_mbps=200)) as guest:
+        before = _pages_per_second(guest)
+        mig = SourceMigration(guest, get_profile("engine"), options)
+        uri = "exec:cat > /dev/null"
+        with connect(uri) as channel:
+            runner = threading.Thread(target=mig.run, args=(channel, uri))
+            runner.start()
+            try:
+                deadline = time.monotonic() + 60
+                while mig.autoconverge.percentage < 80:
+                    assert time.monotonic() < deadline, mig.info().to_qmp()
+                    time.sleep(0.1)
+                throttled = _pages_per_second(guest)
+            finally:
+                mig.cancel()
+                runner.join(TIMEOUT)
+        assert mig.state.status.value == "cancelled"
+        assert mig.autoconverge.percentage == 0
+        after = _pages_per_second(guest)
+    assert throttled < 0.4 * before, (before, throttled, after)
+    assert after > 0.7 * before, (before, throttled, after)
 
 
 @pytest.mark.parametrize("args,needle", [
