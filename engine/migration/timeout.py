@@ -118,4 +118,5 @@ class TimeoutPolicy:
         return {"timeout": self.timeout, "timeout-action": self.action.value,
                 "timed-out": self.fired_at is not None,
                 "timed-out-after": self.fired_at, "stalled": self.stalled,
+                "passes": self._last_pass,
                 "stall-passes": self.stall_passes}
