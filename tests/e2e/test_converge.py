@@ -146,3 +146,30 @@ def test_bad_timeouts_refused_before_anything_starts(tmp_path, args, needle):
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2, res.stdout + res.stderr
     assert needle in res.stderr
+
+
+def test_stress_convergence_cases(tmp_path):
+    out = tmp_path / "stress.json"
+    res = subprocess.run([*ENGINE, "stress", "--converge", "auto-converge,postcopy",
+                          "--json", str(out), "--quiet"],
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = {r["case"]["strategy"]: r for r in json.loads(out.read_text())["convergence"]}
+    assert set(rows) == {"auto-converge", "postcopy"}
+    for r in rows.values():
+        assert r["verdict"] == "converged" and r["expected"] is True, r
+    assert rows["auto-converge"]["observation"]["throttle"] >= 50
+    assert "auto-converge    converged" in res.stdout
+
+
+def test_bench_converge_reports_a_strategy_that_does_not_converge(tmp_path):
+    from pathlib import Path
+    bench = Path(__file__).resolve().parents[2] / "bench" / "converge.py"
+    out = tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, str(bench), "--strategies", "none", "--bound", "4",
+                          "--json", str(out)], capture_output=True, text=True, timeout=TIMEOUT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["strategy"] == "none" and row["converged"] == 0 and row["expected"]
+    assert row["time_s"] == 4 and row["slowdown"] is not None
+    assert row["ms_per_gib_before"] > 0
