@@ -206,7 +206,7 @@ def format_progress(sample, eta: float | None, width: int = 120,
     for name in _DROP_ORDER:
         if len(line) < width:
             break
-        del fields[name]
+        fields.pop(name, None)
         line = "  ".join(fields.values())
     return line[:max(width - 1, 0)]
 

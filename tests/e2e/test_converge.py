@@ -173,3 +173,22 @@ def test_bench_converge_reports_a_strategy_that_does_not_converge(tmp_path):
     assert row["strategy"] == "none" and row["converged"] == 0 and row["expected"]
     assert row["time_s"] == 4 and row["slowdown"] is not None
     assert row["ms_per_gib_before"] > 0
+
+
+def test_plot_draws_the_throttle(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+    import numpy as np
+    brown = (0.549, 0.337, 0.294)       # matplotlib's tab:brown, the throttle's line
+
+    def brown_pixels(path):
+        img = imread(str(path))[..., :3]
+        return int(np.count_nonzero(np.all(np.abs(img - np.array(brown)) < 0.03, axis=-1)))
+
+    with_ac, without = tmp_path / "ac.png", tmp_path / "none.png"
+    res, _ = migrate(tmp_path, *THROTTLE, "--plot", str(with_ac))
+    assert res.returncode == 0, res.stdout + res.stderr
+    res, _ = migrate(tmp_path, "--timeout", "2", "--plot", str(without))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert brown_pixels(with_ac) > 100
+    assert brown_pixels(without) == 0
