@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--postcopy-after", type=integer(0), default=None, metavar="N",
                    help="with --cap postcopy-ram=on: switch to postcopy after N dirty-bitmap "
                         "passes (QMP migrate-start-postcopy)")
+    m.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
+                   help="seconds the precopy may take (finite, > 0; virsh migrate --timeout); "
+                        "then --timeout-action")
+    m.add_argument("--timeout-action", choices=("suspend", "postcopy", "cancel"), default=None,
+                   help="at --timeout: suspend = stop the guest and complete now (the default), "
+                        "postcopy = switch to postcopy (needs --cap postcopy-ram=on), "
+                        "cancel = cancel (the source keeps running)")
     m.add_argument("--plot", type=output_file, metavar="FILE.png", help="draw throughput, dirty rate and remaining "
                    "RAM over time, with passes and switchover (needs matplotlib: engine[bench])")
 

@@ -28,6 +28,7 @@ MIB = 1 << 20
 _THROUGHPUT, _DIRTY, _REMAINING = "tab:blue", "tab:orange", "tab:green"
 _SWITCHOVER, _POSTCOPY, _PASS = "tab:red", "tab:purple", "0.55"
 _END = {"completed": "tab:green", "failed": "black", "cancelled": "black"}
+_THROTTLE = "tab:brown"
 _SHADE = 0.10
 #: pass numbers closer than this fraction of the time axis are not all printed
 #: (the lines all stay)
@@ -85,6 +86,7 @@ def plot_timeline(timeline: Timeline, path: str | os.PathLike, *,
     ax_tp.fill_between(t, [s.throughput / MIB for s in samples], color=_THROUGHPUT,
                        alpha=0.12, lw=0)
     ax_tp.set_ylabel("throughput\nMiB/s")
+    _plot_throttle(ax_tp, t, samples)
 
     nan = float("nan")
     dirty = [s.dirty_rate / MIB if s.guest_running_here else nan for s in samples]
@@ -128,6 +130,19 @@ def plot_timeline(timeline: Timeline, path: str | os.PathLike, *,
                     transform=ax_rem.transAxes, ha="right", va="top", fontsize=8,
                     color="darkred", wrap=True)
     fig.savefig(os.fspath(path), dpi=dpi, format="png")
+
+
+def _plot_throttle(ax, t, samples) -> None:
+    """auto-converge's cpu-throttle-percentage, on its own 0-100 % scale at
+    the right of the throughput panel, when the migration throttled at all."""
+    if not any(s.throttle for s in samples):
+        return
+    ax_pct = ax.twinx()
+    ax_pct.plot(t, [s.throttle for s in samples], color=_THROTTLE, lw=1.4,
+                drawstyle="steps-post", label="cpu throttle %")
+    ax_pct.set_ylim(0, 100)
+    ax_pct.set_ylabel("cpu throttle\n%", color=_THROTTLE)
+    ax_pct.spines[["top"]].set_visible(False)
 
 
 def _mark_events(timeline: Timeline, axes, end_t: float) -> None:

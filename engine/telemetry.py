@@ -108,6 +108,8 @@ class Sample:
     """Bytes/s sent over the last :data:`THROUGHPUT_WINDOW`, from the
     ``transferred`` deltas: unlike ``mbps`` it goes on being measured in
     postcopy and falls to 0 once nothing moves."""
+    throttle: int = 0
+    """``cpu-throttle-percentage`` (auto-converge), 0 while not throttling."""
 
     @property
     def dirty_rate(self) -> float:
@@ -273,7 +275,8 @@ class MigrationSampler:
                 dirty_pages_rate=ram.dirty_pages_rate if ram else 0,
                 page_size=ram.page_size if ram else (last.page_size if last else 4096),
                 mbps=ram.mbps if ram else 0.0,
-                throughput=max(throughput, 0.0))
+                throughput=max(throughput, 0.0),
+                throttle=int(info.extra.get("cpu-throttle-percentage", 0)))
             self._samples.append(row)
             self._final = info
         if self.on_sample is not None:

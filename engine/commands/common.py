@@ -161,7 +161,7 @@ def format_eta(seconds: float | None) -> str:
 # Fields in display order, and which go first when the terminal is narrow:
 # the status, what is left and the ETA stay.  All seven fit in 100 columns,
 # all but 'sent' in 80.
-_DROP_ORDER = ("sent", "pass", "dirty", "throughput")
+_DROP_ORDER = ("sent", "pass", "dirty", "throughput", "throttle")
 
 
 def _num(x: float, width: int) -> str:
@@ -170,16 +170,17 @@ def _num(x: float, width: int) -> str:
     return text if len(text) <= width else f"{x:{width}.0f}"
 
 
-def progress_fields(sample, eta: float | None) -> dict[str, str]:
+def progress_fields(sample, eta: float | None, warning: str | None = None) -> dict[str, str]:
     """The display's fields for one :class:`~engine.telemetry.Sample`, in order.
 
     Fixed widths, so that the line does not shift as the numbers change:
     sizes in MiB, rates in MiB/s, the dirty rate shown only while the
-    source's vCPUs run (0 after the switchover).
+    source's vCPUs run (0 after the switchover).  auto-converge's throttle
+    and a *warning* (a stalled precopy) are added while there are any.
     """
     dirty = sample.dirty_rate if sample.guest_running_here else 0.0
     done = sample.status == "completed"
-    return {
+    fields = {
         "status": f"{sample.status:<10}",
         "pass": f"pass {sample.passes:>2}",
         "sent": f"sent {_num(sample.transferred / MIB, 6)} MiB",
@@ -188,18 +189,24 @@ def progress_fields(sample, eta: float | None) -> dict[str, str]:
         "dirty": f"dirty {_num(dirty / MIB, 5)} MiB/s",
         "eta": f"ETA {'done' if done else format_eta(eta):>5}",
     }
+    if getattr(sample, "throttle", 0):
+        fields["throttle"] = f"throttle {sample.throttle:>2}%"
+    if warning:
+        fields["warning"] = warning
+    return fields
 
 
-def format_progress(sample, eta: float | None, width: int = 120) -> str:
+def format_progress(sample, eta: float | None, width: int = 120,
+                    warning: str | None = None) -> str:
     """One line of at most ``width - 1`` characters (the last column is
     left free: a line that fills it wraps on some terminals, and a wrapped
     line cannot be redrawn with a carriage return)."""
-    fields = progress_fields(sample, eta)
+    fields = progress_fields(sample, eta, warning)
     line = "  ".join(fields.values())
     for name in _DROP_ORDER:
         if len(line) < width:
             break
-        del fields[name]
+        fields.pop(name, None)
         line = "  ".join(fields.values())
     return line[:max(width - 1, 0)]
 
@@ -225,6 +232,8 @@ class Progress:
         self._drawn_at: float | None = None
         self._drawn_status: str | None = None
         self.last_line: str | None = None
+        #: a short warning shown at the end of the line (a stalled precopy)
+        self.warning: str | None = None
 
     def __enter__(self) -> Progress:
         return self
@@ -248,7 +257,7 @@ class Progress:
         if not due:
             return
         self._drawn_at, self._drawn_status = sample.t, sample.status
-        self.last_line = format_progress(sample, eta, _columns(self.stream))
+        self.last_line = format_progress(sample, eta, _columns(self.stream), self.warning)
         self._write("\r\033[K" + self.last_line)
 
     def _write(self, text: str) -> None:

@@ -214,9 +214,11 @@ def run_migrate(args) -> int:
     plot = getattr(args, "plot", None)
     if plot:
         _check_plot_path(plot)
+    from engine.commands.converge import ConvergenceWatch, timeout_policy
+    policy = timeout_policy(args, options)
 
     workdir = tempfile.mkdtemp(prefix="engine-migrate-")
-    guest = dest = mig = sampler = None
+    guest = dest = mig = sampler = watch = None
     connected = False   # whether the local destination has a source to lose
     try:
         if target is None and not isinstance(local, FileAddress):
@@ -233,6 +235,8 @@ def run_migrate(args) -> int:
         if args.postcopy_after is not None and args.postcopy_after < 0:
             raise ConfigError("--postcopy-after must be >= 0")
         progress = Progress(args.quiet)
+        # Watching from now on: the guest's own rate before the migration.
+        watch = ConvergenceWatch(guest, policy, progress).start()
         if plot or progress.enabled:
             # One sampler feeds both the live line and the plot; made before
             # the migration so that its hooks mark statuses and passes
@@ -244,7 +248,9 @@ def run_migrate(args) -> int:
         mig = SourceMigration(guest, profile, options, vcpus=args.vcpus,
                               postcopy_after=args.postcopy_after, uuid=args.uuid,
                               on_status=sampler.note_status if sampler else None,
-                              on_pass=sampler.note_pass if sampler else None)
+                              on_pass=_both(sampler.note_pass if sampler else None,
+                                            watch.note_pass))
+        watch.attach(mig)
         mig.compute_digests = target is None and not args.no_verify
         if target is not None:
             mig.prepare()
@@ -262,7 +268,7 @@ def run_migrate(args) -> int:
             channel = _connect_retry(uri, time.monotonic() + 10)
         connected = True
         watcher = _PausedWatcher(mig, dest)
-        with channel, progress, sampler or contextlib.nullcontext(), watcher:
+        with channel, progress, sampler or contextlib.nullcontext(), watcher, watch:
             info = mig.run(channel, uri)
         # The source guest has served its purpose (its switchover digests are
         # taken): it goes while the destination finishes, not after.  A
@@ -281,12 +287,14 @@ def run_migrate(args) -> int:
         ran = _postcopied(mig) and args.vcpus > 0 and workload.name != "none"
         verification = _verify(mig, dest_rc, dest_report, ab=workload.name == "ab",
                                compare_memory=not ran)
+        convergence = watch.report(mig.page_size)
         if not args.quiet:
             print(format_info_migrate(info))
-            for line in verification["messages"]:
+            for line in verification["messages"] + [f"warning: {w}" for w in watch.warnings]:
                 print(line)
         write_json(args.json, {"migration": info.to_qmp(), "verification": verification,
-                               "destination": dest_report})
+                               "destination": dest_report, "convergence": convergence,
+                               "warnings": watch.warnings})
         if info.status != "completed":
             print(f"engine: migration {info.status}: {mig.error}", file=sys.stderr)
             if dest is not None and dest.stderr():
@@ -303,6 +311,8 @@ def run_migrate(args) -> int:
         # the work directory would be left behind): it is held until the end.
         interrupted = isinstance(sys.exc_info()[1], (KeyboardInterrupt, SystemExit))
         with _signals_held():
+            if watch is not None:
+                watch.stop()
             if mig is not None and mig.pool is not None:
                 mig.pool.kill()
             if dest is not None:
@@ -317,6 +327,17 @@ def run_migrate(args) -> int:
             # recorded is drawn whatever the outcome.
             if plot and sampler is not None:
                 _write_plot(plot, sampler, args, mig)
+
+
+def _both(first, second):
+    """One hook calling two (``first`` may be None)."""
+    if first is None:
+        return second
+
+    def hook(*a):
+        first(*a)
+        second(*a)
+    return hook
 
 
 @contextlib.contextmanager

@@ -37,6 +37,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--postcopy-faults", default="auto",
                         choices=("auto", "userfaultfd", "software"),
                         help="how postcopy destinations catch missing pages")
+    parser.add_argument("--converge", default=None, nargs="?", const="all",
+                        metavar="STRATEGY[,STRATEGY]",
+                        help="run the convergence cases instead of the fault matrix: each "
+                             "strategy (default all: none, auto-converge, postcopy, "
+                             "timeout-suspend) against a guest dirtying faster than the link")
     parser.add_argument("--junit", type=output_file, metavar="FILE", help="write JUnit XML")
     parser.add_argument("--json", type=output_file, metavar="FILE", help="write the results as JSON")
     parser.add_argument("--list", action="store_true",
@@ -46,6 +51,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    if args.converge:
+        return run_converge(args)
     from engine.commands.common import write_json
     from engine.stress import report
     from engine.stress.matrix import sample
@@ -96,3 +103,36 @@ def run(args) -> int:
     if bad:
         print(bad)
     return report.exit_code(results)
+
+
+def run_converge(args) -> int:
+    """``engine stress --converge``: one case per strategy, a verdict each
+    (converged / did not converge); exit 1 if any is not the expected one."""
+    from engine.commands.common import write_json
+    from engine.stress.converge_run import run_convergence_case
+    from engine.stress.convergence import STRATEGIES, convergence_cases
+
+    names = None if args.converge == "all" else \
+        [n.strip() for n in args.converge.split(",") if n.strip()]
+    cases = convergence_cases(names)
+    if args.list:
+        for c in cases:
+            print(f"{c.strategy:16} {STRATEGIES[c.strategy].why}")
+        return 0
+    results = []
+    for case in cases:
+        r = run_convergence_case(case)
+        results.append(r)
+        if not args.quiet:
+            print(f"[{case.strategy}] {r.verdict.value} ({r.seconds:.1f} s): {r.detail}",
+                  file=sys.stderr, flush=True)
+    write_json(args.json, {"convergence": [r.to_dict() for r in results]})
+    print(f"{'strategy':16} {'verdict':18} {'expected':8} {'time s':>7} {'downtime ms':>11} "
+          f"{'throttle %':>10} {'guest rate':>10}")
+    for r in results:
+        o = r.observation
+        slow = o.guest.get("slowdown")
+        print(f"{r.case.strategy:16} {r.verdict.value:18} {'yes' if r.expected else 'NO':8} "
+              f"{(o.total_ms or 0) / 1000:7.1f} {o.downtime_ms if o.downtime_ms is not None else '-':>11} "
+              f"{o.throttle:>10} {f'{slow:.2f}x' if slow else '-':>10}")
+    return 0 if all(r.expected for r in results) else 1

@@ -50,8 +50,6 @@ switch, page-request service, preempt channel, pause and recovery;
 from __future__ import annotations
 
 import contextlib
-import select
-import socket
 import threading
 import time
 from typing import Callable
@@ -60,10 +58,11 @@ from engine.errors import (ChannelClosedError, ChannelError, ConfigError, Engine
                            InvalidCapabilityError, MigrationCancelled, MigrationError,
                            PostcopyPaused, StateError)
 from engine.machine import RAM_SECTION_ID, GuestState, MachineProfile
-from engine.migration import check_implemented
+from engine.migration import autoconverge, check_implemented
 from engine.migration.postcopy_source import (POSTCOPY_SWITCH_INTERVAL, RESUME_ACK_VALUE,
                                               PostcopySource)
 from engine.migration.multifd_source import MultifdMode, MultifdSource
+from engine.migration.peer import peer_closed as _peer_closed
 from engine.migration.ramsave import PRECOPY_BATCH_PAGES, RamSaver
 from engine.migration.ratelimit import WINDOW_SECONDS, RateLimiter
 from engine.migration.returnpath import ReturnPathReader
@@ -94,32 +93,6 @@ RP_GRACE_SECONDS = 1.0
 #: that stopped reading must not hold the cancel up
 _CANCEL_SHUTDOWN_STATES = frozenset({S.SETUP, S.WAIT_UNPLUG, S.ACTIVE, S.PRE_SWITCHOVER,
                                      S.DEVICE})
-
-
-def _peer_closed(channel) -> bool:
-    """Whether the other end of ``channel`` has closed or reset it (never blocks)."""
-    try:
-        fd = channel.fileno()
-    except Exception:       # noqa: BLE001 - a channel with no descriptor: cannot tell
-        return False
-    if fd < 0:
-        return False
-    poller = select.poll()
-    poller.register(fd, select.POLLIN | select.POLLRDHUP)
-    events = dict(poller.poll(0)).get(fd, 0)
-    if events & (select.POLLHUP | select.POLLERR | select.POLLRDHUP):
-        return True
-    if not events & select.POLLIN:
-        return False
-    sock = socket.socket(fileno=fd)     # borrowed: detached below, never closed
-    try:
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:
-        return True         # reset
-    finally:
-        sock.detach()
 
 
 class SourceMigration:
@@ -197,6 +170,9 @@ class SourceMigration:
         self.uri: str | None = None
         self.limiter: RateLimiter | None = None
         self._eof_sent = False
+        #: auto-converge's throttle (None without the capability)
+        self.autoconverge = autoconverge.for_migration(self)
+        self._switchover_now = threading.Event()
         self._owned_channels: list = []
         self._yanked = False
 
@@ -287,6 +263,13 @@ class SourceMigration:
         self.state.expect(S.SETUP, S.WAIT_UNPLUG, S.ACTIVE)
         self._postcopy_requested.set()
 
+    def switchover_now(self) -> None:
+        """Stop the guest and complete at the next iteration, whatever is
+        still to send (a time-out's suspend: virsh migrate --timeout-suspend)."""
+        self.state.expect(S.SETUP, S.WAIT_UNPLUG, S.ACTIVE)
+        self._switchover_now.set()
+        self._wake.set()
+
     def pause(self) -> None:
         """QMP migrate-pause: break the channels; the migration waits in
         ``postcopy-paused`` for :meth:`resume` (only in ``postcopy-active`` or
@@ -354,8 +337,16 @@ class SourceMigration:
         with self._lock:
             status = self.state.status
             failed = status is S.FAILED and self.error is not None
-            return self.stats.snapshot(status.value,
+            info = self.stats.snapshot(status.value,
                                        error_desc=str(self.error) if failed else None)
+        if self.autoconverge is not None and self.autoconverge.percentage:
+            info.extra["cpu-throttle-percentage"] = self.autoconverge.percentage
+        return info
+
+    def _stop_throttle(self) -> None:
+        """The migration is over: the guest runs at full speed (cpu_throttle_stop)."""
+        if self.autoconverge is not None:
+            self.autoconverge.stop()
 
     # -- the migration thread ------------------------------------------
     def run(self, channel, uri: str | None = None) -> MigrationInfo:
@@ -405,6 +396,8 @@ class SourceMigration:
                 self.guest_state.note_stopped()
             self.stats.vm_stopped()
             trace("migration_completion_vm_stop", was_running=was_running)
+            if self.autoconverge is not None:
+                self.autoconverge.release()
             # The guest is stopped: whatever is left goes out as fast as the
             # channels carry it (QEMU checks max-bandwidth only while iterating;
             # a cap here would stretch the downtime, and with multifd it shrank
@@ -423,6 +416,7 @@ class SourceMigration:
             with self._lock:
                 self.stats.completed()
                 self.stats.set_cpu_seconds(self.cpu.stop())
+            self._stop_throttle()
             self.state.transition(S.COMPLETED)
             if self.compute_digests:
                 # The guest stays stopped after completion (QEMU's postmigrate)
@@ -485,6 +479,7 @@ class SourceMigration:
                 self.state.transition(S.CANCELLING)
         elif self.state.can_transition(S.FAILED):
             self.state.transition(S.FAILED)
+        self._stop_throttle()
         if stopped_by_us and not split:
             self.guest.start()
             self.guest_state.note_started()
@@ -619,6 +614,9 @@ class SourceMigration:
         with self._lock:
             count = self.stats.dirty_sync(new, pending_pages)
         trace("migration_bitmap_sync_end", new_dirty=new, pending=pending_pages, sync=count)
+        if self.autoconverge is not None:
+            self.autoconverge.on_sync(new, self.stats.transferred, self.page_size,
+                                      guest_running=self.state.status is S.ACTIVE)
         if self.on_pass:
             self.on_pass(count)
 
@@ -661,6 +659,8 @@ class SourceMigration:
             self._checkpoint()
             if self._postcopy_requested.is_set():
                 return True
+            if self._switchover_now.is_set():
+                return False
             downtime_limit = int(self.options.param("downtime-limit"))
             avail = int(self.options.param("avail-switchover-bandwidth"))
             with self._lock:

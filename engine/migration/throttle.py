@@ -19,18 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.ram.cputhrottle import CPU_THROTTLE_TIMESLICE, throttle_sleep
+
 __all__ = ["CPU_THROTTLE_TIMESLICE", "ThrottleTrigger", "throttle_sleep", "ThrottleParams"]
-
-#: how long a throttled vCPU runs between sleeps, seconds (CPU_THROTTLE_TIMESLICE_NS)
-CPU_THROTTLE_TIMESLICE = 0.010
-
-
-def throttle_sleep(percentage: int) -> float:
-    """Seconds a vCPU sleeps after each timeslice at *percentage* throttle (0 = none)."""
-    if percentage <= 0:
-        return 0.0
-    pct = min(percentage, 99) / 100.0
-    return pct / (1.0 - pct) * CPU_THROTTLE_TIMESLICE
 
 
 @dataclass(frozen=True)

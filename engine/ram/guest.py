@@ -234,6 +234,11 @@ class Guest:
         self._check_open()
         self._res.vcpus.stop(timeout)
 
+    def set_throttle(self, percentage: int) -> None:
+        """auto-converge: the vCPUs sleep *percentage* % of each timeslice (0: none)."""
+        self._check_open()
+        self._res.vcpus.set_throttle(percentage)
+
     @property
     def running(self) -> bool:
         """Whether the guest has been started and not stopped since."""

@@ -13,6 +13,7 @@ words                         meaning
 ``FAULTS_SEQ``                bumped by every postcopy faults request
 ``FAULTS_MODE``               what the request asks for: 0 detach,
                               1 userfaultfd, 2 software (``faultproto``)
+``THROTTLE``                  auto-converge's throttle percentage (0: none)
 ``path[0:128]``               the fault handler's socket path, UTF-8, NUL
                               padded (16 words after the header)
 ``status[i, ST_ACK]``         the EPOCH vCPU *i* saw while paused
@@ -67,6 +68,7 @@ from engine.errors import GuestError, PostcopyError
 from engine.ram.faultproto import MODE_NAMES, MODE_SOFTWARE
 from engine.procs import child_setup, parent_alive, spawn
 from engine.ram.block import RamBlock, RamBlockHandle
+from engine.ram.cputhrottle import CPU_THROTTLE_TIMESLICE, throttle_sleep
 from engine.ram.dirty import DirtyLog, DirtyLogHandle
 from engine.ram.faults import (MODE_DETACH, STAGE_INTERNAL, FaultClient, FaultSetupError,
                                describe_error, error_code)
@@ -76,6 +78,7 @@ from engine.ram.workloads import NREGS, Pacer, WorkloadSpec, make_workload
 __all__ = ["ControlHandle", "Control", "Vcpus", "vcpu_main"]
 
 RUN, EPOCH, COUNTER, QUIT, FAULTS_SEQ, FAULTS_MODE = 0, 1, 2, 3, 4, 5
+THROTTLE = 6
 _HEADER_WORDS = 8
 #: Room for the fault handler's socket path (bytes; a unix path has <= 107).
 FAULTS_PATH_BYTES = 128
@@ -293,8 +296,11 @@ def _run(ctl: Control, index: int, workload, faults: _FaultRequests,
     paused = True
     next_parent_check = 0.0
     clock = time.monotonic
+    slice_end = 0.0
     while not words[QUIT]:
         now = clock()
+        if now >= slice_end:
+            slice_end = _throttle_slice(words, pacer, now)
         if now >= next_parent_check:
             if not parent_alive(parent_pid):
                 return
@@ -324,6 +330,27 @@ def _run(ctl: Control, index: int, workload, faults: _FaultRequests,
         pacer.account(pages)
         if index == 0 and pages:
             words[COUNTER] += 1
+
+
+def _throttle_slice(words, pacer: Pacer, now: float) -> float:
+    """End of a 10 ms timeslice: sleep auto-converge's share (QEMU's
+    cpu_throttle_thread); returns when the next timeslice ends.
+
+    The sleep gives way to a stop or a quit, as QEMU's ends when the vCPU is
+    kicked, so a 99 % throttle never stretches the switchover.  The pacer
+    forgets the time slept: catching up on it would undo the throttle.
+    """
+    pct = int(words[THROTTLE])
+    if pct and words[RUN]:
+        until = now + throttle_sleep(pct)
+        while words[RUN] and not words[QUIT]:
+            left = until - time.monotonic()
+            if left <= 0:
+                break
+            time.sleep(min(left, _MAX_PACING_SLEEP))
+        pacer.reset()
+        now = time.monotonic()
+    return now + CPU_THROTTLE_TIMESLICE
 
 
 # -- the coordinator's side -----------------------------------------------------
@@ -439,6 +466,10 @@ class Vcpus:
                 reason = control.faults_reason(index) or describe_error(code)
                 failures.append(f"vCPU {index} (pid {proc.pid}): {reason}")
         return failures
+
+    def set_throttle(self, percentage: int) -> None:
+        """auto-converge: every vCPU sleeps this share of its time (0: none)."""
+        self.control.words[THROTTLE] = max(0, min(int(percentage), 99))
 
     @property
     def running(self) -> bool:

@@ -5,5 +5,7 @@
 * :mod:`~engine.stress.verdict` - verdicts and the table of expected outcomes;
 * :mod:`~engine.stress.leaks` - segments, temp directories and processes a case left behind;
 * :mod:`~engine.stress.runner` - one case from start to verdict, and a matrix;
-* :mod:`~engine.stress.report` - summary table, JUnit XML, JSON.
+* :mod:`~engine.stress.report` - summary table, JUnit XML, JSON;
+* :mod:`~engine.stress.convergence` - convergence strategies, cases and verdicts
+  (``--converge``), run by :mod:`~engine.stress.converge_run`.
 """
