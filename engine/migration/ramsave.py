@@ -277,7 +277,14 @@ class RamSaver:
             self._rewind()
             return sum(bm.sync() for bm in self.bitmaps)
 
+    def _wrapped(self) -> None:
+        # QEMU starts XBZRLE when its scan first wraps round to the first
+        # block: here at a complete round or at a rewind, whichever comes first.
+        if self.xbzrle is not None:
+            self.xbzrle.started = True
+
     def _rewind(self) -> None:
+        self._wrapped()
         self.round += 1
         for bm in self.bitmaps:
             bm.seek(0)
@@ -305,8 +312,7 @@ class RamSaver:
                 if len(idx):
                     return self._current, idx
                 self._current += 1
-            if self.xbzrle is not None:
-                self.xbzrle.started = True   # QEMU: after the first complete round
+            self._wrapped()
         return None
 
     def next_batch(self, limit: int = BATCH_PAGES) -> BatchResult | None:
