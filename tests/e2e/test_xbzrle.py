@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 
 from engine.library import make_options
@@ -12,6 +13,27 @@ from engine.ram.guest import Guest
 from engine.ram.workloads import WorkloadSpec
 
 from tests.e2e.test_inprocess_precopy import migrate_pair
+
+ENGINE = [sys.executable, "-m", "engine"]
+
+
+def test_cli_live_migration_with_xbzrle(tmp_path):
+    """engine migrate: a random workload re-dirtying a hot set, a 16 MiB/s link
+    and a 50 ms downtime limit, so that several passes re-send hot pages."""
+    report = tmp_path / "report.json"
+    res = subprocess.run(ENGINE + [
+        "migrate", "--ram", "64M", "--workload", "random", "--dirty-rate", "8",
+        "--hot-set", "0.05", "--cap", "xbzrle=on", "--param", "max-bandwidth=16M",
+        "--param", "downtime-limit=50", "--param", "xbzrle-cache-size=16M",
+        "--json", str(report)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    r = json.loads(report.read_text())
+    assert r["verification"]["memory_equal"] is True, r["verification"]
+    x = r["migration"]["xbzrle-cache"]
+    assert r["migration"]["ram"]["dirty-sync-count"] >= 3
+    assert x["pages"] > 0 and x["cache-size"] == 16 << 20, x
+    assert r["destination"]["xbzrle_pages"] > 0
+    assert "xbzrle pages: " in res.stdout and "xbzrle cache miss rate: " in res.stdout
 
 
 def test_inprocess_xbzrle_live_migration_lands_every_byte(tmp_shm_path):
