@@ -36,6 +36,26 @@ def test_cli_live_migration_with_xbzrle(tmp_path):
     assert "xbzrle pages: " in res.stdout and "xbzrle cache miss rate: " in res.stdout
 
 
+def test_engine_load_applies_xbzrle_records_of_a_live_stream(tmp_path, tmp_shm_path):
+    """A live source with xbzrle into a file, then engine load --mem-path:
+    the image equals the source's RAM at switchover."""
+    stream, image, report = tmp_path / "s.bin", tmp_path / "ram.img", tmp_path / "load.json"
+    res = subprocess.run(ENGINE + [
+        "migrate", "--to", f"file:{stream}", "--ram", "32M", "--mem-path", str(tmp_shm_path),
+        "--workload", "random", "--dirty-rate", "8", "--hot-set", "0.05",
+        "--cap", "xbzrle=on", "--param", "max-bandwidth=16M", "--param", "downtime-limit=50"],
+        capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = subprocess.run(ENGINE + ["load", str(stream), "--mem-path", str(image),
+                                   "--json", str(report)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    ram = json.loads(report.read_text())["ram"]
+    assert ram["xbzrle_pages"] > 0, ram
+    assert "xbzrle pages: " in res.stdout
+    assert image.read_bytes() == tmp_shm_path.read_bytes()
+
+
 def test_inprocess_xbzrle_live_migration_lands_every_byte(tmp_shm_path):
     opts = make_options({"xbzrle": True}, {"max-bandwidth": 24 << 20, "downtime-limit": 300,
                                            "xbzrle-cache-size": 8 << 20})
@@ -65,3 +85,49 @@ def test_no_xbzrle_cache_member_without_the_capability():
         _, _, info, _ = migrate_pair(sg, dg, opts, vcpus=1)
         assert info.status == "completed"
         assert "xbzrle-cache" not in info.to_qmp()
+
+
+def test_cache_resized_live_by_migrate_set_parameters(tmp_shm_path):
+    """xbzrle-cache-size changed mid-migration (QMP migrate-set-parameters):
+    the running cache takes the new size and the migration stays exact."""
+    import threading
+
+    from engine.machine import get_profile
+    from engine.migration.destination import DestinationMigration
+    from engine.migration.source import SourceMigration
+    from engine.transport import connect, listen
+
+    opts = make_options({"xbzrle": True}, {"max-bandwidth": 16 << 20, "downtime-limit": 50,
+                                           "xbzrle-cache-size": 32 << 20})
+    wl = WorkloadSpec("random", dirty_rate_mbps=8, hot_set=0.05)
+    profile = get_profile("engine")
+    sizes = []
+    with Guest.create([("pc.ram", 32 << 20)], vcpus=1, workload=wl) as sg, \
+            Guest.create([("pc.ram", 32 << 20)], vcpus=1, workload=wl, start=False) as dg:
+        sg.block("pc.ram").array[::5] = 0x22
+        listener = listen("tcp:127.0.0.1:0")
+        dst = DestinationMigration(profile, opts, guest=dg, vcpus=1, verify=True)
+        result = {}
+
+        def serve():
+            with listener.accept(timeout=30) as ch:
+                result["dst"] = dst.run(ch)
+
+        def on_pass(count):
+            if count == 2:
+                src.set_parameters({"xbzrle-cache-size": 1 << 20})
+                sizes.append(src.ram.xbzrle.cache.size)
+
+        t = threading.Thread(target=serve)
+        t.start()
+        src = SourceMigration(sg, profile, opts, vcpus=1, on_pass=on_pass)
+        src.compute_digests = True
+        with connect(listener.uri) as ch:
+            info = src.run(ch)
+        t.join(60)
+        listener.close()
+        assert info.status == "completed", info.error_desc
+        assert result["dst"].status == "completed", result["dst"].error_desc
+        assert sizes == [1 << 20]
+        assert info.to_qmp()["xbzrle-cache"]["cache-size"] == 1 << 20
+        assert src.switchover_digests == dst.digests
