@@ -48,7 +48,7 @@ def test_engine_xbzrle_source_to_qemu(qemu, engine_cmd, tmp_shm_path, tmp_path):
                                  "--workload", "random", "--dirty-rate", "8",
                                  "--hot-set", "0.05", "--cap", "xbzrle=on",
                                  "--param", "max-bandwidth=16M",
-                                 "--param", "downtime-limit=50",
+                                 "--param", "downtime-limit=20",
                                  "--param", "xbzrle-cache-size=16M", "--json", report],
                                 tmp_path, "engine-migrate") as src:
                 rc = src.wait(timeout=WAIT_S)

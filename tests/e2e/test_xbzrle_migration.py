@@ -9,23 +9,30 @@ import sys
 import time
 
 from engine.library import make_options
+from engine.ram.image import write_mixed_image
 from engine.ram.guest import Guest
 from engine.ram.workloads import WorkloadSpec
 
 from tests.e2e.test_inprocess_precopy import migrate_pair
 
 ENGINE = [sys.executable, "-m", "engine"]
+#: a random workload writing 8 MiB/s, 90% of it into 5% of the pages, over a
+#: 16 MiB/s link with a 20 ms downtime limit: the first pass over half-full
+#: RAM takes over a second, the hot pages are dirty again at every later
+#: pass, and the passes after the first re-send them from the cache
+LIVE = ["--workload", "random", "--dirty-rate", "8", "--hot-set", "0.05",
+        "--cap", "xbzrle=on", "--param", "max-bandwidth=16M", "--param", "downtime-limit=20"]
 
 
-def test_cli_live_migration_with_xbzrle(tmp_path):
+def test_cli_live_migration_with_xbzrle(tmp_path, tmp_shm_path):
     """engine migrate: a random workload re-dirtying a hot set, a 16 MiB/s link
     and a 50 ms downtime limit, so that several passes re-send hot pages."""
     report = tmp_path / "report.json"
+    write_mixed_image(tmp_shm_path, 32 << 20, 14)
     res = subprocess.run(ENGINE + [
-        "migrate", "--ram", "64M", "--workload", "random", "--dirty-rate", "8",
-        "--hot-set", "0.05", "--cap", "xbzrle=on", "--param", "max-bandwidth=16M",
-        "--param", "downtime-limit=50", "--param", "xbzrle-cache-size=16M",
-        "--json", str(report)], capture_output=True, text=True, timeout=120)
+        "migrate", "--ram", "32M", "--mem-path", str(tmp_shm_path), *LIVE,
+        "--param", "xbzrle-cache-size=16M", "--json", str(report)],
+        capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     r = json.loads(report.read_text())
     assert r["verification"]["memory_equal"] is True, r["verification"]
@@ -40,11 +47,10 @@ def test_engine_load_applies_xbzrle_records_of_a_live_stream(tmp_path, tmp_shm_p
     """A live source with xbzrle into a file, then engine load --mem-path:
     the image equals the source's RAM at switchover."""
     stream, image, report = tmp_path / "s.bin", tmp_path / "ram.img", tmp_path / "load.json"
+    write_mixed_image(tmp_shm_path, 32 << 20, 15)
     res = subprocess.run(ENGINE + [
         "migrate", "--to", f"file:{stream}", "--ram", "32M", "--mem-path", str(tmp_shm_path),
-        "--workload", "random", "--dirty-rate", "8", "--hot-set", "0.05",
-        "--cap", "xbzrle=on", "--param", "max-bandwidth=16M", "--param", "downtime-limit=50"],
-        capture_output=True, text=True, timeout=120)
+        *LIVE], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     res = subprocess.run(ENGINE + ["load", str(stream), "--mem-path", str(image),
                                    "--json", str(report)],
