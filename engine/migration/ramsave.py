@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.compress.zeropage import zero_page_mask_from_buffer
-from engine.ram.holes import HoleMap, block_fd
 from engine.migration.xbzrle import XbzrleSaver
+from engine.ram.holes import HoleMap, block_fd
 from engine.ram.runs import mask_runs
 from engine.stream import encoder as enc
 from engine.stream.constants import (MAX_DISCARDS_PER_COMMAND, POSTCOPY_RAM_DISCARD_VERSION,

@@ -331,12 +331,14 @@ class SourceMigration:
         """migrate-set-parameters while migrating: validated, applied at once.
 
         Like QEMU, max-bandwidth, max-postcopy-bandwidth and downtime-limit
-        take effect on the running migration (the next iteration reads them);
-        the others on the next one.
+        take effect on the running migration (the next iteration reads them),
+        xbzrle-cache-size resizes the cache at once; the others wait for the
+        next migration.
         """
         self.options = self.options.with_parameters(params)
         if self.ram.xbzrle is not None and "xbzrle-cache-size" in params:
-            self.stats.xbzrle_cache = self.ram.xbzrle.resize(int(params["xbzrle-cache-size"]))
+            self.stats.xbzrle_cache = self.ram.xbzrle.resize(
+                int(self.options.param("xbzrle-cache-size")))
         limiter = self.limiter
         if limiter is not None:
             name = "max-postcopy-bandwidth" if self.state.status in POSTCOPY_STATES \
