@@ -137,3 +137,22 @@ def test_cache_resized_live_by_migrate_set_parameters(tmp_shm_path):
         assert sizes == [1 << 20]
         assert info.to_qmp()["xbzrle-cache"]["cache-size"] == 1 << 20
         assert src.switchover_digests == dst.digests
+
+
+def test_xbzrle_then_postcopy(tmp_path, tmp_shm_path):
+    """xbzrle during precopy, then postcopy: no XBZRLE record after the switch
+    (the destination refuses one there, as QEMU's does), memory exact."""
+    report = tmp_path / "report.json"
+    write_mixed_image(tmp_shm_path, 32 << 20, 16)
+    # ab: the destination checks the guest's own pattern (its memory cannot
+    # be compared with the source's once it ran in postcopy).
+    res = subprocess.run(ENGINE + [
+        "migrate", "--ram", "32M", "--mem-path", str(tmp_shm_path), "--workload", "ab",
+        "--dirty-rate", "64", "--cap", "xbzrle=on", "--param", "max-bandwidth=16M",
+        "--cap", "postcopy-ram=on", "--postcopy-after", "3", "--json", str(report)],
+        capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    r = json.loads(report.read_text())
+    assert r["verification"]["ok"] is True and r["verification"]["ab"], r["verification"]
+    assert r["migration"]["ram"]["postcopy-bytes"] > 0
+    assert r["migration"]["xbzrle-cache"]["pages"] > 0, r["migration"]
