@@ -76,7 +76,7 @@ SUPPORTED_CAPABILITIES: frozenset[str] = frozenset({
     "events", "return-path", "pause-before-switchover", "multifd",
     "postcopy-ram", "postcopy-preempt", "postcopy-blocktime",
     "late-block-activate", "validate-uuid", "switchover-ack", "zero-blocks",
-    "auto-converge",
+    "auto-converge", "xbzrle",
 })
 """The capabilities this engine implements: the only list of them.  Turning
 on any other is refused when a :class:`MigrationOptions` is made (so by
@@ -85,7 +85,6 @@ migration drivers' :func:`check_implemented` reads this set too."""
 
 # What the refused capabilities would do in QEMU, for the refusal message.
 _UNSUPPORTED_CAPABILITY_FEATURES: Mapping[str, str] = MappingProxyType({
-    "xbzrle": "XBZRLE delta encoding of re-sent pages",
     "rdma-pin-all": "pinning all guest RAM for the RDMA transport",
     "x-colo": "COLO fault tolerance (needs the replication module)",
     "release-ram": "freeing source RAM as postcopy sends it",

@@ -85,6 +85,7 @@ def run_incoming(args) -> int:
             "configuration": {"machine": mig.configuration.machine} if mig.configuration else None,
             "devices": {k: json_values(v) for k, v in mig.devices_loaded.items()},
             "pages": mig.pages, "zero_pages": mig.zero_pages,
+            "xbzrle_pages": getattr(mig.ram, "xbzrle_pages", 0),
             "multifd_pages": mig.multifd_pages[0], "multifd_zero_pages": mig.multifd_pages[1],
             "verification": {"digests": mig.digests, "ab": ab_summary(mig.ab_result)},
         }

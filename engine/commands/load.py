@@ -61,7 +61,7 @@ def analyze_stream(path: str, *, vcpus: int | None = None, mem_path: str | None 
     channel = os.path.basename(path)
     dec = StreamDecoder(_all_devices(), channel=channel, page_runs=True)
     report: dict = {"file": path, "machine": None, "vcpus": 0, "sections": [], "commands": [],
-                    "ram": {"blocks": [], "pages": 0, "zero_pages": 0},
+                    "ram": {"blocks": [], "pages": 0, "zero_pages": 0, "xbzrle_pages": 0},
                     "devices": {}, "vmdesc": None, "complete": False}
     image: RamImage | None = None
     loader: RamLoader | None = None
@@ -96,6 +96,10 @@ def analyze_stream(path: str, *, vcpus: int | None = None, mem_path: str | None 
                         ram["pages"] += len(e)
                         if loader is not None:
                             loader.land(e.block, e.offsets, e.data)
+                    elif kind is ev.RamXbzrle:
+                        ram["xbzrle_pages"] += 1
+                        if loader is not None:  # onto the page an earlier record put there
+                            loader.patch(e.block, e.offset, e.data)
                     elif kind is ev.RamZeros:
                         ram["zero_pages"] += len(e)
                         if loader is not None:  # clears only pages received before
@@ -172,6 +176,8 @@ def run_load(args) -> int:
     for b in report["ram"]["blocks"]:
         print(f"ram block {b['idstr']}: {b['used_length']} bytes")
     print(f"ram pages: {report['ram']['pages']} normal, {report['ram']['zero_pages']} zero")
+    if report["ram"]["xbzrle_pages"]:
+        print(f"xbzrle pages: {report['ram']['xbzrle_pages']}")
     for name, values in report["devices"].items():
         print(f"device {name}: {values}")
     if report["commands"]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.errors import XbzrleError
+from engine.stream.constants import ENCODING_FLAG_XBZRLE
 
 __all__ = [
     "ENCODING_FLAG_XBZRLE",
@@ -38,8 +39,6 @@ __all__ = [
     "uleb128_decode_small",
 ]
 
-#: the byte after an XBZRLE record's header (QEMU's ENCODING_FLAG_XBZRLE)
-ENCODING_FLAG_XBZRLE = 0x01
 
 #: the largest length a run may have: ULEB128 in two bytes
 _MAX_SMALL = 0x3FFF

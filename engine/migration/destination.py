@@ -59,8 +59,8 @@ CHANNELS_END_SECONDS = 60.0
 
 
 #: what a PACKAGED blob may not hold (QEMU's package is devices and commands)
-_NOT_IN_PACKAGE = (ev.RamPage, ev.RamZero, ev.RamPages, ev.RamZeros, ev.RamBlockList,
-                   ev.Packaged, ev.Eof, ev.VMDescription)
+_NOT_IN_PACKAGE = (ev.RamPage, ev.RamZero, ev.RamPages, ev.RamZeros, ev.RamXbzrle,
+                   ev.RamBlockList, ev.Packaged, ev.Eof, ev.VMDescription)
 
 
 def _located(exc: EngineError, offset: int, channel: str = "main") -> EngineError:
@@ -490,6 +490,7 @@ class DestinationMigration:
         return {
             ev.RamPages: (self._on_pages, loading),
             ev.RamZeros: (self._on_pages, loading),
+            ev.RamXbzrle: (self._on_pages, precopy),
             ev.RamEOS: (self._multifd_sync_point, loading),
             ev.RamFlush: (self._multifd_sync_point, loading),
             ev.FileHeader: (ignore, precopy),

@@ -35,7 +35,8 @@ from typing import Callable
 
 import numpy as np
 
-from engine.errors import BlockMismatchError
+from engine.compress.xbzrle import decode_into
+from engine.errors import BlockMismatchError, RemoteProtocolError, XbzrleError
 from engine.stream import events as ev
 
 __all__ = ["RamLoader", "check_block_list"]
@@ -63,7 +64,8 @@ class RamLoader:
     array) and ``fresh``; ``received`` maps each block's idstr to its
     received bitmap (one entry per page, any numpy dtype that takes True);
     ``page_size`` is the target page size.  ``pages`` and ``zero_pages``
-    count what was applied, precopy and postcopy alike.
+    count what was applied, precopy and postcopy alike; ``xbzrle_pages`` the
+    XBZRLE records applied.
     """
 
     def __init__(self, blocks, received: dict, page_size: int):
@@ -72,7 +74,7 @@ class RamLoader:
         self._fresh = {b.idstr: bool(getattr(b, "fresh", False)) for b in blocks}
         self._index = {b.idstr: i for i, b in enumerate(blocks)}
         self.received = received
-        self.pages = self.zero_pages = 0
+        self.pages = self.zero_pages = self.xbzrle_pages = 0
         #: postcopy: the placer, per block the "requested" bitmap, the callback
         self._placer = None
         self._requested: list | None = None
@@ -85,6 +87,7 @@ class RamLoader:
                 e.block, np.array([e.offset], np.uint64),
                 np.frombuffer(e.data, np.uint8).reshape(1, -1)),
             ev.RamZero: lambda e: self.zero(e.block, np.array([e.offset], np.uint64)),
+            ev.RamXbzrle: lambda e: self.patch(e.block, e.offset, e.data),
         }
 
     @property
@@ -105,7 +108,7 @@ class RamLoader:
         self._on_placed = on_placed
 
     def apply(self, event) -> None:
-        """Land a RamPages, RamZeros, RamPage or RamZero event."""
+        """Land a RamPages, RamZeros, RamPage, RamZero or RamXbzrle event."""
         try:
             applier = self._appliers[type(event)]
         except KeyError:
@@ -126,6 +129,21 @@ class RamLoader:
             return
         self._pages[block][idx] = data
         self.received[block][idx] = True
+
+    def patch(self, block: str, offset: int, encoding) -> None:
+        """An XBZRLE record: ``encoding`` applied to the page held at byte
+        ``offset`` of ``block`` (QEMU's load_xbzrle).  Precopy only: QEMU's
+        postcopy loader knows no XBZRLE record either."""
+        if self._placer is not None:
+            raise RemoteProtocolError(f"XBZRLE page of {block} at {offset:#x} in postcopy")
+        page = self._pages[block][offset // self.page_size]
+        try:
+            decode_into(encoding, page)
+        except XbzrleError as exc:
+            raise RemoteProtocolError(f"Failed to load XBZRLE page of {block} at "
+                                      f"{offset:#x} - decode error! ({exc})") from None
+        self.received[block][offset // self.page_size] = True
+        self.xbzrle_pages += 1
 
     def zero(self, block: str, offsets: np.ndarray) -> None:
         """The pages at byte ``offsets`` of ``block`` are zero."""

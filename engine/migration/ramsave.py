@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.compress.zeropage import zero_page_mask_from_buffer
+from engine.migration.xbzrle import XbzrleSaver
 from engine.ram.holes import HoleMap, block_fd
 from engine.ram.runs import mask_runs
 from engine.stream import encoder as enc
@@ -54,6 +55,8 @@ class BatchResult:
     normal: int
     zero: int
     wire_bytes: int
+    #: with xbzrle, the batch's xbzrle counts (engine.migration.xbzrle)
+    xbzrle: object = None
 
 
 def encode_batch(idstr: str, pages: np.ndarray, idx: np.ndarray, page_size: int,
@@ -238,9 +241,12 @@ class BlockBitmap:
 class RamSaver:
     """Bitmaps, scanning and record encoding for every migratable block."""
 
-    def __init__(self, guest, page_size: int, detect_zero: bool):
+    def __init__(self, guest, page_size: int, detect_zero: bool, xbzrle_cache: int | None = None):
         self.page_size = page_size
         self.detect_zero = detect_zero
+        #: the XBZRLE page cache and encoder (QEMU's XBZRLE), with the capability
+        self.xbzrle = None if xbzrle_cache is None else \
+            XbzrleSaver(guest.blocks, xbzrle_cache, page_size)
         self.bitmaps = [BlockBitmap(b, guest.dirty_log(b.idstr), page_size)
                         for b in guest.blocks]
         self._index = {bm.block.idstr: i for i, bm in enumerate(self.bitmaps)}
@@ -271,7 +277,14 @@ class RamSaver:
             self._rewind()
             return sum(bm.sync() for bm in self.bitmaps)
 
+    def _wrapped(self) -> None:
+        # QEMU starts XBZRLE when its scan first wraps round to the first
+        # block: here at a complete round or at a rewind, whichever comes first.
+        if self.xbzrle is not None:
+            self.xbzrle.started = True
+
     def _rewind(self) -> None:
+        self._wrapped()
         self.round += 1
         for bm in self.bitmaps:
             bm.seek(0)
@@ -282,6 +295,11 @@ class RamSaver:
         """Start a new round from the first page without a sync (postcopy)."""
         with self.lock:
             self._rewind()
+
+    def last_stage(self) -> None:
+        """The guest is stopped: from now on the XBZRLE cache is not updated."""
+        if self.xbzrle is not None:
+            self.xbzrle.last_stage = True
 
     def pending_pages(self) -> int:
         return sum(bm.pending() for bm in self.bitmaps)
@@ -294,6 +312,7 @@ class RamSaver:
                 if len(idx):
                     return self._current, idx
                 self._current += 1
+            self._wrapped()
         return None
 
     def next_batch(self, limit: int = BATCH_PAGES) -> BatchResult | None:
@@ -309,6 +328,11 @@ class RamSaver:
         the main channel (its encoder)."""
         bm = self.bitmaps[index]
         block = bm.block
+        xbzrle = self.xbzrle
+        if xbzrle is not None and xbzrle.active and encoder is None:
+            *fields, counts = xbzrle.encode_batch(block.idstr, block.pages, idx,
+                                                  self.detect_zero, self.encoder, self.round)
+            return BatchResult(*fields, xbzrle=counts)
         holes = bm.holes.mask(idx) if self.detect_zero else None
         return encode_batch(block.idstr, block.pages, idx, self.page_size, self.detect_zero,
                             self.encoder if encoder is None else encoder, known_zero=holes)
@@ -358,6 +382,8 @@ class RamSaver:
         once more in postcopy.
         """
         out = []
+        if self.xbzrle is not None:
+            self.xbzrle.enabled = False     # QEMU sends no XBZRLE page in postcopy
         with self.lock:
             if self.bitmaps and not any(bm.dirty for bm in self.bitmaps):
                 self.bitmaps[0].mark_dirty(0)

@@ -149,8 +149,9 @@ class SourceMigration:
         self.on_pass = on_pass
         self.page_size = TARGET_PAGE_SIZE
         detect = options.param("zero-page-detection") != "none"
-        self.ram = RamSaver(guest, self.page_size, detect_zero=detect)
-        self.stats = StatsAccumulator(self.ram.total_bytes, self.page_size)
+        cache = int(options.param("xbzrle-cache-size")) if options.cap("xbzrle") else None
+        self.ram = RamSaver(guest, self.page_size, detect_zero=detect, xbzrle_cache=cache)
+        self.stats = StatsAccumulator(self.ram.total_bytes, self.page_size, xbzrle_cache=cache)
         self.error: EngineError | None = None
         self._lock = threading.Lock()
         self._cancel = threading.Event()
@@ -313,10 +314,14 @@ class SourceMigration:
         """migrate-set-parameters while migrating: validated, applied at once.
 
         Like QEMU, max-bandwidth, max-postcopy-bandwidth and downtime-limit
-        take effect on the running migration (the next iteration reads them);
-        the others on the next one.
+        take effect on the running migration (the next iteration reads them),
+        xbzrle-cache-size resizes the cache at once; the others wait for the
+        next migration.
         """
         self.options = self.options.with_parameters(params)
+        if self.ram.xbzrle is not None and "xbzrle-cache-size" in params:
+            self.stats.xbzrle_cache = self.ram.xbzrle.resize(
+                int(self.options.param("xbzrle-cache-size")))
         limiter = self.limiter
         if limiter is not None:
             name = "max-postcopy-bandwidth" if self.state.status in POSTCOPY_STATES \
@@ -716,9 +721,11 @@ class SourceMigration:
 
     def _account_batch(self, batch) -> None:
         with self._lock:
-            self.stats.add_normal(batch.normal, batch.normal * (8 + self.page_size))
-            self.stats.add_zero(batch.zero,
-                                batch.wire_bytes - batch.normal * (8 + self.page_size))
+            normal = batch.normal * (8 + self.page_size)
+            self.stats.add_normal(batch.normal, normal)
+            if batch.xbzrle is not None:
+                normal += self.stats.add_xbzrle(batch.xbzrle)
+            self.stats.add_zero(batch.zero, batch.wire_bytes - normal)
             self.stats.set_remaining(self.ram.pending_pages())
     def _device_sections(self, described: list | None = None) -> list[bytes]:
         """The FULL section of every device (vCPUs stopped)."""
@@ -735,6 +742,7 @@ class SourceMigration:
     def _complete(self) -> None:
         """Switchover: everything left, then the devices (vCPUs are stopped)."""
         self._count_sync(self.ram.sync(), self.ram.pending_pages())
+        self.ram.last_stage()
         if self.options.prop("send-switchover-start"):
             self._send_counted(enc.switchover_start())
         self._send_section(enc.section_end(RAM_SECTION_ID), None, None)

@@ -52,7 +52,8 @@ class StatsAccumulator:
 
     def __init__(self, total_bytes: int, page_size: int = 4096,
                  clock: Callable[[], float] = time.monotonic, *,
-                 downtime_limit: int = 300, avail_switchover_bandwidth: int = 0):
+                 downtime_limit: int = 300, avail_switchover_bandwidth: int = 0,
+                 xbzrle_cache: int | None = None):
         self.total_bytes = total_bytes
         self.page_size = page_size
         self.downtime_limit = downtime_limit
@@ -86,6 +87,14 @@ class StatsAccumulator:
         self._expected_downtime = downtime_limit
 
         self._cpu_ms: int | None = None
+
+        #: xbzrle-cache-size with the xbzrle capability (None: no xbzrle-cache member)
+        self.xbzrle_cache = xbzrle_cache
+        self._xbzrle = {"pages": 0, "bytes": 0, "cache-miss": 0, "overflow": 0}
+        self._xbzrle_sent = 0
+        self._xbzrle_rates = {"cache-miss-rate": 0.0, "encoding-rate": 0.0}
+        # QEMU's *_prev counters of migration_update_rates: the period's start
+        self._xbzrle_prev = (0, 0, 0, 0)    # target pages, cache misses, pages, bytes
 
         self._period_start: float | None = None
         self._period_dirty = 0
@@ -181,6 +190,35 @@ class StatsAccumulator:
             self._main_bytes += wire_bytes
             self._ram_bytes[self._phase] += wire_bytes
 
+    def add_xbzrle(self, counts) -> int:
+        """A batch's xbzrle counts (:class:`~engine.migration.xbzrle.XbzrleCounts`);
+        returns the bytes its XBZRLE records cost on the main channel."""
+        with self._lock:
+            x = self._xbzrle
+            x["pages"] += counts.pages
+            x["bytes"] += counts.bytes
+            x["cache-miss"] += counts.cache_miss
+            x["overflow"] += counts.overflow
+            self._xbzrle_sent += counts.sent
+            self._main_bytes += counts.wire_bytes
+            self._ram_bytes[self._phase] += counts.wire_bytes
+            return counts.wire_bytes
+
+    def _update_xbzrle_rates(self) -> None:
+        """QEMU's migration_update_rates for xbzrle, once per dirty-rate period:
+        cache misses per page handled, and unencoded over encoded bytes."""
+        target = self._normal_pages + self._zero_pages + self._xbzrle_sent
+        prev_target, prev_miss, prev_pages, prev_bytes = self._xbzrle_prev
+        if target == prev_target:
+            return
+        x = self._xbzrle
+        rates = self._xbzrle_rates
+        rates["cache-miss-rate"] = (x["cache-miss"] - prev_miss) / (target - prev_target)
+        encoded = x["bytes"] - prev_bytes
+        rates["encoding-rate"] = 0.0 if x["pages"] == prev_pages or not encoded else \
+            (x["pages"] - prev_pages) * self.page_size / encoded
+        self._xbzrle_prev = (target, x["cache-miss"], x["pages"], x["bytes"])
+
     def add_bytes(self, n: int) -> None:
         """Other bytes written on the main channel (headers, device state)."""
         with self._lock:
@@ -228,6 +266,8 @@ class StatsAccumulator:
             period_ms = self._ms(self._period_start, now)
             if period_ms > DIRTY_RATE_PERIOD_MS:
                 self._dirty_pages_rate = self._period_dirty * 1000 // period_ms
+                if self.xbzrle_cache is not None:
+                    self._update_xbzrle_rates()
                 self._period_start = now
                 self._period_dirty = 0
             return self._dirty_sync_count
@@ -346,6 +386,13 @@ class StatsAccumulator:
                 downtime_bytes=self._ram_bytes["downtime"],
                 postcopy_bytes=self._ram_bytes["postcopy"],
             )
+            extra = {} if self._cpu_ms is None else {"x-cpu-time": self._cpu_ms}
+            if self.xbzrle_cache is not None:
+                x, r = self._xbzrle, self._xbzrle_rates
+                extra["xbzrle-cache"] = {   # QEMU's XBZRLECacheStats, in its order
+                    "cache-size": self.xbzrle_cache, "bytes": x["bytes"], "pages": x["pages"],
+                    "cache-miss": x["cache-miss"], "cache-miss-rate": r["cache-miss-rate"],
+                    "encoding-rate": r["encoding-rate"], "overflow": x["overflow"]}
             return MigrationInfo(
                 status=status.value,
                 total_time=total_time,
@@ -354,5 +401,5 @@ class StatsAccumulator:
                 expected_downtime=self._expected_downtime,
                 ram=ram,
                 error_desc=error_desc,
-                extra={} if self._cpu_ms is None else {"x-cpu-time": self._cpu_ms},
+                extra=extra,
             )

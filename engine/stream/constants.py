@@ -53,6 +53,8 @@ RAM_SAVE_FLAG_PAGE = 0x08           #: TARGET_PAGE_SIZE raw bytes follow
 RAM_SAVE_FLAG_EOS = 0x10            #: end of this section's RAM data
 RAM_SAVE_FLAG_CONTINUE = 0x20       #: same RAMBlock as the previous record: no name follows
 RAM_SAVE_FLAG_XBZRLE = 0x40         #: delta-encoded page
+#: the byte after an XBZRLE record's address word (QEMU's ENCODING_FLAG_XBZRLE)
+ENCODING_FLAG_XBZRLE = 0x01
 RAM_SAVE_FLAG_HOOK = 0x80           #: RDMA control
 RAM_SAVE_FLAG_COMPRESS_PAGE = 0x100  #: compress threads, removed in QEMU 9.1
 RAM_SAVE_FLAG_MULTIFD_FLUSH = 0x200  #: multifd sync point (QEMU >= 8.0; 7.2 rejects it)

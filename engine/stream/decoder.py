@@ -53,8 +53,8 @@ import numpy as np
 from engine.errors import LocalProtocolError, RemoteProtocolError
 
 from .constants import (
-    CONFIGURATION_VMSD_NAME, MAX_DISCARDS_PER_COMMAND, MIG_CMD_LEN, MIG_CMD_MAX,
-    POSTCOPY_ADVISE_LEN, POSTCOPY_RAM_DISCARD_VERSION, QEMU_VM_COMMAND,
+    CONFIGURATION_VMSD_NAME, ENCODING_FLAG_XBZRLE, MIG_CMD_LEN, MIG_CMD_MAX,
+    POSTCOPY_ADVISE_LEN, QEMU_VM_COMMAND,
     QEMU_VM_CONFIGURATION, QEMU_VM_EOF, QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION,
     QEMU_VM_FILE_VERSION_COMPAT, QEMU_VM_SECTION_END, QEMU_VM_SECTION_FOOTER,
     QEMU_VM_SECTION_FULL, QEMU_VM_SECTION_PART, QEMU_VM_SECTION_START, QEMU_VM_SUBSECTION,
@@ -66,11 +66,11 @@ from .constants import (
 )
 from .events import (
     NEED_DATA, Configuration, DeviceState, EnableColo, Eof, Event, FileHeader,
-    OpenReturnPath, Packaged, Ping, PostcopyAdvise, PostcopyListen, PostcopyRamDiscard,
-    PostcopyResume, PostcopyRun, RamBlockInfo, RamBlockList, RamEOS, RamFlush, RamPage,
-    RamPages, RamZero, RamZeros, RecvBitmap, SectionEnd, SectionFooter, SectionPart, SectionStart,
+    OpenReturnPath, Packaged, Ping, PostcopyAdvise, PostcopyListen, PostcopyResume, PostcopyRun, RamBlockInfo, RamBlockList, RamEOS, RamFlush, RamPage,
+    RamPages, RamXbzrle, RamZero, RamZeros, RecvBitmap, SectionEnd, SectionFooter, SectionPart, SectionStart,
     SwitchoverStart, VMDescription,
 )
+from .payloads import parse_config_capabilities, parse_discard
 from .vmdesc import parse_vmdesc
 from .vmstate import NeedData, VMStateDescription, need
 
@@ -90,7 +90,6 @@ _NO_STORE = np.empty(0, np.uint8)
 
 _UNSUPPORTED_RAM_FLAGS = {
     RAM_SAVE_FLAG_FULL: "FULL",
-    RAM_SAVE_FLAG_XBZRLE: "XBZRLE",
     RAM_SAVE_FLAG_HOOK: "HOOK",
     RAM_SAVE_FLAG_COMPRESS_PAGE: "COMPRESS_PAGE",
 }
@@ -590,7 +589,8 @@ class StreamDecoder:
         addr = word ^ flags
         kind = flags & ~RAM_SAVE_FLAG_CONTINUE
         p = pos + 8
-        if kind == RAM_SAVE_FLAG_PAGE or kind == RAM_SAVE_FLAG_ZERO:
+        if kind == RAM_SAVE_FLAG_PAGE or kind == RAM_SAVE_FLAG_ZERO \
+                or kind == RAM_SAVE_FLAG_XBZRLE:
             if flags & RAM_SAVE_FLAG_CONTINUE:
                 block = self._last_block
                 if block is None:
@@ -616,6 +616,8 @@ class StreamDecoder:
                                          np.frombuffer(data, np.uint8).reshape(1, -1))
                                 if self._page_runs else RamPage(block.idstr, addr, data))
                 p += self._page_size
+            elif kind == RAM_SAVE_FLAG_XBZRLE:
+                event, p = self._read_xbzrle(buf, p, block.idstr, addr)
             else:
                 need(buf, p, 1, "zero page fill byte")
                 if buf[p]:
@@ -648,6 +650,19 @@ class StreamDecoder:
                 f"Unknown combination of migration flags: {flags:#x}", offset=pos)
         self._pos = p
         return [event]
+
+    def _read_xbzrle(self, buf, p: int, block: str, addr: int) -> tuple[RamXbzrle, int]:
+        # QEMU's load_xbzrle checks the header; the encoding is checked as it is applied.
+        need(buf, p, 3, "XBZRLE encoding flag and length")
+        if buf[p] != ENCODING_FLAG_XBZRLE:
+            raise RemoteProtocolError("Failed to load XBZRLE page - wrong compression! "
+                                      f"(encoding flag {buf[p]:#04x})", offset=p)
+        n = buf[p + 1] << 8 | buf[p + 2]
+        if n > self._page_size:
+            raise RemoteProtocolError(f"Failed to load XBZRLE page - len overflow! ({n} bytes "
+                                      f"for a {self._page_size}-byte page)", offset=p + 1)
+        need(buf, p + 3, n, f"XBZRLE encoding ({n} bytes)")
+        return RamXbzrle(block, addr, self._page_view(p + 3, p + 3 + n)), p + 3 + n
 
     def _read_block_list(self, buf, p: int, total: int) -> tuple[RamBlockList, int]:
         blocks: list[RamBlockInfo] = []
@@ -718,7 +733,7 @@ class StreamDecoder:
                     f"POSTCOPY_ADVISE received with bad length - expecting 0 or "
                     f"{POSTCOPY_ADVISE_LEN}, got {length}", offset=pos + 3)
         elif cmd == MigCmd.MIG_CMD_POSTCOPY_RAM_DISCARD:
-            event = self._parse_discard(payload, pos)
+            event = parse_discard(payload, pos)
         elif cmd == MigCmd.MIG_CMD_PACKAGED:
             (blob_len,) = _BE32.unpack(payload)
             need(buf, p, blob_len, f"PACKAGED blob ({blob_len} bytes)")
@@ -742,26 +757,6 @@ class StreamDecoder:
         self._pos = p
         return [event]
 
-    @staticmethod
-    def _parse_discard(payload: bytes, pos: int) -> PostcopyRamDiscard:
-        # version, name length, name, a zero byte, then (be64 start, be64 length)s.
-        if len(payload) < 1 + 1 + 1 + 1 + 16:
-            raise RemoteProtocolError(
-                f"POSTCOPY_RAM_DISCARD too short ({len(payload)} bytes)", offset=pos + 3)
-        if payload[0] != POSTCOPY_RAM_DISCARD_VERSION:
-            raise RemoteProtocolError(
-                f"POSTCOPY_RAM_DISCARD invalid version {payload[0]}", offset=pos + 5)
-        n = payload[1]
-        rest = len(payload) - 3 - n
-        if rest < 16 or rest % 16 or rest // 16 > MAX_DISCARDS_PER_COMMAND \
-                or payload[2 + n] != 0:
-            raise RemoteProtocolError(
-                f"POSTCOPY_RAM_DISCARD with bad length {len(payload)} for a block name of "
-                f"{n} bytes", offset=pos + 3)
-        block = payload[2:2 + n].decode("utf-8", "replace")
-        words = struct.unpack(f">{rest // 8}Q", payload[3 + n:])
-        return PostcopyRamDiscard(block, tuple(zip(words[0::2], words[1::2])))
-
     def _read_vmdescription(self, buf, pos: int) -> list[Event]:
         tag = buf[pos]
         if tag != QEMU_VM_VMDESCRIPTION:
@@ -782,17 +777,6 @@ class StreamDecoder:
     def _read_after_end(self, buf, pos: int) -> list[Event]:
         raise RemoteProtocolError(
             f"{len(buf) - pos} bytes after the end of the stream", offset=pos)
-
-
-def parse_config_capabilities(body: bytes) -> tuple[str, ...]:
-    """The capability names in a ``configuration/capabilities`` body."""
-    (count,) = _BE32.unpack_from(body, 0)
-    names, p = [], 4
-    for _ in range(count):
-        n = body[p]
-        names.append(body[p + 1:p + 1 + n].decode("utf-8", "replace"))
-        p += 1 + n
-    return tuple(names)
 
 
 __all__ = ["StreamDecoder", "VmsdLookup", "parse_config_capabilities"]

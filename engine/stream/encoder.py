@@ -17,13 +17,13 @@ import numpy as np
 from engine.errors import LocalProtocolError
 
 from .constants import (
-    MAX_DISCARDS_PER_COMMAND, MAX_VM_CMD_PACKAGED_SIZE, POSTCOPY_RAM_DISCARD_VERSION,
+    ENCODING_FLAG_XBZRLE, MAX_DISCARDS_PER_COMMAND, MAX_VM_CMD_PACKAGED_SIZE, POSTCOPY_RAM_DISCARD_VERSION,
     QEMU_VM_COMMAND, QEMU_VM_CONFIGURATION, QEMU_VM_EOF, QEMU_VM_FILE_MAGIC,
     QEMU_VM_FILE_VERSION, QEMU_VM_SECTION_END, QEMU_VM_SECTION_FOOTER,
     QEMU_VM_SECTION_FULL, QEMU_VM_SECTION_PART, QEMU_VM_SECTION_START, QEMU_VM_SUBSECTION,
     QEMU_VM_VMDESCRIPTION, RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_EOS,
     RAM_SAVE_FLAG_MEM_SIZE, RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SAVE_FLAG_PAGE,
-    RAM_SAVE_FLAG_ZERO, RAM_SECTION_IDSTR, RAM_SECTION_VERSION, TARGET_PAGE_SIZE, MigCmd,
+    RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_ZERO, RAM_SECTION_IDSTR, RAM_SECTION_VERSION, TARGET_PAGE_SIZE, MigCmd,
 )
 
 _BE16 = struct.Struct(">H")
@@ -220,6 +220,14 @@ class RamRecordEncoder:
     def zero_page(self, block: str, offset: int) -> bytes:
         """A whole ZERO record: header and the fill byte 0."""
         return self._header(block, offset, RAM_SAVE_FLAG_ZERO) + b"\0"
+
+    def xbzrle_page(self, block: str, offset: int, encoding) -> bytes:
+        """A whole XBZRLE record: header, ENCODING_FLAG_XBZRLE, be16 length, encoding."""
+        if len(encoding) > 0xFFFF:
+            raise LocalProtocolError(f"an XBZRLE encoding of {len(encoding)} bytes")
+        return (self._header(block, offset, RAM_SAVE_FLAG_XBZRLE)
+                + bytes((ENCODING_FLAG_XBZRLE,)) + len(encoding).to_bytes(2, "big")
+                + bytes(encoding))
 
     # -- vectorised forms: one call per batch of pages of one block ----------------
     def record_words(self, block: str, offsets, flag: int) -> tuple[np.ndarray, bytes]:

@@ -172,6 +172,16 @@ class RamZeros(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class RamXbzrle(Event):
+    """An XBZRLE record: ``data`` is the encoding of the page at ``offset`` of
+    ``block`` against the copy the receiver holds (a view with the lifetime
+    of :attr:`RamPage.data`)."""
+    block: str
+    offset: int
+    data: memoryview
+
+
+@dataclass(frozen=True, slots=True)
 class RamFlush(Event):
     """MULTIFD_FLUSH: every multifd channel's pages so far must land before what follows."""
 
@@ -260,8 +270,8 @@ class SwitchoverStart(Command):
 __all__ = [
     "NEED_DATA", "Event", "FileHeader", "Configuration", "SectionStart", "SectionPart",
     "SectionEnd", "SectionFooter", "DeviceState", "Eof", "VMDescription",
-    "RamBlockInfo", "RamBlockList", "RamPage", "RamZero", "RamPages", "RamZeros", "RamFlush",
-    "RamEOS",
+    "RamBlockInfo", "RamBlockList", "RamPage", "RamZero", "RamPages", "RamZeros", "RamXbzrle",
+    "RamFlush", "RamEOS",
     "Command", "OpenReturnPath", "Ping", "PostcopyAdvise", "PostcopyListen",
     "PostcopyRun", "PostcopyRamDiscard", "Packaged", "EnableColo", "PostcopyResume",
     "RecvBitmap", "SwitchoverStart",

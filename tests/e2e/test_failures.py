@@ -311,7 +311,7 @@ BAD_OPTIONS = {
     "negative-downtime": (["--param", "downtime-limit=-1"], ["downtime-limit"]),
     "preempt-without-postcopy": (["--cap", "postcopy-preempt=on"],
                                  ["postcopy-preempt", "postcopy-ram"]),
-    "xbzrle-unsupported": (["--cap", "xbzrle=on"], ["xbzrle", "not supported"]),
+    "rdma-unsupported": (["--cap", "rdma-pin-all=on"], ["rdma-pin-all", "not supported"]),
 }
 
 
@@ -334,7 +334,7 @@ def test_migrate_refuses_bad_option(case):
     assert not leaked_segments(shm_before)
 
 
-@pytest.mark.parametrize("args", [["bogus:x"], ["unix:/nonexistent/x", "--cap", "xbzrle=on"],
+@pytest.mark.parametrize("args", [["bogus:x"], ["unix:/nonexistent/x", "--cap", "rdma-pin-all=on"],
                                   ["tcp:127.0.0.1:0", "--param", "downtime-limit=-1"]])
 def test_incoming_refuses_bad_option(args):
     res = run(["incoming", *args, "--ram", "16M"])

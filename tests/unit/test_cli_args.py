@@ -115,12 +115,12 @@ def test_one_list_decides_what_is_implemented():
     assert "validate-uuid" in SUPPORTED_CAPABILITIES
     options = MigrationOptions.default().with_capabilities({"validate-uuid": True})
     check_implemented(options)
-    with pytest.raises(InvalidCapabilityError, match="xbzrle.*not supported"):
-        MigrationOptions.default().with_capabilities({"xbzrle": True})
+    with pytest.raises(InvalidCapabilityError, match="rdma-pin-all.*not supported"):
+        MigrationOptions.default().with_capabilities({"rdma-pin-all": True})
     # an options value made around the constructor's check is still caught
     forged = object.__new__(MigrationOptions)
-    object.__setattr__(forged, "capabilities", {**options.capabilities, "xbzrle": True})
-    with pytest.raises(InvalidCapabilityError, match="xbzrle"):
+    object.__setattr__(forged, "capabilities", {**options.capabilities, "rdma-pin-all": True})
+    with pytest.raises(InvalidCapabilityError, match="rdma-pin-all"):
         check_implemented(forged)
 
 

@@ -192,8 +192,8 @@ def test_capabilities(make_vm):
     assert vm.error("migrate-set-capabilities",
                     capabilities=[{"capability": "nope", "state": True}]) == \
         "Parameter 'capabilities[0].capability' does not accept value 'nope'"
-    assert "xbzrle" in vm.error("migrate-set-capabilities",
-                                capabilities=[{"capability": "xbzrle", "state": True}])
+    assert "rdma-pin-all" in vm.error(
+        "migrate-set-capabilities", capabilities=[{"capability": "rdma-pin-all", "state": True}])
     assert "postcopy-ram" in vm.error(
         "migrate-set-capabilities", capabilities=[{"capability": "postcopy-preempt",
                                                    "state": True}])

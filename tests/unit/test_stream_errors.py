@@ -151,7 +151,7 @@ def test_nonzero_fill_byte():
     assert "fill byte 0x01" in str(err) and err.offset == len(HEAD + RAM_START + PART) + 11
 
 
-@pytest.mark.parametrize("flag,name", [(0x40, "XBZRLE"), (0x80, "HOOK"),
+@pytest.mark.parametrize("flag,name", [(0x80, "HOOK"),
                                         (0x100, "COMPRESS_PAGE"), (0x01, "FULL")])
 def test_unsupported_ram_flags(flag, name):
     err = fail(HEAD + RAM_START + PART + page_word(0, flag) + b"\x02m0" + bytes(TPS))

@@ -286,7 +286,7 @@ def test_page_runs_come_as_one_event_per_run():
     (lambda r: r.page_header("m0", 64 * TPS), "outside block 'm0'", 0),
     (lambda r: r.zero_page("m0", 5 * TPS)[:-1] + b"\x01", "fill byte 0x01", 8),
     (lambda r: (5 * TPS | 0x800 | 0x20).to_bytes(8, "big"), "Unknown combination", 0),
-    (lambda r: (5 * TPS | 0x40 | 0x20).to_bytes(8, "big"), "XBZRLE", 0),
+    (lambda r: (5 * TPS | 0x40 | 0x20).to_bytes(8, "big"), "XBZRLE page - wrong compression", 8),
 ])
 def test_a_bad_record_ends_a_run_and_is_refused_at_its_offset(bad, message, at):
     """The records before it are delivered; the bad one raises with its own offset."""
