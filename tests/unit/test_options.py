@@ -75,7 +75,7 @@ DEFAULT = MigrationOptions.default()
 def test_capability_names_in_qemu_order():
     assert list(CAPABILITIES) == QEMU_CAPABILITIES
     assert SUPPORTED_CAPABILITIES < set(CAPABILITIES)
-    assert len(UNSUPPORTED) == 10
+    assert len(UNSUPPORTED) == 9
 
 
 def test_every_parameter_default_is_qemus():
