@@ -63,6 +63,7 @@ from engine.machine import RAM_SECTION_ID, GuestState, MachineProfile
 from engine.migration import check_implemented
 from engine.migration.postcopy_source import (POSTCOPY_SWITCH_INTERVAL, RESUME_ACK_VALUE,
                                               PostcopySource)
+from engine.migration.dirtylimit import DirtyLimitSource
 from engine.migration.multifd_source import MultifdMode, MultifdSource
 from engine.migration.ramsave import PRECOPY_BATCH_PAGES, RamSaver
 from engine.migration.ratelimit import WINDOW_SECONDS, RateLimiter
@@ -178,6 +179,7 @@ class SourceMigration:
         detect = options.param("zero-page-detection") != "none"
         self.ram = RamSaver(guest, self.page_size, detect_zero=detect)
         self.stats = StatsAccumulator(self.ram.total_bytes, self.page_size)
+        self.dirty_limit = DirtyLimitSource(self)
         self.error: EngineError | None = None
         self._lock = threading.Lock()
         self._cancel = threading.Event()
@@ -354,8 +356,10 @@ class SourceMigration:
         with self._lock:
             status = self.state.status
             failed = status is S.FAILED and self.error is not None
-            return self.stats.snapshot(status.value,
+            info = self.stats.snapshot(status.value,
                                        error_desc=str(self.error) if failed else None)
+        info.extra.update(self.dirty_limit.info_fields())
+        return info
 
     # -- the migration thread ------------------------------------------
     def run(self, channel, uri: str | None = None) -> MigrationInfo:
@@ -437,6 +441,7 @@ class SourceMigration:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
         finally:
+            self.dirty_limit.stop()
             self.postcopy.restore_switch_interval()
             self._stop_return_path()
             self.postcopy.close_preempt()
@@ -619,6 +624,7 @@ class SourceMigration:
         with self._lock:
             count = self.stats.dirty_sync(new, pending_pages)
         trace("migration_bitmap_sync_end", new_dirty=new, pending=pending_pages, sync=count)
+        self.dirty_limit.on_sync(new, self.stats.transferred)
         if self.on_pass:
             self.on_pass(count)
 
