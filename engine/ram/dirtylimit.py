@@ -14,6 +14,9 @@ The coordinator and the vCPUs share a *dirty area* of ``float64`` words:
 words                  meaning
 =====================  ==================================================
 ``PERIOD_MS``          the rate-measuring period (coordinator writes)
+``MEASURING``          dirty-bitmap measurements under way: while it is
+                       0 the vCPUs leave the measurement logs alone
+                       (:class:`engine.ram.dirtyrate.TeeLog`)
 ``row[i, QUOTA]``      vCPU *i*'s quota in MB/s, 0 = not limited
                        (coordinator writes; a vCPU reads it every chunk)
 ``row[i, DIRTIED]``    pages vCPU *i* has marked since it started (the
@@ -40,9 +43,9 @@ from engine.ram.shm import attach_segment, close_segment, create_segment, unlink
 from engine.ram.workloads import DIRTY_RATE_PAGE
 
 __all__ = ["DirtyAreaHandle", "DirtyArea", "DirtyLimiter", "DEFAULT_PERIOD_MS",
-           "pages_to_mbps"]
+           "pages_to_mbps", "MEASURING"]
 
-PERIOD_MS = 0
+PERIOD_MS, MEASURING = 0, 1
 _HEADER_WORDS = 8
 QUOTA, DIRTIED, RATE, SLEPT_US, ROUND_US = 0, 1, 2, 3, 4
 _ROW_WORDS = 8
@@ -187,6 +190,8 @@ class DirtyLimiter:
         self._quota = 0.0
         self._due = 0.0
         self._started = 0.0
+        #: this vCPU is the counter's only writer: keep it as a Python number
+        self._dirtied = float(self.row[DIRTIED])
         self.reset()
 
     def reset(self) -> None:
@@ -221,7 +226,8 @@ class DirtyLimiter:
     def account(self, pages: int) -> None:
         """After a chunk that marked *pages* pages."""
         row = self.row
-        row[DIRTIED] += pages
+        self._dirtied += pages
+        row[DIRTIED] = self._dirtied
         now = self._clock()
         if self._quota:
             per_second = self._quota * _MIB / DIRTY_RATE_PAGE

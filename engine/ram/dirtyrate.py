@@ -8,7 +8,8 @@
 * ``dirty-bitmap``: the pages dirtied during ``calc-time``, counted in the
   *measurement logs*.  Each block has one besides its migration dirty log
   (:class:`~engine.ram.dirty.DirtyLog` both); a vCPU marks a page in both
-  (:class:`TeeLog`, one more vectorised store per chunk).  A measurement
+  while a measurement is under way (:class:`TeeLog`, one more vectorised
+  store per chunk then, one word read otherwise).  A measurement
   clears and counts only its own logs, so a migration's harvests (which clear
   the migration log) neither disturb a measurement nor are disturbed by one;
   a page written twice in the window counts once, as in QEMU's bitmap.
@@ -30,7 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from engine.errors import InvalidParameterError
-from engine.ram.dirtylimit import pages_to_mbps
+from engine.ram.dirtylimit import MEASURING, pages_to_mbps
 
 __all__ = ["TeeLog", "DirtyRateResult", "measure_dirty_rate", "MODES",
            "MIN_CALC_TIME_MS", "MAX_CALC_TIME_MS", "MIN_SAMPLE_PAGES", "MAX_SAMPLE_PAGES",
@@ -48,19 +49,26 @@ _GIB_SHIFT = 30
 
 class TeeLog:
     """A vCPU's view of one block's logs: every mark goes to the migration
-    log, then to the measurement log.  Everything else is the migration log's."""
+    log, then, while a dirty-bitmap measurement is under way (the dirty
+    area's MEASURING word), to the measurement log.  A measurement raises
+    the word *before* it clears the logs, so a mark it misses was made before
+    the clear and would have been cleared anyway.  Everything else is the
+    migration log's."""
 
-    def __init__(self, log, measure):
+    def __init__(self, log, measure, area_words: np.ndarray):
         self._log = log
         self._measure = measure
+        self._words = area_words
 
     def mark(self, first_page: int, count: int = 1) -> None:
         self._log.mark(first_page, count)
-        self._measure.mark(first_page, count)
+        if self._words[MEASURING]:
+            self._measure.mark(first_page, count)
 
     def mark_pages(self, indexes: np.ndarray) -> None:
         self._log.mark_pages(indexes)
-        self._measure.mark_pages(indexes)
+        if self._words[MEASURING]:
+            self._measure.mark_pages(indexes)
 
     def __getattr__(self, name: str):
         return getattr(self._log, name)
@@ -142,13 +150,24 @@ def _page_sampling(blocks: Sequence, calc_time_ms: int, sample_pages: int,
     return DirtyRateResult(rate, ms)
 
 
-def _dirty_bitmap(measure_logs: Sequence, page_sizes: Sequence[int], calc_time_ms: int,
-                  cancel) -> DirtyRateResult:
-    for log in measure_logs:
-        log.log[:] = 0
-    start = time.monotonic()
-    elapsed = _wait(start, calc_time_ms, cancel)
-    pages = sum(log.count() * size // 4096 for log, size in zip(measure_logs, page_sizes))
+#: guards the MEASURING counts (a coordinator's threads may measure at once)
+_MEASURING_LOCK = threading.Lock()
+
+
+def _dirty_bitmap(area, measure_logs: Sequence, page_sizes: Sequence[int],
+                  calc_time_ms: int, cancel) -> DirtyRateResult:
+    with _MEASURING_LOCK:
+        area.words[MEASURING] += 1
+    try:
+        for log in measure_logs:
+            log.log[:] = 0
+        start = time.monotonic()
+        elapsed = _wait(start, calc_time_ms, cancel)
+        pages = sum(log.count() * size // 4096 for log, size in zip(measure_logs, page_sizes))
+    finally:
+        with _MEASURING_LOCK:
+            if area.words is not None:
+                area.words[MEASURING] -= 1
     return DirtyRateResult(int(pages_to_mbps(pages, elapsed)), round(elapsed * 1000))
 
 
@@ -175,6 +194,6 @@ def measure_dirty_rate(guest, mode: str = "page-sampling", calc_time_ms: int = 1
         return _page_sampling(guest.blocks, calc_time_ms, sample_pages, cancel,
                               np.random.default_rng(seed))
     if mode == "dirty-bitmap":
-        return _dirty_bitmap(guest.measure_logs, [b.page_size for b in guest.blocks],
-                             calc_time_ms, cancel)
+        return _dirty_bitmap(guest.dirty_area, guest.measure_logs,
+                             [b.page_size for b in guest.blocks], calc_time_ms, cancel)
     return _dirty_ring(guest.dirty_area, calc_time_ms, cancel)

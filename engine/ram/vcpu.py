@@ -235,7 +235,7 @@ def vcpu_main(index: int, nvcpus: int, control: ControlHandle,
         if dirty is not None:
             area = DirtyArea.attach(dirty[0])
             measure_logs.extend(DirtyLog.attach(handle) for handle in dirty[1])
-            marked = [TeeLog(log, m) for log, m in zip(mapped_logs, measure_logs)]
+            marked = [TeeLog(log, m, area.words) for log, m in zip(mapped_logs, measure_logs)]
             limiter = DirtyLimiter(area, index)
         workload = make_workload(spec, index, nvcpus, mapped_blocks, marked,
                                  ctl.registers[index])

@@ -124,11 +124,13 @@ DOWNTIME_MS = 300
 def test_dirty_limit_makes_a_migration_converge(tmp_path):
     """The guest dirties as fast as it can (far above max-bandwidth); the
     dirty-limit capability holds each vCPU to 4 MB/s once the rate was high
-    twice, and the migration completes."""
+    twice, and the migration completes.  A dirty-bitmap measurement during
+    the migration does not disturb it: the (paused) destination's memory is
+    the source's at switchover."""
     guest = ("--ram", "64M", "--vcpus", "2", "--workload", "random")
     src = EngineVM(tmp_path, "src", *guest, "--dirty-rate", "0")
     try:
-        dst = EngineVM(tmp_path, "dst", *guest, "--incoming", "defer")
+        dst = EngineVM(tmp_path, "dst", *guest, "-S", "--incoming", "defer")
     except BaseException:
         src.close()
         raise
@@ -141,6 +143,7 @@ def test_dirty_limit_makes_a_migration_converge(tmp_path):
         dst.cmd("migrate-incoming", {"uri": uri})
         assert src.cmd("query-vcpu-dirty-limit") == []
         src.cmd("migrate", {"uri": uri})
+        src.cmd("calc-dirty-rate", {"calc-time": 1, "mode": "dirty-bitmap"})
         src.wait_status("pre-switchover", timeout=90)
         info = src.cmd("query-migrate")
         remaining = info["ram"]["remaining"]
@@ -160,6 +163,10 @@ def test_dirty_limit_makes_a_migration_converge(tmp_path):
         # The migration's end cancels the limit.
         assert src.cmd("query-vcpu-dirty-limit") == []
         assert "dirty-limit-ring-full-time" not in src.cmd("query-migrate")
+        rate = src.cmd("query-dirty-rate")
+        assert rate["status"] == "measured" and rate["dirty-rate"] > 0, rate
+        assert dst.cmd("query-status")["status"] == "paused"
+        assert src.cmd("x-engine-memory-digests") == dst.cmd("x-engine-memory-digests")
 
 
 def test_engine_migrate_with_dirty_limit(tmp_path):
