@@ -176,6 +176,8 @@ class DirtyArea:
 class DirtyLimiter:
     """A vCPU's own accounting and quota: :meth:`delay` before a chunk,
     :meth:`account` after it, :meth:`sleep` to wait (the vCPU loop's hook).
+    A running vCPU's rate is published at the first chunk boundary after
+    each period.
 
     Under a quota the chunks are spaced so that pages/s stays at the quota:
     the next chunk may start ``pages / quota`` after the previous one
@@ -202,11 +204,17 @@ class DirtyLimiter:
         self._window_pages = 0
         self._window_slept = 0.0
         self._window_rounds = 0
+        self._period = float(self.words[PERIOD_MS]) / 1000
 
-    def delay(self) -> float:
-        """Seconds to wait before the next chunk (<= 0: run it now)."""
+    def delay(self, now: float) -> float:
+        """Seconds to wait before the next chunk (<= 0: run it now).
+
+        *now* is the vCPU loop's clock reading; the rate of a period that
+        has passed is published here too.
+        """
+        if now - self._window_start >= self._period:
+            self._publish(now)
         quota = float(self.row[QUOTA])
-        now = self._clock()
         if quota != self._quota:
             self._quota = quota
             self._due = now
@@ -218,6 +226,17 @@ class DirtyLimiter:
             self._started = now
         return wait
 
+    def _publish(self, now: float) -> None:
+        row = self.row
+        elapsed = now - self._window_start
+        row[RATE] = pages_to_mbps(self._window_pages, elapsed)
+        row[ROUND_US] = self._window_slept * 1e6 / max(1, self._window_rounds)
+        self._window_start = now
+        self._window_pages = 0
+        self._window_slept = 0.0
+        self._window_rounds = 0
+        self._period = float(self.words[PERIOD_MS]) / 1000
+
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
         self._window_slept += seconds
@@ -225,20 +244,10 @@ class DirtyLimiter:
 
     def account(self, pages: int) -> None:
         """After a chunk that marked *pages* pages."""
-        row = self.row
         self._dirtied += pages
-        row[DIRTIED] = self._dirtied
-        now = self._clock()
+        self.row[DIRTIED] = self._dirtied
         if self._quota:
             per_second = self._quota * _MIB / DIRTY_RATE_PAGE
             self._due = max(self._due, self._started) + pages / per_second
         self._window_pages += pages
         self._window_rounds += 1
-        elapsed = now - self._window_start
-        if elapsed * 1000 >= self.words[PERIOD_MS]:
-            row[RATE] = pages_to_mbps(self._window_pages, elapsed)
-            row[ROUND_US] = self._window_slept * 1e6 / self._window_rounds
-            self._window_start = now
-            self._window_pages = 0
-            self._window_slept = 0.0
-            self._window_rounds = 0

@@ -336,7 +336,7 @@ def _run(ctl: Control, index: int, workload, faults: _FaultRequests,
             time.sleep(min(wait, _MAX_PACING_SLEEP))
             continue
         if limiter is not None:         # dirty-limit: the vCPU's own quota
-            hold = limiter.delay()
+            hold = limiter.delay(now)
             if hold > 0:
                 limiter.sleep(min(hold, _MAX_PACING_SLEEP))
                 continue
