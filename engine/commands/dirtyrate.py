@@ -24,7 +24,7 @@ def add_arguments(parser) -> None:
                         help="how long to measure (0.05 to 60 s; default 1)")
     parser.add_argument("--mode", choices=("page-sampling", "dirty-bitmap", "dirty-ring"),
                         default="page-sampling", help="how to measure (QEMU's modes)")
-    parser.add_argument("--sample-pages", type=integer(128, 4096), default=None, metavar="N",
+    parser.add_argument("--sample-pages", type=integer(128, 16384), default=None, metavar="N",
                         help="page-sampling: pages sampled per GiB (default 512)")
     parser.add_argument("--timeout", type=seconds, default=10.0, metavar="SECONDS",
                         help="seconds to wait for the monitor, beyond the measuring time")

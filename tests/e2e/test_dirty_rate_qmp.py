@@ -43,7 +43,7 @@ def test_calc_dirty_rate_measures_the_workload(tmp_path, workload):
         assert vm.cmd("query-dirty-rate")["status"] == "unstarted"
         time.sleep(0.3)     # ab zeroes its slices first
         for mode, tolerance, extra in (("dirty-bitmap", 0.2, {}), ("dirty-ring", 0.2, {}),
-                                       ("page-sampling", 0.3, {"sample-pages": 4096})):
+                                       ("page-sampling", 0.3, {"sample-pages": 16384})):
             info = _measure(vm, mode, **extra)
             assert abs(info["dirty-rate"] - RATE) <= tolerance * RATE, info
             assert info["mode"] == mode and info["calc-time"] == 1
@@ -56,7 +56,7 @@ def test_calc_dirty_rate_measures_the_workload(tmp_path, workload):
             else:
                 assert "vcpu-dirty-rate" not in info
             if mode == "page-sampling":
-                assert info["sample-pages"] == 4096
+                assert info["sample-pages"] == 16384
         ms = vm.cmd("query-dirty-rate", {"calc-time-unit": "millisecond"})
         assert 950 <= ms["calc-time"] <= 1500 and ms["calc-time-unit"] == "millisecond"
 
@@ -67,7 +67,7 @@ def test_calc_dirty_rate_refusals(tmp_path):
                 ({"calc-time": 0}, "Calculation time is out of range [50ms, 60000ms]."),
                 ({"calc-time": 49, "calc-time-unit": "millisecond"}, "out of range"),
                 ({"calc-time": 61}, "out of range"),
-                ({"calc-time": 1, "sample-pages": 127}, "sample-pages is out of range[128, 4096]."),
+                ({"calc-time": 1, "sample-pages": 127}, "sample-pages is out of range[128, 16384]."),
                 ({"calc-time": 1, "sample-pages": 512, "mode": "dirty-ring"},
                  "sample-pages is used only in page-sampling mode")):
             with pytest.raises(ExecuteError) as info:

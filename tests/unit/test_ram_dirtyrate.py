@@ -33,7 +33,7 @@ def paced_guest(request):
                                             ("page-sampling", 0.3)])
 def test_measured_rate_matches_the_workload(paced_guest, mode, tolerance):
     guest, rate = paced_guest
-    sample = 4096 if mode == "page-sampling" else 512
+    sample = 16384 if mode == "page-sampling" else 512
     result = measure_dirty_rate(guest, mode, 1000, sample, seed=1)
     assert abs(result.dirty_rate - rate) <= tolerance * rate, (mode, result)
     assert 950 <= result.calc_time_ms <= 1500
@@ -76,7 +76,7 @@ def test_cancel_ends_the_wait():
 
 @pytest.mark.parametrize("kwargs", [dict(mode="bogus"), dict(calc_time_ms=49),
                                     dict(calc_time_ms=60001), dict(sample_pages=127),
-                                    dict(sample_pages=4097)])
+                                    dict(sample_pages=16385)])
 def test_refused_arguments(kwargs):
     with Guest.create([("pc.ram", 64 * MiB)], vcpus=0) as guest:
         with pytest.raises(InvalidParameterError):
