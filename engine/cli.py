@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 _MODULE_COMMANDS = {
     "vm": "run one guest with a QMP monitor, like qemu-system (-S, --incoming, --qmp)",
     "info": "ask a running engine vm over QMP and print like HMP 'info migrate'",
+    "dirtyrate": "measure a running engine vm's dirty rate over QMP (calc-dirty-rate)",
     "stress": "run a seeded matrix of migrations with injected faults (CI)",
 }
 

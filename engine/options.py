@@ -76,7 +76,7 @@ SUPPORTED_CAPABILITIES: frozenset[str] = frozenset({
     "events", "return-path", "pause-before-switchover", "multifd",
     "postcopy-ram", "postcopy-preempt", "postcopy-blocktime",
     "late-block-activate", "validate-uuid", "switchover-ack", "zero-blocks",
-    "auto-converge", "xbzrle",
+    "auto-converge", "xbzrle", "dirty-limit",
 })
 """The capabilities this engine implements: the only list of them.  Turning
 on any other is refused when a :class:`MigrationOptions` is made (so by
@@ -92,7 +92,6 @@ _UNSUPPORTED_CAPABILITY_FEATURES: Mapping[str, str] = MappingProxyType({
     "x-ignore-shared": "skipping shared file-backed RAM",
     "background-snapshot": "userfaultfd write-protect background snapshots",
     "zero-copy-send": "MSG_ZEROCOPY sends on multifd channels",
-    "dirty-limit": "KVM dirty-ring per-vCPU dirty-rate limits",
     "mapped-ram": "fixed-offset RAM layout for file migration",
 })
 

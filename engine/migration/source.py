@@ -40,12 +40,9 @@ The loop runs in the caller's thread.  ``cancel()``, ``info()``,
 ``start_postcopy()``, ``pause()`` and ``resume()`` are safe from any other
 thread (a progress display, a QMP monitor, a signal handler).
 
-Where the parts live (QEMU's seams): this module is the migration thread
-and its control API; :mod:`~engine.migration.postcopy_source` the postcopy
-switch, page-request service, preempt channel, pause and recovery;
-:mod:`~engine.migration.returnpath` the return-path reader;
-:mod:`~engine.migration.multifd_source` the multifd pool's use;
-:mod:`~engine.migration.ratelimit` ``max-bandwidth``.
+Parts along QEMU's seams, each a module beside this one (which keeps the
+thread and its control API): postcopy_source, returnpath, multifd_source,
+ratelimit, autoconverge, dirtylimit, xbzrle.
 """
 from __future__ import annotations
 
@@ -61,6 +58,7 @@ from engine.machine import RAM_SECTION_ID, GuestState, MachineProfile
 from engine.migration import autoconverge, check_implemented
 from engine.migration.postcopy_source import (POSTCOPY_SWITCH_INTERVAL, RESUME_ACK_VALUE,
                                               PostcopySource)
+from engine.migration.dirtylimit import DirtyLimitSource
 from engine.migration.multifd_source import MultifdMode, MultifdSource
 from engine.migration.peer import peer_closed as _peer_closed
 from engine.migration.ramsave import PRECOPY_BATCH_PAGES, RamSaver
@@ -152,6 +150,7 @@ class SourceMigration:
         cache = int(options.param("xbzrle-cache-size")) if options.cap("xbzrle") else None
         self.ram = RamSaver(guest, self.page_size, detect_zero=detect, xbzrle_cache=cache)
         self.stats = StatsAccumulator(self.ram.total_bytes, self.page_size, xbzrle_cache=cache)
+        self.dirty_limit = DirtyLimitSource(self)
         self.error: EngineError | None = None
         self._lock = threading.Lock()
         self._cancel = threading.Event()
@@ -346,6 +345,7 @@ class SourceMigration:
                                        error_desc=str(self.error) if failed else None)
         if self.autoconverge is not None and self.autoconverge.percentage:
             info.extra["cpu-throttle-percentage"] = self.autoconverge.percentage
+        info.extra.update(self.dirty_limit.info_fields())
         return info
 
     def _stop_throttle(self) -> None:
@@ -436,6 +436,7 @@ class SourceMigration:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
         finally:
+            self.dirty_limit.stop()
             self.postcopy.restore_switch_interval()
             self._stop_return_path()
             self.postcopy.close_preempt()
@@ -622,6 +623,7 @@ class SourceMigration:
         if self.autoconverge is not None:
             self.autoconverge.on_sync(new, self.stats.transferred, self.page_size,
                                       guest_running=self.state.status is S.ACTIVE)
+        self.dirty_limit.on_sync(new, self.stats.transferred)
         if self.on_pass:
             self.on_pass(count)
 

@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from engine.options import CAPABILITIES, PARAMETERS, ParameterSpec
+from engine.qmp import dirtylimit, dirtyrate
 from engine.qmp.channels import MIGRATION_CHANNEL
 from engine.qmp.errors import ERROR_CLASS_COMMAND_NOT_FOUND, ERROR_CLASS_GENERIC, QMPError
 from engine.qmp.machine import Machine
@@ -63,6 +64,8 @@ _YANK_INSTANCE = Union((Arg("type", Enum(("block-node", "chardev", "migration"))
                        {"block-node": Struct((Arg("node-name", STR),)),
                         "chardev": Struct((Arg("id", STR),))})
 _CHANNELS = ListOf(MIGRATION_CHANNEL)
+_TIME_UNIT = Enum(("second", "millisecond"))
+_DIRTY_RATE_MODE = Enum(("page-sampling", "dirty-ring", "dirty-bitmap"))
 
 
 def _query_commands(machine: Machine, args: dict) -> list:
@@ -112,6 +115,21 @@ COMMANDS: Mapping[str, Command] = MappingProxyType({
     "migrate-recover": Command((Arg("uri", STR),), lambda m, a: m.migrate_recover(a["uri"]),
                                allow_oob=True),
     "query-migrationthreads": Command((), lambda m, a: m.query_migrationthreads()),
+    "calc-dirty-rate": Command((Arg("calc-time", INT), Arg("calc-time-unit", _TIME_UNIT, True),
+                                Arg("sample-pages", INT, True),
+                                Arg("mode", _DIRTY_RATE_MODE, True)),
+                               lambda m, a: dirtyrate.of(m).calc(
+                                   a["calc-time"], a.get("calc-time-unit"),
+                                   a.get("sample-pages"), a.get("mode"))),
+    "query-dirty-rate": Command((Arg("calc-time-unit", _TIME_UNIT, True),),
+                                lambda m, a: dirtyrate.of(m).query(a.get("calc-time-unit"))),
+    "set-vcpu-dirty-limit": Command((Arg("cpu-index", INT, True), Arg("dirty-rate", INT)),
+                                    lambda m, a: dirtylimit.set_vcpu_dirty_limit(
+                                        m, a["dirty-rate"], a.get("cpu-index"))),
+    "cancel-vcpu-dirty-limit": Command((Arg("cpu-index", INT, True),),
+                                       lambda m, a: dirtylimit.cancel_vcpu_dirty_limit(
+                                           m, a.get("cpu-index"))),
+    "query-vcpu-dirty-limit": Command((), lambda m, a: dirtylimit.query_vcpu_dirty_limit(m)),
     # qapi/yank.json
     "yank":            Command((Arg("instances", ListOf(_YANK_INSTANCE)),),
                                lambda m, a: m.yank(a["instances"]), allow_oob=True),

@@ -22,6 +22,7 @@ from engine.ram.faultproto import MODE_NAMES
 from engine.ram.abcheck import ABResult, ab_region, check_ab
 from engine.ram.block import DEFAULT_PAGE_SIZE, RamBlock
 from engine.ram.dirty import DirtyLog
+from engine.ram.dirtylimit import DirtyArea
 from engine.ram.faults import MODE_DETACH
 from engine.ram.vcpu import FAULTS_PATH_BYTES, Control, Vcpus
 from engine.ram.workloads import NREGS, WorkloadSpec
@@ -43,6 +44,9 @@ class _Resources:
         self.vcpus: Vcpus | None = None
         self.control: Control | None = None
         self.logs: list[DirtyLog] = []
+        #: dirty-rate measurement (engine.ram.dirtyrate): logs and the dirty area
+        self.measure_logs: list[DirtyLog] = []
+        self.dirty_area: DirtyArea | None = None
         self.owned_blocks: list[RamBlock] = []
 
     def close(self) -> None:
@@ -56,9 +60,12 @@ class _Resources:
 
         if self.vcpus is not None:
             attempt(self.vcpus.close)
-        for log in self.logs:
+        for log in (*self.logs, *self.measure_logs):
             attempt(log.close)
             attempt(log.unlink)
+        if self.dirty_area is not None:
+            attempt(self.dirty_area.close)
+            attempt(self.dirty_area.unlink)
         if self.control is not None:
             attempt(self.control.close)
             attempt(self.control.unlink)
@@ -95,11 +102,15 @@ class Guest:
             raise ConfigError("the ab workload needs at least one RAM block")
         resources.logs.extend(DirtyLog.create(b.npages) for b in self.blocks)
         self._logs = dict(zip(self._by_id, resources.logs))
+        resources.measure_logs.extend(DirtyLog.create(b.npages) for b in self.blocks)
+        resources.dirty_area = DirtyArea.create(nvcpus)
         resources.control = Control.create(nvcpus)
         # Registered before any process exists, so a failure (or Ctrl-C)
         # part-way through launching still reaps what was started.
         resources.vcpus = Vcpus(resources.control, workload)
-        resources.vcpus.launch(self.blocks, resources.logs)
+        resources.vcpus.launch(self.blocks, resources.logs,
+                               (resources.dirty_area.handle,
+                                tuple(log.handle for log in resources.measure_logs)))
 
     # -- construction ---------------------------------------------------------------
 
@@ -189,6 +200,17 @@ class Guest:
     def dirty_logs(self) -> list[DirtyLog]:
         """Dirty logs in block order."""
         return list(self._logs.values())
+
+    @property
+    def measure_logs(self) -> list[DirtyLog]:
+        """The dirty-rate measurement logs, in block order (:mod:`engine.ram.dirtyrate`)."""
+        return list(self._res.measure_logs)
+
+    @property
+    def dirty_area(self) -> DirtyArea:
+        """Per-vCPU dirty counters, rates and limits (:mod:`engine.ram.dirtylimit`)."""
+        self._check_open()
+        return self._res.dirty_area
 
     def sync_dirty(self, idstr: str) -> np.ndarray:
         """Harvest block *idstr*'s dirty pages (sorted ``int64`` indexes).

@@ -70,6 +70,8 @@ from engine.procs import child_setup, parent_alive, spawn
 from engine.ram.block import RamBlock, RamBlockHandle
 from engine.ram.cputhrottle import CPU_THROTTLE_TIMESLICE, throttle_sleep
 from engine.ram.dirty import DirtyLog, DirtyLogHandle
+from engine.ram.dirtylimit import DirtyArea, DirtyAreaHandle, DirtyLimiter
+from engine.ram.dirtyrate import TeeLog
 from engine.ram.faults import (MODE_DETACH, STAGE_INTERNAL, FaultClient, FaultSetupError,
                                describe_error, error_code)
 from engine.ram.shm import attach_segment, close_segment, create_segment, unlink_segment
@@ -212,34 +214,45 @@ def _write_text(area: np.ndarray, text: str) -> None:
 
 def vcpu_main(index: int, nvcpus: int, control: ControlHandle,
               blocks: Sequence[RamBlockHandle], logs: Sequence[DirtyLogHandle],
-              spec: WorkloadSpec, parent_pid: int) -> None:
+              spec: WorkloadSpec, parent_pid: int,
+              dirty: tuple[DirtyAreaHandle, Sequence[DirtyLogHandle]] | None = None) -> None:
     """Body of vCPU *index*: attach the guest's memory and run *spec*.
 
-    Ctrl-C belongs to the coordinator, so SIGINT is ignored; the process
+    *dirty* is the guest's dirty area and measurement logs: the vCPU marks
+    each page in its measurement log too, counts the pages it marks and keeps
+    under its dirty-rate quota (:mod:`engine.ram.dirtylimit`).  Ctrl-C belongs to the coordinator, so SIGINT is ignored; the process
     dies with its parent.  Returns when QUIT is set.
     """
     child_setup(parent_pid)
     ctl = Control.attach(control)
     mapped_blocks: list[RamBlock] = []
     mapped_logs: list[DirtyLog] = []
-    workload = faults = None
+    measure_logs: list[DirtyLog] = []
+    area = workload = faults = limiter = None
     try:
         for handle in blocks:
             mapped_blocks.append(RamBlock.attach(handle))
         for handle in logs:
             mapped_logs.append(DirtyLog.attach(handle))
-        workload = make_workload(spec, index, nvcpus, mapped_blocks, mapped_logs,
+        marked: Sequence = mapped_logs
+        if dirty is not None:
+            area = DirtyArea.attach(dirty[0])
+            measure_logs.extend(DirtyLog.attach(handle) for handle in dirty[1])
+            marked = [TeeLog(log, m, area.words) for log, m in zip(mapped_logs, measure_logs)]
+            limiter = DirtyLimiter(area, index)
+        workload = make_workload(spec, index, nvcpus, mapped_blocks, marked,
                                  ctl.registers[index])
         faults = _FaultRequests(ctl, index, mapped_blocks, workload, parent_pid)
         ctl.status[index, ST_PID] = os.getpid()
         ctl.status[index, ST_READY] = 1
-        _run(ctl, index, workload, faults, parent_pid)
+        _run(ctl, index, workload, faults, parent_pid, limiter)
     finally:
         if faults is not None:
             faults.close()      # unregister before the mappings go
         # The workload holds numpy views into the blocks: drop it first.
-        del workload, faults
-        for resource in (*mapped_logs, *mapped_blocks, ctl):
+        del workload, faults, limiter
+        for resource in (*mapped_logs, *measure_logs, *mapped_blocks, *filter(None, [area]),
+                         ctl):
             resource.close()
 
 
@@ -289,7 +302,7 @@ class _FaultRequests:
 
 
 def _run(ctl: Control, index: int, workload, faults: _FaultRequests,
-         parent_pid: int) -> None:
+         parent_pid: int, limiter: DirtyLimiter | None = None) -> None:
     words = ctl.words
     ack = ctl.status[index, ST_ACK:ST_ACK + 1]
     pacer = Pacer(workload.rate)
@@ -319,6 +332,8 @@ def _run(ctl: Control, index: int, workload, faults: _FaultRequests,
                 continue
             paused = False
             pacer.reset()
+            if limiter is not None:
+                limiter.reset()
         if workload.idle:
             time.sleep(POLL_INTERVAL)
             continue
@@ -326,8 +341,15 @@ def _run(ctl: Control, index: int, workload, faults: _FaultRequests,
         if wait > 0:
             time.sleep(min(wait, _MAX_PACING_SLEEP))
             continue
+        if limiter is not None:         # dirty-limit: the vCPU's own quota
+            hold = limiter.delay(now)
+            if hold > 0:
+                limiter.sleep(min(hold, _MAX_PACING_SLEEP))
+                continue
         pages = workload.step()          # 0: gave up waiting for a page, wrote nothing
         pacer.account(pages)
+        if limiter is not None:
+            limiter.account(pages)
         if index == 0 and pages:
             words[COUNTER] += 1
 
@@ -376,15 +398,18 @@ class Vcpus:
         self.pids: list[int] = []
         self._closed = False
 
-    def launch(self, blocks: Sequence[RamBlock], logs: Sequence[DirtyLog]) -> None:
+    def launch(self, blocks: Sequence[RamBlock], logs: Sequence[DirtyLog],
+               dirty: tuple[DirtyAreaHandle, Sequence[DirtyLogHandle]] | None = None) -> None:
         """Spawn the vCPU processes (they stay paused until :meth:`start`).
+
+        *dirty* is passed to :func:`vcpu_main`.
 
         If this raises, the processes already spawned are still listed and
         :meth:`close` reaps them.
         """
         nvcpus = self.control.nvcpus
         args = (nvcpus, self.control.handle, tuple(b.handle for b in blocks),
-                tuple(log.handle for log in logs), self.spec, os.getpid())
+                tuple(log.handle for log in logs), self.spec, os.getpid(), dirty)
         for index in range(nvcpus):
             proc = spawn(vcpu_main, (index, *args), f"engine-vcpu-{index}")
             self.processes.append(proc)
