@@ -92,6 +92,11 @@ def format_info_migrate(info: MigrationInfo,
         ]
     if "cpu-throttle-percentage" in q:
         lines.append(f"cpu throttle percentage: {q['cpu-throttle-percentage']}")
+    # QEMU 8.1's wording (migration-hmp-cmds.c)
+    if "dirty-limit-throttle-time-per-round" in q:
+        lines.append(f"dirty-limit throttle time: {q['dirty-limit-throttle-time-per-round']} us")
+    if "dirty-limit-ring-full-time" in q:
+        lines.append(f"dirty-limit ring full time: {q['dirty-limit-ring-full-time']} us")
     if "postcopy-blocktime" in q:
         lines.append(f"postcopy blocktime: {q['postcopy-blocktime']}")
     if "postcopy-vcpu-blocktime" in q:

@@ -317,6 +317,8 @@ def test_format_info_migrate_nonzero_only_lines_and_extras():
         extra={"socket-address": [{"type": "inet", "host": "0.0.0.0", "port": "4444"},
                                   {"type": "unix", "path": "/tmp/m.sock"}],
                "cpu-throttle-percentage": 30,
+               "dirty-limit-throttle-time-per-round": 120,
+               "dirty-limit-ring-full-time": 4500,
                "xbzrle-cache": {"cache-size": 67108864, "bytes": 2048, "pages": 3,
                                 "cache-miss": 4, "cache-miss-rate": 0.5,
                                 "encoding-rate": 1.25, "overflow": 0}})
@@ -327,6 +329,7 @@ def test_format_info_migrate_nonzero_only_lines_and_extras():
                  "precopy ram: 4 kbytes", "downtime ram: 8 kbytes", "postcopy ram: 12 kbytes",
                  "Zero-copy-send fallbacks happened: 1 times", "cache size: 67108864 bytes",
                  "xbzrle cache miss rate: 0.50", "cpu throttle percentage: 30",
+                 "dirty-limit throttle time: 120 us", "dirty-limit ring full time: 4500 us",
                  "socket address: [", "\ttcp:0.0.0.0:4444", "\tunix:/tmp/m.sock", "]"):
         assert line in lines, line
     quiet = format_info_migrate(MigrationInfo("active", ram=RamStats()))
