@@ -5,8 +5,8 @@ The same workload for every strategy: a ``--size`` guest, one vCPU writing
 random pages over all of its RAM at ``--dirty-rate`` MiB/s, ``max-bandwidth``
 ``--bandwidth`` MiB/s (the rate must be well above the bandwidth: plain
 precopy never converges).  Each strategy is one row of
-:data:`engine.stress.convergence.STRATEGIES` (none, auto-converge, postcopy,
-timeout-suspend; xbzrle and dirty-limit are rows to add there), run as
+:data:`engine.stress.convergence.STRATEGIES` (none, auto-converge,
+dirty-limit, xbzrle, postcopy, timeout-suspend), run as
 ``engine migrate`` with its JSON report, bounded by ``--bound`` seconds
 (then cancelled).
 

@@ -49,6 +49,11 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
     Strategy("auto-converge", caps=("auto-converge",),
              params=(("cpu-throttle-initial", 50), ("cpu-throttle-increment", 25)),
              why="the throttle climbs until the dirty rate falls under the bandwidth"),
+    Strategy("dirty-limit", caps=("dirty-limit",), params=(("vcpu-dirty-limit", 16),),
+             why="once the dirty rate is high twice, each vCPU is held to 16 MB/s, under "
+                 "the bandwidth"),
+    Strategy("xbzrle", caps=("xbzrle",),
+             why="re-sent pages go as their difference from the copy sent before"),
     Strategy("postcopy", caps=("postcopy-ram",), args=("--postcopy-after", "1"),
              why="after the first pass the destination runs the guest and pulls its pages"),
     Strategy("timeout-suspend", args=("--timeout", "{half}", "--timeout-action", "suspend"),
