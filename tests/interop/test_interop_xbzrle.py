@@ -13,13 +13,11 @@
 """
 from __future__ import annotations
 
-import time
-
 import json
-import os
-
 import numpy as np
+import os
 import pytest
+import time
 
 from engine.migration.ramload import RamLoader
 from engine.stream import events as ev
