@@ -14,10 +14,11 @@
 from __future__ import annotations
 
 import json
-import numpy as np
 import os
-import pytest
 import time
+
+import numpy as np
+import pytest
 
 from engine.migration.ramload import RamLoader
 from engine.stream import events as ev
