@@ -370,7 +370,7 @@ class StreamPageEncoder(PageEncoder):
                         f"page of {src.nbytes} bytes in a packet of "
                         f"{page_size}-byte pages")
                 row.data[:] = src
-        return self._compress(memoryview(snap.reshape(-1)))
+        return self._compress(snap.reshape(-1).data)
 
     def encode_gather(self, ram: np.ndarray, indexes: np.ndarray) -> list[Buffer]:
         idx = _check_indexes(ram, indexes)
@@ -379,7 +379,7 @@ class StreamPageEncoder(PageEncoder):
         snap = self._stage(idx.size, ram.shape[1])
         # mode='clip' skips numpy's buffered bounds check; indexes are checked.
         np.take(ram, idx, axis=0, out=snap, mode="clip")
-        return self._compress(memoryview(snap.reshape(-1)))
+        return self._compress(snap.reshape(-1).data)
 
     @abstractmethod
     def _compress(self, data: memoryview) -> list[Buffer]:

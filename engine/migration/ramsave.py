@@ -89,8 +89,8 @@ def encode_batch(idstr: str, pages: np.ndarray, idx: np.ndarray, page_size: int,
     nn = len(offsets)
     if nn:
         words, name = encoder.record_words(idstr, offsets, RAM_SAVE_FLAG_PAGE)
-        heads = memoryview(words).cast("B")
-        memory = memoryview(pages).cast("B")
+        heads = words.data.cast("B")
+        memory = pages.data.cast("B")
         starts = offsets.tolist()
         buffers = [None] * (2 * nn)
         buffers[0::2] = [heads[i:i + 8] for i in range(0, 8 * nn, 8)]

@@ -75,7 +75,7 @@ class Placer:
             # UFFDIO_COPY reads its source from our address space: one private
             # page, reused for every placement.
             self._stage = np.zeros(max(self._page_sizes, default=1), dtype=np.uint8)
-            self._stage_mv = memoryview(self._stage)
+            self._stage_mv = self._stage.data
             self._stage_addr = buffer_address(self._stage)
 
     @property
