@@ -77,7 +77,9 @@ from engine.stream import returnpath as rp
 from engine.stream.constants import (QEMU_VM_PING_PACKAGED_LOADED, RAM_SECTION_IDSTR,
                                      RAM_SECTION_VERSION, TARGET_PAGE_SIZE)
 from engine.stream.vmdesc import build_vmdesc
+from engine.ram.seams import SourceGuest
 from engine.transport import parse_uri
+from engine.transport.seams import ByteChannel
 from engine.trace import trace
 
 __all__ = ["SourceMigration", "RateLimiter", "WINDOW_SECONDS", "POSTCOPY_SWITCH_INTERVAL",
@@ -158,7 +160,7 @@ class SourceMigration:
     ========================  ====================================================
     """
 
-    def __init__(self, guest, machine: MachineProfile, options: MigrationOptions,
+    def __init__(self, guest: SourceGuest, machine: MachineProfile, options: MigrationOptions,
                  *, on_status: Callable[[S, S], None] | None = None,
                  on_pass: Callable[[int], None] | None = None,
                  vcpus: int | None = None, runstate: str | None = None,
@@ -193,7 +195,7 @@ class SourceMigration:
         self.compute_digests = False
         self.multifd = options.cap("multifd")
         self.mfd = MultifdSource(self)
-        self.channel = None
+        self.channel: ByteChannel | None = None
         self.uri: str | None = None
         self.limiter: RateLimiter | None = None
         self._eof_sent = False
@@ -358,13 +360,13 @@ class SourceMigration:
                                        error_desc=str(self.error) if failed else None)
 
     # -- the migration thread ------------------------------------------
-    def run(self, channel, uri: str | None = None) -> MigrationInfo:
+    def run(self, channel: ByteChannel, uri: str | None = None) -> MigrationInfo:
         """Migrate over ``channel`` (connected); multifd and the postcopy preempt
         channel connect to ``uri``.  The caller keeps owning ``channel``."""
         with no_cycle_collection():
             return self._run(channel, uri)
 
-    def _run(self, channel, uri: str | None) -> MigrationInfo:
+    def _run(self, channel: ByteChannel, uri: str | None) -> MigrationInfo:
         self.channel = channel
         self.uri = uri
         self.limiter = None
@@ -422,7 +424,7 @@ class SourceMigration:
                 self._await_return_path()
             with self._lock:
                 self.stats.completed()
-                self.stats.set_cpu_seconds(self.cpu.stop())
+                self.stats.set_cpu_seconds(self.cpu.stop() or 0.0)    # started above
             self.state.transition(S.COMPLETED)
             if self.compute_digests:
                 # The guest stays stopped after completion (QEMU's postmigrate)
@@ -526,6 +528,7 @@ class SourceMigration:
         self._checkpoint()
         if self.mfd.carries_pages and not self._eof_sent \
                 and _peer_closed(self.channel):
+            assert self.channel is not None     # _peer_closed(None) is False
             raise ChannelClosedError(
                 f"{self.channel.name}: the destination closed the migration channel "
                 "while multifd pages were in flight")
@@ -548,7 +551,7 @@ class SourceMigration:
             return exc
         if self._yanked:
             # Our own shutdown: the destination did not give up.
-            err = type(exc)(f"{exc} (the migration's channels were yanked)")
+            err: EngineError = type(exc)(f"{exc} (the migration's channels were yanked)")
             err.__cause__ = exc
             return err
         rpath = self.return_path
@@ -574,6 +577,7 @@ class SourceMigration:
         return err
 
     def _send(self, buffers) -> None:
+        assert self.channel is not None     # run() set it before anything is sent
         self.channel.sendmsg_all(buffers)
 
     def _send_counted(self, data: bytes) -> None:
@@ -595,6 +599,7 @@ class SourceMigration:
         self._send(head)
         self.stats.add_bytes(sum(len(b) for b in head))
         if self._return_path_wanted():
+            assert self.channel is not None     # run() set it
             if not self.channel.bidirectional:
                 raise MigrationError(
                     f"a return path needs a bidirectional channel; {self.channel.name} is not")
@@ -706,6 +711,7 @@ class SourceMigration:
                     else limiter.batch_pages(self.page_size + 8, PRECOPY_BATCH_PAGES))
                 if batch is None:
                     break
+                assert self.channel is not None     # run() set it
                 self.channel.send_views(batch.buffers)
                 self._account_batch(batch)
                 if limiter is not None:
