@@ -9,9 +9,10 @@ there against this list.
 """
 from __future__ import annotations
 
+import socket
 from typing import Any, Protocol, Sequence
 
-__all__ = ["ByteChannel", "BytesLike"]
+__all__ = ["ByteChannel", "SocketChannel", "BytesLike"]
 
 #: A C-contiguous bytes-like object: bytes, bytearray, memoryview, mmap or a
 #: numpy array.  Any, not typing's Buffer: before Python 3.12 numpy's stubs
@@ -57,3 +58,14 @@ class ByteChannel(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class SocketChannel(ByteChannel, Protocol):
+    """A byte channel over a stream socket: the only kind that carries a return
+    path, multifd pages or a postcopy preempt channel, whose socket goes to
+    a worker or the fault handler."""
+
+    @property
+    def sock(self) -> socket.socket:
+        """The underlying socket (still owned by the channel)."""
+        ...
