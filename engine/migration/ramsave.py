@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,6 +38,10 @@ from engine.stream import encoder as enc
 from engine.stream.constants import (MAX_DISCARDS_PER_COMMAND, POSTCOPY_RAM_DISCARD_VERSION,
                                      RAM_SAVE_FLAG_PAGE, MigCmd)
 from engine.stream.encoder import RamRecordEncoder
+
+if TYPE_CHECKING:
+    from engine.ram.dirty import DirtyLog
+    from engine.ram.seams import MappedBlock, SourceGuest
 
 #: pages per batch in postcopy: 1 MiB of 4 KiB pages, so that a page request
 #: served on the main channel waits behind at most that much background data.
@@ -148,7 +153,7 @@ class BlockBitmap:
     and then taken in slices (a fresh search per batch scanned 64 Ki bits).
     """
 
-    def __init__(self, block, dirty_log, page_size: int):
+    def __init__(self, block: MappedBlock, dirty_log: DirtyLog, page_size: int):
         self.block = block
         self.log = dirty_log
         self.bits = np.ones(block.npages, dtype=bool)
@@ -238,7 +243,7 @@ class BlockBitmap:
 class RamSaver:
     """Bitmaps, scanning and record encoding for every migratable block."""
 
-    def __init__(self, guest, page_size: int, detect_zero: bool):
+    def __init__(self, guest: SourceGuest, page_size: int, detect_zero: bool):
         self.page_size = page_size
         self.detect_zero = detect_zero
         self.bitmaps = [BlockBitmap(b, guest.dirty_log(b.idstr), page_size)

@@ -234,7 +234,9 @@ def decode(frames: list) -> object:
         if kind == ERROR:
             texts = [bytes(b).decode(errors="replace") for b in body[:4]]
             offset = _I64.unpack(bytes(body[4]))[0] if len(body) > 4 else -1
-            return Error(*texts, offset=offset)
+            # At most four texts: text, kind, message, channel (never offset),
+            # which mypy cannot tell from a list
+            return Error(*texts, offset=offset)  # type: ignore[misc, arg-type]
         if kind == RELEASE:
             return Release(*_U64.unpack(bytes(body[0])))
         if kind == BYE:

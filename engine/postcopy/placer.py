@@ -62,7 +62,7 @@ class Placer:
         self.blocks = list(blocks)
         self.received = list(received)
         self.uffd = uffd
-        self.bases = tuple(bases) if uffd is not None else None
+        self.bases = tuple(bases) if uffd is not None and bases is not None else None
         self.lock = lock if uffd is None else None
         self._guard = self.lock if self.lock is not None else contextlib.nullcontext()
         self._page_sizes = [b.page_size for b in blocks]
@@ -95,7 +95,9 @@ class Placer:
         ps = self._page_sizes[block]
         if self.uffd is not None:
             _fill(self._stage_mv[:ps], data, ps)
-            placed = self.uffd.copy(self.bases[block] + page * ps, self._stage_addr, ps)
+            # bases is set whenever uffd is; no second test per page
+            placed = self.uffd.copy(self.bases[block] + page * ps,  # type: ignore[index]
+                                    self._stage_addr, ps)
             # EEXIST also means "in place": the other placer got there first.
             received[page] = 1
             return placed
@@ -116,7 +118,9 @@ class Placer:
             return False
         if self.uffd is not None:
             ps = self._page_sizes[block]
-            placed = self.uffd.zeropage(self.bases[block] + page * ps, ps)
+            # bases is set whenever uffd is; no second test per page
+            placed = self.uffd.zeropage(self.bases[block] + page * ps,  # type: ignore[index]
+                                        ps)
             received[page] = 1
             return placed
         with self._guard:
