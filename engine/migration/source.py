@@ -763,6 +763,7 @@ class SourceMigration:
             rp.SwitchoverAck: (self._on_switchover_ack, None),
             **self.postcopy.handlers(),
         }
+        assert self.channel is not None     # run() set it
         self.return_path = ReturnPathReader(self.channel, self.state, handlers,
                                             on_end=self._wake.set)
         self.return_path.start()
