@@ -25,12 +25,13 @@ set bit is a safe fast path that skips the page.
 from __future__ import annotations
 
 import contextlib
+from typing import Sequence
 
 import numpy as np
 
 from engine.errors import PostcopyError
 from engine.uffd import Userfaultfd, buffer_address, punch_hole
-from engine.ram.block import RamBlock
+from engine.ram.seams import MappedBlock
 
 __all__ = ["Placer"]
 
@@ -44,7 +45,7 @@ class Placer:
     numbers are in units of each block's ``page_size``.
     """
 
-    def __init__(self, blocks: list[RamBlock], received: list[np.ndarray], *, lock=None,
+    def __init__(self, blocks: Sequence[MappedBlock], received: list[np.ndarray], *, lock=None,
                  uffd: Userfaultfd | None = None, bases: tuple[int, ...] | None = None):
         if len(received) != len(blocks):
             raise PostcopyError(
