@@ -451,6 +451,7 @@ class StreamSendMethods(SendMethods):
     def send_prepare(self, batch: PacketBatch, block, idx: np.ndarray,
                      zero: np.ndarray) -> Iterator[list[Buffer]]:
         encoder = self.encoder
+        assert encoder is not None  # until send_cleanup()
         ram = block.pages
         for k in range(len(batch)):
             if batch.normal[k]:
@@ -476,6 +477,7 @@ class StreamRecvMethods(RecvMethods):
     def recv(self, source: PayloadSource, landing: PageLanding, idx: np.ndarray,
              size: int, page_size: int) -> None:
         payload = source.recv_payload(size, "compressed page data")
+        assert self.decoder is not None     # until recv_cleanup()
         landing.write(idx, self.decoder.decode_bytes(payload, len(idx), page_size))
 
     def recv_cleanup(self) -> None:
