@@ -26,7 +26,7 @@ import contextlib
 import select
 import socket
 import threading
-from typing import Callable
+from typing import Callable, cast
 
 from engine.errors import EngineError, RemoteProtocolError
 from engine.state import MigrationStatus as S
@@ -35,6 +35,7 @@ from engine.stream.constants import TARGET_PAGE_SIZE
 from engine.stream.decoder import StreamDecoder
 from engine.stress.matrix import STATUS_MOMENTS, Fault
 from engine.transport import ChannelTimeoutError, connect, listen
+from engine.transport.seams import SocketChannel
 
 #: bytes per relay read
 RELAY_CHUNK = 1 << 16
@@ -111,12 +112,14 @@ class Relay:
                 except ChannelTimeoutError:
                     continue
             b = connect(self.upstream)
+            # both ends are sockets: the relay listens and connects on tcp
+            sock_a, sock_b = cast(SocketChannel, a).sock, cast(SocketChannel, b).sock
             with self._lock:
-                self._socks = [a.sock, b.sock]
+                self._socks = [sock_a, sock_b]
                 cut = self.cut_done
             if cut:
                 self.cut()
-            self._pump(a.sock, b.sock)
+            self._pump(sock_a, sock_b)
         except (EngineError, OSError) as exc:
             if not self.cut_done:
                 self.error = f"{type(exc).__name__}: {exc}"
