@@ -197,6 +197,8 @@ class Terminated(SystemExit):
     """SIGTERM, turned into an exception so every ``finally`` still cleans up
     (a SystemExit, so that nothing catching EngineError or Exception stops it)."""
 
+    code: int       # 128 + the signal number, as a shell reports it
+
 
 class QMPError(EngineError):
     """A QMP command failed.
