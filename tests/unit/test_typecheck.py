@@ -1,0 +1,49 @@
+"""engine/ type-checks: mypy with the [mypy] settings of setup.cfg (what
+``make typecheck`` and .ci/run run), so ``make test`` alone catches a
+regression too: a None passed where a value is needed, a wrong type passed
+to a driver, an object that lacks what a Protocol of the seams asks for."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("mypy") is None,
+                                reason="mypy is not installed (pip install -e '.[test]')")
+
+
+def test_engine_type_checks():
+    # The config file names what to check (files = engine); the cache in the
+    # checkout makes a rerun take a second or two instead of ten.
+    proc = subprocess.run([sys.executable, "-m", "mypy", "--config-file", "setup.cfg"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"mypy found errors:\n{proc.stdout}{proc.stderr}"
+
+
+def test_a_wrong_pass_is_caught(tmp_path):
+    """The settings are strict enough for what they are for: an Optional used
+    as a value and a guest that lacks what SourceMigration needs both fail."""
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "from engine.migration.source import SourceMigration\n"
+        "from engine.machine import get_profile\n"
+        "from engine.options import MigrationOptions\n"
+        "\n"
+        "class NotAGuest:\n"
+        "    blocks: list = []\n"
+        "\n"
+        "def f(n: int | None) -> int:\n"
+        "    return n + 1\n"
+        "\n"
+        "SourceMigration(NotAGuest(), get_profile('engine'), MigrationOptions.default())\n")
+    proc = subprocess.run([sys.executable, "-m", "mypy", "--config-file", "setup.cfg",
+                           "--cache-dir", str(tmp_path / "cache"), str(bad)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert 'Unsupported operand types for + ("None" and "int")' in proc.stdout
+    assert '"NotAGuest"' in proc.stdout and '"SourceGuest"' in proc.stdout
