@@ -42,6 +42,8 @@ from engine.migration.recovery import RecoveryWait
 from engine.migration.verify import memory_digests
 from engine.options import MigrationOptions
 from engine.procs import CpuMeter, no_cycle_collection
+from engine.ram.abcheck import ABResult
+from engine.ram.seams import DestinationGuest
 from engine.state import MigrationState, MigrationStatus as S
 from engine.stats import MigrationInfo, StatsAccumulator, postcopy_fields
 from engine.stream import events as ev
@@ -49,8 +51,6 @@ from engine.stream import returnpath as rp
 from engine.stream.constants import TARGET_PAGE_SIZE
 from engine.stream.decoder import StreamDecoder
 from engine.trace import trace
-from engine.ram.abcheck import ABResult
-from engine.ram.seams import DestinationGuest
 from engine.transport import Listener
 from engine.transport.seams import ByteChannel, SocketChannel
 
