@@ -70,6 +70,7 @@ from engine.migration.returnpath import ReturnPathReader
 from engine.migration.verify import memory_digests
 from engine.options import MigrationOptions
 from engine.procs import CpuMeter, no_cycle_collection
+from engine.ram.seams import SourceGuest
 from engine.state import POSTCOPY_STATES, MigrationState, MigrationStatus as S
 from engine.stats import MigrationInfo, StatsAccumulator
 from engine.stream import encoder as enc
@@ -77,7 +78,6 @@ from engine.stream import returnpath as rp
 from engine.stream.constants import (QEMU_VM_PING_PACKAGED_LOADED, RAM_SECTION_IDSTR,
                                      RAM_SECTION_VERSION, TARGET_PAGE_SIZE)
 from engine.stream.vmdesc import build_vmdesc
-from engine.ram.seams import SourceGuest
 from engine.transport import parse_uri
 from engine.transport.seams import ByteChannel
 from engine.trace import trace
