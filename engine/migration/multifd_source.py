@@ -78,7 +78,8 @@ class MultifdSource:
                              codec=codec, level=level,
                              zero_detect=opts.param("zero-page-detection") == "multifd",
                              page_size=mig.page_size)
-        self.pool.on_ack = self._on_ack
+        # on_ack is the pool's hook: a no-op method, replaced per instance
+        self.pool.on_ack = self._on_ack  # type: ignore[method-assign]
         # A cancel, the destination's SHUT or its closing the main channel must
         # not wait for workers stuck on a destination that stopped reading
         # (QEMU shuts the channels down); the pool asks every poll interval.
