@@ -29,7 +29,7 @@ import struct
 import threading
 import uuid as uuidlib
 from dataclasses import replace
-from typing import TYPE_CHECKING, Callable, cast
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -42,8 +42,7 @@ from engine.migration.recovery import RecoveryWait
 from engine.migration.verify import memory_digests
 from engine.options import MigrationOptions
 from engine.procs import CpuMeter, no_cycle_collection
-from engine.ram.abcheck import ABResult
-from engine.ram.seams import DestinationGuest
+from engine.ram import ABResult, DestinationGuest
 from engine.state import MigrationState, MigrationStatus as S
 from engine.stats import MigrationInfo, StatsAccumulator, postcopy_fields
 from engine.stream import events as ev
@@ -51,8 +50,7 @@ from engine.stream import returnpath as rp
 from engine.stream.constants import TARGET_PAGE_SIZE
 from engine.stream.decoder import StreamDecoder
 from engine.trace import trace
-from engine.transport import Listener
-from engine.transport.seams import ByteChannel, SocketChannel
+from engine.transport import ByteChannel, Listener, socket_of
 
 if TYPE_CHECKING:
     from engine.multifd.pool import RecvPool
@@ -292,8 +290,7 @@ class DestinationMigration:
         with no_cycle_collection():
             return self._run(channel, multifd_channels, listener)
 
-    def _run(self, channel: ByteChannel, multifd_channels: dict | None,
-             listener: Listener | None) -> MigrationInfo:
+    def _run(self, channel: ByteChannel, multifd_channels: dict | None, listener) -> MigrationInfo:
         self.channel = channel
         self.listener = listener
         self.multifd_channels = dict(multifd_channels or {})
@@ -543,9 +540,7 @@ class DestinationMigration:
         handler(event)
 
     def _on_pages(self, event) -> None:
-        # The decoder yields pages only of blocks its block list named, and
-        # _setup_blocks made the loader for that list.
-        assert self.ram is not None
+        assert self.ram is not None     # the decoder knows no block before the block list
         self.ram.apply(event)
 
     def _on_section(self, event: ev.SectionStart) -> None:
@@ -600,9 +595,7 @@ class DestinationMigration:
     def _on_discard(self, event: ev.PostcopyRamDiscard) -> None:
         trace("loadvm_postcopy_ram_handle_discard", block=event.block,
               ranges=len(event.ranges))
-        self._require_postcopy("POSTCOPY_RAM_DISCARD")
-        assert self.postcopy is not None    # _require_postcopy checked it
-        self.postcopy.discard(event.block, event.ranges)
+        self._require_postcopy("POSTCOPY_RAM_DISCARD").discard(event.block, event.ranges)
 
     def _on_packaged(self, event: ev.Packaged) -> None:
         trace("loadvm_handle_cmd_packaged", length=len(event.data))
@@ -611,9 +604,7 @@ class DestinationMigration:
 
     def _on_recv_bitmap(self, event: ev.RecvBitmap) -> None:
         trace("loadvm_handle_recv_bitmap", block=event.block)
-        self._require_postcopy("RECV_BITMAP")
-        assert self.postcopy is not None    # _require_postcopy checked it
-        bits = self.postcopy.received_bitmap(event.block)
+        bits = self._require_postcopy("RECV_BITMAP").received_bitmap(event.block)
         self._rp_send(rp.rp_recv_bitmap(event.block) + rp.encode_recv_bitmap(bits))
 
     def _multifd_sync_point(self, event) -> None:
@@ -674,9 +665,10 @@ class DestinationMigration:
         return self._multifd_totals
 
     # -- postcopy -------------------------------------------------------------------
-    def _require_postcopy(self, what: str) -> None:
+    def _require_postcopy(self, what: str) -> PostcopyIncoming:
         if self.postcopy is None or self.postcopy.state.value == "none":
             raise RemoteProtocolError(f"{what} without POSTCOPY_ADVISE", channel="main")
+        return self.postcopy
 
     def _load_package(self, blob: bytes) -> None:
         """PACKAGED: LISTEN, the devices, PINGs and RUN, parsed from memory."""
@@ -709,10 +701,8 @@ class DestinationMigration:
         # channels).  The workers stay: QEMU 7.2 keeps its channels open and
         # syncs them at every EOS in postcopy too, and closes them only after
         # SHUT; a source that closed them already has its DONEs queued.
-        # A return path and a preempt channel are sockets (see SocketChannel).
-        sock = cast(SocketChannel, self.channel).sock if self._rp_open else None
-        self.postcopy.listen(sock, cast(SocketChannel, self.preempt).sock
-                             if self.preempt is not None else None)
+        sock = socket_of(self.channel) if self._rp_open else None
+        self.postcopy.listen(sock, socket_of(self.preempt) if self.preempt is not None else None)
         self.ram.place_through(self.postcopy.placer, self.postcopy.requested,
                                self.postcopy.placed)
         # QEMU 10.2: with a return path the destination stays in
@@ -735,16 +725,13 @@ class DestinationMigration:
     def _postcopy_resume(self, event=None) -> None:
         trace("loadvm_postcopy_handle_resume")
         if self.options.cap("postcopy-preempt"):
-            # migrate-recover's listener accepted the channel this came on
-            assert self.recovery.listener is not None
+            assert self.recovery.listener is not None   # it accepted this channel
             self.preempt = self.recovery.listener.accept(timeout=30)
         self.state.transition(S.POSTCOPY_ACTIVE)
         self._rp_send(rp.rp_resume_ack(1))
         assert self.postcopy is not None    # only a paused postcopy resumes
-        # A return path and a preempt channel are sockets (see SocketChannel).
-        self.postcopy.resumed(cast(SocketChannel, self.channel).sock,
-                              cast(SocketChannel, self.preempt).sock
-                              if self.preempt is not None else None)
+        self.postcopy.resumed(socket_of(self.channel),
+                              socket_of(self.preempt) if self.preempt is not None else None)
 
     def _setup_blocks(self, announced: ev.RamBlockList) -> None:
         if self.guest is None:
@@ -766,8 +753,7 @@ class DestinationMigration:
                 raise MigrationError("multifd is on but the multifd channels were not accepted")
             assert self.pool is not None    # multifd and a guest: prepare() made it
             for channel_id, ch in sorted(self.multifd_channels.items()):
-                # multifd channels are sockets (check_multifd_transport)
-                self.pool.attach(channel_id, cast(SocketChannel, ch).sock)
+                self.pool.attach(channel_id, socket_of(ch))   # check_multifd_transport
                 # The worker has its own descriptor now.  Ours would keep the
                 # connection open should the worker die, and the source would
                 # write on into a socket nobody reads instead of failing.

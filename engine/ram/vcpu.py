@@ -185,7 +185,8 @@ class Control:
         if self._closed:
             return
         # Drops the views (typed as arrays: nothing may use them after close)
-        self.words = self.status = self.registers = self._path = self._reasons = None  # type: ignore[assignment]
+        self.words = self.status = self.registers = None  # type: ignore[assignment]
+        self._path = self._reasons = None  # type: ignore[assignment]
         close_segment(self._shm)     # views held elsewhere keep it mapped
         self._closed = True
 

@@ -10,9 +10,9 @@ there against this list.
 from __future__ import annotations
 
 import socket
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol, Sequence, cast
 
-__all__ = ["ByteChannel", "SocketChannel", "BytesLike"]
+__all__ = ["ByteChannel", "SocketChannel", "BytesLike", "socket_of"]
 
 #: A C-contiguous bytes-like object: bytes, bytearray, memoryview, mmap or a
 #: numpy array.  Any, not typing's Buffer: before Python 3.12 numpy's stubs
@@ -69,3 +69,9 @@ class SocketChannel(ByteChannel, Protocol):
     def sock(self) -> socket.socket:
         """The underlying socket (still owned by the channel)."""
         ...
+
+
+def socket_of(channel: ByteChannel) -> socket.socket:
+    """The socket under ``channel``, which must be a :class:`SocketChannel`
+    (a return path, a postcopy preempt channel and a multifd channel are)."""
+    return cast(SocketChannel, channel).sock
