@@ -16,13 +16,12 @@ from __future__ import annotations
 import itertools
 import socket
 import time
-from typing import Any, Callable, Mapping, cast
+from typing import Any, Callable, Mapping
 
 from engine.errors import ChannelClosedError, RemoteProtocolError
 from engine.qmp.errors import QMPError
 from engine.qmp.protocol import FramingError, JsonSplitter, decode_value, encode_message
-from engine.transport import ChannelTimeoutError, connect
-from engine.transport.seams import SocketChannel
+from engine.transport import ChannelTimeoutError, connect, socket_of
 
 __all__ = ["QMPClient"]
 
@@ -45,7 +44,7 @@ class QMPClient:
         self._splitter = JsonSplitter()
         self._channel = connect(address, timeout=timeout)
         # a monitor is a unix or tcp socket
-        self._sock: socket.socket = cast(SocketChannel, self._channel).sock
+        self._sock: socket.socket = socket_of(self._channel)
         try:
             self.greeting = self._recv(time.monotonic() + timeout)
             if "QMP" not in self.greeting:

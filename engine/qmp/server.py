@@ -30,14 +30,13 @@ import socket
 import sys
 import threading
 import traceback
-from typing import Any, Mapping, Protocol, cast
+from typing import Any, Mapping, Protocol
 
 from engine.errors import EngineError
 from engine.qmp.errors import ERROR_CLASS_GENERIC, QMPError
 from engine.qmp.protocol import (NEED_DATA, Closed, Event, Reply, Request,
                                  ServerConnection)
-from engine.transport import Listener, UnixAddress, TcpAddress, listen, parse_uri
-from engine.transport.seams import SocketChannel
+from engine.transport import Listener, UnixAddress, TcpAddress, listen, parse_uri, socket_of
 
 __all__ = ["QMPServer", "Dispatcher"]
 
@@ -214,7 +213,7 @@ class QMPServer:
             except EngineError:
                 return      # closed by quiesce(), or the socket failed
             # The protocol owns the socket from here; the channel wrapper goes.
-            sock = cast(SocketChannel, channel).sock.dup()     # unix: or tcp: only
+            sock = socket_of(channel).dup()     # unix: or tcp: only
             channel.close()
             with self.lock:
                 if self.stopping:

@@ -26,7 +26,7 @@ import contextlib
 import select
 import socket
 import threading
-from typing import Callable, cast
+from typing import Callable
 
 from engine.errors import EngineError, RemoteProtocolError
 from engine.state import MigrationStatus as S
@@ -34,8 +34,7 @@ from engine.stream import events as ev
 from engine.stream.constants import TARGET_PAGE_SIZE
 from engine.stream.decoder import StreamDecoder
 from engine.stress.matrix import STATUS_MOMENTS, Fault
-from engine.transport import ChannelTimeoutError, connect, listen
-from engine.transport.seams import SocketChannel
+from engine.transport import ChannelTimeoutError, connect, listen, socket_of
 
 #: bytes per relay read
 RELAY_CHUNK = 1 << 16
@@ -112,14 +111,12 @@ class Relay:
                 except ChannelTimeoutError:
                     continue
             b = connect(self.upstream)
-            # both ends are sockets: the relay listens and connects on tcp
-            sock_a, sock_b = cast(SocketChannel, a).sock, cast(SocketChannel, b).sock
             with self._lock:
-                self._socks = [sock_a, sock_b]
+                self._socks = [socket_of(a), socket_of(b)]     # tcp or unix, both
                 cut = self.cut_done
             if cut:
                 self.cut()
-            self._pump(sock_a, sock_b)
+            self._pump(socket_of(a), socket_of(b))
         except (EngineError, OSError) as exc:
             if not self.cut_done:
                 self.error = f"{type(exc).__name__}: {exc}"
