@@ -694,17 +694,17 @@ class DestinationMigration:
             self._handle(event, at, "main (package)")
 
     def _postcopy_listen(self, event=None) -> None:
-        self._require_postcopy("POSTCOPY_LISTEN")
-        assert self.postcopy is not None and self.ram is not None   # checked; the block list came
-        trace("loadvm_postcopy_handle_listen", ps=self.postcopy.state.value)
+        postcopy = self._require_postcopy("POSTCOPY_LISTEN")
+        trace("loadvm_postcopy_handle_listen", ps=postcopy.state.value)
         # Every page multifd carried is in place (the last RAM EOS synced the
         # channels).  The workers stay: QEMU 7.2 keeps its channels open and
         # syncs them at every EOS in postcopy too, and closes them only after
         # SHUT; a source that closed them already has its DONEs queued.
         sock = socket_of(self.channel) if self._rp_open else None
-        self.postcopy.listen(sock, socket_of(self.preempt) if self.preempt is not None else None)
-        self.ram.place_through(self.postcopy.placer, self.postcopy.requested,
-                               self.postcopy.placed)
+        postcopy.listen(sock, socket_of(self.preempt) if self.preempt is not None else None)
+        # the block list came before LISTEN, advise() made the placer
+        assert self.ram is not None and postcopy.placer is not None
+        self.ram.place_through(postcopy.placer, postcopy.requested, postcopy.placed)
         # QEMU 10.2: with a return path the destination stays in
         # postcopy-device while it loads the package's device state.
         self.state.transition(S.POSTCOPY_DEVICE if self._rp_open else S.POSTCOPY_ACTIVE)
