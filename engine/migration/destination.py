@@ -346,8 +346,7 @@ class DestinationMigration:
     def _rp_send(self, data: bytes) -> None:
         """A return-path message; once postcopy listens, the fault handler
         writes requests on the same socket, so both take its lock."""
-        lock = self.postcopy.rp_lock \
-            if self.postcopy is not None and self._postcopy_listening() else None
+        lock = self.postcopy.rp_lock if self.postcopy and self._postcopy_listening() else None
         if lock is None:
             self.channel.sendall(data)
         else:
