@@ -508,8 +508,10 @@ class Machine:
     def migrate_continue(self, state: str) -> dict:
         mig = self.outgoing
         current = mig.state.status.value if mig is not None else S.NONE.value
-        if mig is None or current != state:
+        if current != state:
             raise _error(f"Migration not in expected state: {current}")
+        if mig is None:     # state 'none' and no migration: QEMU's succeeds, waking nobody
+            return {}
         try:
             mig.migrate_continue(state)
         except StateError as exc:
