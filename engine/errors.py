@@ -104,6 +104,8 @@ class NeedData(RemoteProtocolError):
     missing item, ``offset`` is where it starts in the buffer given.
     """
 
+    offset: int     # always known here (a RemoteProtocolError's may be None)
+
     def __init__(self, what: str, offset: int, end: int | None = None):
         self.what = what
         #: buffer length that would at least let parsing get past this item
@@ -194,6 +196,8 @@ class PostcopyPaused(MigrationError):
 class Terminated(SystemExit):
     """SIGTERM, turned into an exception so every ``finally`` still cleans up
     (a SystemExit, so that nothing catching EngineError or Exception stops it)."""
+
+    code: int       # 128 + the signal number, as a shell reports it
 
 
 class QMPError(EngineError):

@@ -35,6 +35,7 @@ from engine.machine import get_profile
 from engine.migration.destination import DestinationMigration
 from engine.migration.source import SourceMigration
 from engine.options import MigrationOptions
+from engine.ram.seams import SourceGuest
 from engine.stats import MigrationInfo
 from engine.transport import connect, listen
 
@@ -86,7 +87,7 @@ class WriteGate:
 class _GatedGuest:
     """A guest whose "vCPUs" are the program's threads behind a WriteGate."""
 
-    def __init__(self, guest, gate: WriteGate):
+    def __init__(self, guest: SourceGuest, gate: WriteGate):
         self._guest, self._gate = guest, gate
 
     def __getattr__(self, name):
@@ -114,7 +115,7 @@ def make_options(capabilities: Mapping[str, bool] | None = None,
     return opts
 
 
-def migrate(guest, uri: str, *, gate: WriteGate | None = None,
+def migrate(guest: SourceGuest, uri: str, *, gate: WriteGate | None = None,
             options: MigrationOptions | None = None, machine: str = "engine",
             connect_timeout: float = 30) -> MigrationInfo:
     """Migrate ``guest`` to a destination listening on ``uri``; blocks until done.

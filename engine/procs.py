@@ -79,7 +79,7 @@ def _drop_template_link() -> None:
     if fd is not None:
         with contextlib.suppress(OSError):
             os.close(fd)
-        server._forkserver_alive_fd = None
+        setattr(server, "_forkserver_alive_fd", None)   # CPython's private, as read above
 
 
 def child_setup(parent_pid: int) -> None:

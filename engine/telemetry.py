@@ -175,21 +175,21 @@ def derive_events(samples: Sequence[Sample],
             if s.status != last:
                 statuses.append((s.t, s.status))
                 last = s.status
-    statuses = [(t, S(st)) for t, st in statuses if S(st) is not S.NONE]
+    marks = [(t, S(st)) for t, st in statuses if S(st) is not S.NONE]
 
-    events: list[Event] = [Event(t, "status", st.value) for t, st in statuses]
-    switch = next(((t, st) for t, st in statuses if st in _SWITCHOVER), None)
+    events: list[Event] = [Event(t, "status", st.value) for t, st in marks]
+    switch = next(((t, st) for t, st in marks if st in _SWITCHOVER), None)
     if switch is None:
         # Only samples: a status past the switchover says it happened, at
         # the latest then.  'failed' or 'cancelled' say nothing either way.
-        switch = next(((t, st) for t, st in statuses
+        switch = next(((t, st) for t, st in marks
                        if st in _AFTER_SWITCHOVER and st is not S.COLO), None)
     if switch is not None:
         events.append(Event(switch[0], "switchover", "switchover"))
-    post = next(((t, st) for t, st in statuses if st in _POSTCOPY_START), None)
+    post = next(((t, st) for t, st in marks if st in _POSTCOPY_START), None)
     if post is not None:
         events.append(Event(post[0], "postcopy", "postcopy"))
-    end = next(((t, st) for t, st in statuses if st in _END), None)
+    end = next(((t, st) for t, st in marks if st in _END), None)
     if end is not None:
         events.append(Event(end[0], "end", end[1].value))
 
@@ -251,6 +251,7 @@ class MigrationSampler:
         now = self._clock() - self.t0
         ram = info.ram
         transferred = ram.transferred if ram else 0
+        last: Sample | None
         with self._lock:
             if self._samples and ram is None:
                 # setup/failed/cancelled show no ram: the counters stand still.

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from engine.commands.args import EXIT_FAILED, EXIT_OK
 from engine.commands.common import json_values, write_json
 from engine.errors import ChannelClosedError, ConfigError, EngineError
+
+if TYPE_CHECKING:
+    from engine.stream.vmstate import VMStateDescription
 
 
 def _all_devices(vcpus: int | None = None):
@@ -21,10 +25,11 @@ def _all_devices(vcpus: int | None = None):
     every instance, so the stream's own sections say how many there are
     (``vcpus`` is accepted and not needed)."""
     from engine.machine import PROFILES
-    table, per_vcpu = {}, {}
+    table: dict[tuple[str, int], VMStateDescription] = {}
+    per_vcpu: dict[str, VMStateDescription] = {}
     for profile in PROFILES.values():
         one, two = profile.devices(1), profile.devices(2)
-        counts = {}
+        counts: dict[str, int] = {}
         for dev in one:
             counts[dev.idstr] = counts.get(dev.idstr, 0) - 1
         for dev in two:

@@ -83,6 +83,7 @@ class LocalDestination:
         threading.Thread(target=self._read_stderr, daemon=True).start()
 
     def _read_stdout(self):
+        assert self.proc.stdout is not None     # Popen(stdout=PIPE)
         for line in self.proc.stdout:
             self._out.append(line)
             if line.startswith("listening on "):
@@ -91,6 +92,7 @@ class LocalDestination:
         self._ready.set()
 
     def _read_stderr(self):
+        assert self.proc.stderr is not None     # Popen(stderr=PIPE)
         for line in self.proc.stderr:
             if _TRACE_LINE.match(line):
                 # The destination's trace points join ours, as they happen.
@@ -209,8 +211,9 @@ def run_migrate(args) -> int:
     if local is not None and not isinstance(local, (FileAddress,)) and \
             local.uri.split(":", 1)[0] not in ("tcp", "unix"):
         raise ConfigError(f"--uri {args.uri}: a local destination takes tcp:, unix: or file:")
-    if target or local:      # the default, a private unix socket, suits multifd
-        check_multifd_transport(options, target or local)
+    chosen = target or local
+    if chosen is not None:   # the default, a private unix socket, suits multifd
+        check_multifd_transport(options, chosen)
     plot = getattr(args, "plot", None)
     if plot:
         _check_plot_path(plot)
@@ -262,6 +265,7 @@ def run_migrate(args) -> int:
             channel = connect(local)
         else:
             mig.prepare()            # multifd workers start while the destination does
+            assert dest is not None     # made above for this case
             trace("engine_guest_ready")
             uri = dest.wait_listening()
             trace("engine_destination_listening", uri=uri)

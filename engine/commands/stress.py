@@ -88,9 +88,13 @@ def run(args) -> int:
                   f"({result.seconds:.1f} s): {result.detail}", file=sys.stderr, flush=True)
 
     results: list = []      # filled as cases end, so an interrupted run still reports
+
+    def on_result(result) -> None:
+        results.append(result)
+        progress(result)
+
     try:
-        run_matrix(cases, settings, args.time_limit,
-                   on_result=lambda r: (results.append(r), progress(r)))
+        run_matrix(cases, settings, args.time_limit, on_result=on_result)
     finally:
         # Reports for what ran, even when interrupted.
         if args.junit:

@@ -370,7 +370,7 @@ class StreamPageEncoder(PageEncoder):
                         f"page of {src.nbytes} bytes in a packet of "
                         f"{page_size}-byte pages")
                 row.data[:] = src
-        return self._compress(memoryview(snap.reshape(-1)))
+        return self._compress(snap.reshape(-1).data)
 
     def encode_gather(self, ram: np.ndarray, indexes: np.ndarray) -> list[Buffer]:
         idx = _check_indexes(ram, indexes)
@@ -379,7 +379,7 @@ class StreamPageEncoder(PageEncoder):
         snap = self._stage(idx.size, ram.shape[1])
         # mode='clip' skips numpy's buffered bounds check; indexes are checked.
         np.take(ram, idx, axis=0, out=snap, mode="clip")
-        return self._compress(memoryview(snap.reshape(-1)))
+        return self._compress(snap.reshape(-1).data)
 
     @abstractmethod
     def _compress(self, data: memoryview) -> list[Buffer]:
@@ -451,6 +451,7 @@ class StreamSendMethods(SendMethods):
     def send_prepare(self, batch: PacketBatch, block, idx: np.ndarray,
                      zero: np.ndarray) -> Iterator[list[Buffer]]:
         encoder = self.encoder
+        assert encoder is not None  # until send_cleanup()
         ram = block.pages
         for k in range(len(batch)):
             if batch.normal[k]:
@@ -476,6 +477,7 @@ class StreamRecvMethods(RecvMethods):
     def recv(self, source: PayloadSource, landing: PageLanding, idx: np.ndarray,
              size: int, page_size: int) -> None:
         payload = source.recv_payload(size, "compressed page data")
+        assert self.decoder is not None     # until recv_cleanup()
         landing.write(idx, self.decoder.decode_bytes(payload, len(idx), page_size))
 
     def recv_cleanup(self) -> None:

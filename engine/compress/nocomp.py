@@ -38,7 +38,7 @@ class NoCompEncoder(PageEncoder):
             if pages.shape[0] == 0:
                 return []
             if pages.flags.c_contiguous:
-                return [memoryview(pages.reshape(-1))]
+                return [pages.reshape(-1).data]
             return [_flat_bytes(row) for row in pages]
         return [_flat_bytes(page) for page in pages]
 
@@ -46,7 +46,7 @@ class NoCompEncoder(PageEncoder):
         """One buffer per run of consecutive pages (few iovecs for ``sendmsg``)."""
         idx = _check_indexes(ram, indexes)
         starts, lengths = index_runs(idx)
-        return [memoryview(ram[s:s + n].reshape(-1))
+        return [ram[s:s + n].reshape(-1).data
                 for s, n in zip(starts.tolist(), lengths.tolist())]
 
 

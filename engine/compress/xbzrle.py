@@ -82,7 +82,7 @@ class Encoded:
     def page(self, i: int) -> memoryview:
         n = int(self.lengths[i])
         start = int(self.offsets[i])
-        return memoryview(self.data)[start:start + max(n, 0)]
+        return self.data.data[start:start + max(n, 0)]
 
 
 def _uleb_size(n: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ from engine.errors import CodecError
 try:
     from isal import isal_zlib as _isal
 except ImportError:  # no wheel for this platform: zlib does all levels
-    _isal = None
+    _isal = None  # type: ignore[assignment]  # the optional-import idiom; uses test for None
 
 __all__ = ["ZlibCodec", "ZlibEncoder", "ZlibDecoder", "ZLIB", "ISAL_LEVELS"]
 

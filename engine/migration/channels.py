@@ -13,14 +13,15 @@ import struct
 from engine.errors import RemoteProtocolError
 from engine.multifd.packet import MULTIFD_INIT_SIZE, MULTIFD_MAGIC, MultiFDInit
 from engine.stream.constants import QEMU_VM_FILE_MAGIC
+from engine.transport import Channel, Listener
 
 #: The VM's UUID.  A guest here has none (QEMU's default is all zeros), and
 #: QEMU's destination requires the channels' UUID to equal its own.
 NULL_UUID = bytes(16)
 
 
-def accept_channels(listener, multifd_channels: int, timeout: float | None = None,
-                    uuid: bytes = NULL_UUID):
+def accept_channels(listener: Listener, multifd_channels: int, timeout: float | None = None,
+                    uuid: bytes = NULL_UUID) -> tuple[Channel, dict[int, Channel]]:
     """Accept the main channel and ``multifd_channels`` multifd channels.
 
     Returns ``(main, {channel_id: Channel})``; the multifd channels have had
@@ -28,8 +29,8 @@ def accept_channels(listener, multifd_channels: int, timeout: float | None = Non
     that is neither, a duplicate or out-of-range channel id, or a UUID
     mismatch; the channels accepted so far are closed first.
     """
-    main = None
-    multifd: dict[int, object] = {}
+    main: Channel | None = None
+    multifd: dict[int, Channel] = {}
     try:
         while main is None or len(multifd) < multifd_channels:
             ch = listener.accept(timeout=timeout)

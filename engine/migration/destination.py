@@ -29,7 +29,7 @@ import struct
 import threading
 import uuid as uuidlib
 from dataclasses import replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -42,6 +42,7 @@ from engine.migration.recovery import RecoveryWait
 from engine.migration.verify import memory_digests
 from engine.options import MigrationOptions
 from engine.procs import CpuMeter, no_cycle_collection
+from engine.ram import ABResult, DestinationGuest
 from engine.state import MigrationState, MigrationStatus as S
 from engine.stats import MigrationInfo, StatsAccumulator, postcopy_fields
 from engine.stream import events as ev
@@ -49,6 +50,11 @@ from engine.stream import returnpath as rp
 from engine.stream.constants import TARGET_PAGE_SIZE
 from engine.stream.decoder import StreamDecoder
 from engine.trace import trace
+from engine.transport import ByteChannel, Listener, socket_of
+
+if TYPE_CHECKING:
+    from engine.multifd.pool import RecvPool
+    from engine.postcopy.incoming import PostcopyIncoming
 
 #: how much one recv may bring in; large reads keep the per-call cost low
 RECV_CHUNK = 4 << 20
@@ -83,7 +89,8 @@ class DestinationMigration:
     """One incoming migration.  Create, then ``run(channel)`` once."""
 
     def __init__(self, machine: MachineProfile, options: MigrationOptions, *,
-                 guest=None, guest_factory: Callable[[ev.RamBlockList], object] | None = None,
+                 guest: DestinationGuest | None = None,
+                 guest_factory: Callable[[ev.RamBlockList], DestinationGuest] | None = None,
                  vcpus: int = 0, verify: bool = False, ab_check: bool = False,
                  on_status: Callable[[S, S], None] | None = None,
                  resume: bool = True, postcopy_faults: str = "auto",
@@ -114,16 +121,16 @@ class DestinationMigration:
         self.configuration: ev.Configuration | None = None
         self.vmdesc: dict | None = None
         self.digests: dict[str, str] | None = None
-        self.ab_result = None
+        self.ab_result: ABResult | None = None
         #: lands precopy pages, once the block list has come
         self.ram: RamLoader | None = None
         self._lock = threading.Lock()
         self._rp_open = False
-        self._stats = None
+        self._stats: StatsAccumulator | None = None
         #: multifd: accepted channels by id, the worker pool, received bitmaps
         self.multifd = options.cap("multifd")
-        self.multifd_channels: dict[int, object] = {}
-        self.pool = None
+        self.multifd_channels: dict[int, ByteChannel] = {}
+        self.pool: RecvPool | None = None
         self._multifd_totals: tuple[int, int] = (0, 0)
         #: the source's multifd dialect: syncs at MULTIFD_FLUSH records (True,
         #: QEMU >= 8.1) or at every EOS (False, QEMU 7.2); None until the setup
@@ -134,14 +141,14 @@ class DestinationMigration:
         #: listener kept for the preempt channel, the preempt channel itself
         self.postcopy_cap = options.cap("postcopy-ram")
         self.postcopy_faults = postcopy_faults
-        self.postcopy = None
-        self.listener = None
-        self.preempt = None
+        self.postcopy: PostcopyIncoming | None = None
+        self.listener: Listener | None = None
+        self.preempt: ByteChannel | None = None
         #: postcopy-paused: the wait for migrate-recover and the new channel,
         #: bounded by ``pause_timeout`` seconds (None: until :meth:`close`, as
         #: QEMU; a destination nobody can send migrate-recover to gives up)
         self.recovery = RecoveryWait(pause_timeout)
-        self._pending_advise = None
+        self._pending_advise: ev.PostcopyAdvise | None = None
         #: CPU of this process, its multifd workers and fault handler while loading
         self.cpu = CpuMeter(self._helper_pids)
         #: bytes received on the main channel (and on its recovery channels)
@@ -168,6 +175,7 @@ class DestinationMigration:
         from engine.multifd.pool import RecvPool
         from engine.ram.dirty import DirtyLog
         if self.postcopy is not None:
+            assert self.postcopy.handler is not None    # start_handler() made it
             logs = self.postcopy.handler.received_logs     # the handler owns them
         else:
             for b in self.guest.blocks:
@@ -272,8 +280,8 @@ class DestinationMigration:
         return out
 
     # ------------------------------------------------------------------
-    def run(self, channel, multifd_channels: dict | None = None, *,
-            listener=None) -> MigrationInfo:
+    def run(self, channel: ByteChannel, multifd_channels: dict | None = None, *,
+            listener: Listener | None = None) -> MigrationInfo:
         """Load from the main ``channel`` (and the accepted multifd channels).
 
         ``listener`` (still listening) is where a postcopy-preempt source
@@ -282,7 +290,7 @@ class DestinationMigration:
         with no_cycle_collection():
             return self._run(channel, multifd_channels, listener)
 
-    def _run(self, channel, multifd_channels: dict | None, listener) -> MigrationInfo:
+    def _run(self, channel: ByteChannel, multifd_channels: dict | None, listener) -> MigrationInfo:
         self.channel = channel
         self.listener = listener
         self.multifd_channels = dict(multifd_channels or {})
@@ -338,7 +346,7 @@ class DestinationMigration:
     def _rp_send(self, data: bytes) -> None:
         """A return-path message; once postcopy listens, the fault handler
         writes requests on the same socket, so both take its lock."""
-        lock = self.postcopy.rp_lock if self._postcopy_listening() else None
+        lock = self.postcopy.rp_lock if self.postcopy and self._postcopy_listening() else None
         if lock is None:
             self.channel.sendall(data)
         else:
@@ -389,6 +397,7 @@ class DestinationMigration:
                     trace("loadvm_state_eof", offset=at)
                     if self._postcopy_listening():
                         # QEMU's postcopy ends with EOF alone (no vmdesc).
+                        assert self.postcopy is not None    # it is listening
                         self.postcopy.end()
                         return
                     self.channel.settimeout(VMDESC_WAIT_SECONDS)
@@ -411,7 +420,7 @@ class DestinationMigration:
                     f"{self.channel.name}: source closed the stream before its EOF section")
 
     def _wait_readable(self, fd: int, timeout: float) -> bool:
-        if self._postcopy_listening():
+        if self.postcopy is not None and self._postcopy_listening():
             self.postcopy.check()
         if self.pool is not None:
             return self.pool.wait_readable(fd, timeout)
@@ -451,6 +460,7 @@ class DestinationMigration:
         then reads on from it."""
         with self._lock:
             self.error = exc if isinstance(exc, EngineError) else MigrationError(str(exc))
+        assert self.postcopy is not None    # only a running postcopy pauses
         self.postcopy.pause()
         try:
             self.channel.close()
@@ -530,6 +540,7 @@ class DestinationMigration:
         handler(event)
 
     def _on_pages(self, event) -> None:
+        assert self.ram is not None     # the decoder knows no block before the block list
         self.ram.apply(event)
 
     def _on_section(self, event: ev.SectionStart) -> None:
@@ -578,13 +589,13 @@ class DestinationMigration:
             self._pending_advise = event
             return
         self.prepare()
+        assert self.postcopy is not None    # postcopy_cap and a guest: prepare() made it
         self.postcopy.advise(event.page_size_summary, event.target_page_size)
 
     def _on_discard(self, event: ev.PostcopyRamDiscard) -> None:
         trace("loadvm_postcopy_ram_handle_discard", block=event.block,
               ranges=len(event.ranges))
-        self._require_postcopy("POSTCOPY_RAM_DISCARD")
-        self.postcopy.discard(event.block, event.ranges)
+        self._require_postcopy("POSTCOPY_RAM_DISCARD").discard(event.block, event.ranges)
 
     def _on_packaged(self, event: ev.Packaged) -> None:
         trace("loadvm_handle_cmd_packaged", length=len(event.data))
@@ -593,8 +604,7 @@ class DestinationMigration:
 
     def _on_recv_bitmap(self, event: ev.RecvBitmap) -> None:
         trace("loadvm_handle_recv_bitmap", block=event.block)
-        self._require_postcopy("RECV_BITMAP")
-        bits = self.postcopy.received_bitmap(event.block)
+        bits = self._require_postcopy("RECV_BITMAP").received_bitmap(event.block)
         self._rp_send(rp.rp_recv_bitmap(event.block) + rp.encode_recv_bitmap(bits))
 
     def _multifd_sync_point(self, event) -> None:
@@ -655,9 +665,10 @@ class DestinationMigration:
         return self._multifd_totals
 
     # -- postcopy -------------------------------------------------------------------
-    def _require_postcopy(self, what: str) -> None:
+    def _require_postcopy(self, what: str) -> PostcopyIncoming:
         if self.postcopy is None or self.postcopy.state.value == "none":
             raise RemoteProtocolError(f"{what} without POSTCOPY_ADVISE", channel="main")
+        return self.postcopy
 
     def _load_package(self, blob: bytes) -> None:
         """PACKAGED: LISTEN, the devices, PINGs and RUN, parsed from memory."""
@@ -683,22 +694,24 @@ class DestinationMigration:
             self._handle(event, at, "main (package)")
 
     def _postcopy_listen(self, event=None) -> None:
-        self._require_postcopy("POSTCOPY_LISTEN")
-        trace("loadvm_postcopy_handle_listen", ps=self.postcopy.state.value)
+        postcopy = self._require_postcopy("POSTCOPY_LISTEN")
+        trace("loadvm_postcopy_handle_listen", ps=postcopy.state.value)
         # Every page multifd carried is in place (the last RAM EOS synced the
         # channels).  The workers stay: QEMU 7.2 keeps its channels open and
         # syncs them at every EOS in postcopy too, and closes them only after
         # SHUT; a source that closed them already has its DONEs queued.
-        sock = self.channel.sock if self._rp_open else None
-        self.postcopy.listen(sock, self.preempt.sock if self.preempt is not None else None)
-        self.ram.place_through(self.postcopy.placer, self.postcopy.requested,
-                               self.postcopy.placed)
+        sock = socket_of(self.channel) if self._rp_open else None
+        postcopy.listen(sock, socket_of(self.preempt) if self.preempt is not None else None)
+        # the block list came before LISTEN, advise() made the placer
+        assert self.ram is not None and postcopy.placer is not None
+        self.ram.place_through(postcopy.placer, postcopy.requested, postcopy.placed)
         # QEMU 10.2: with a return path the destination stays in
         # postcopy-device while it loads the package's device state.
         self.state.transition(S.POSTCOPY_DEVICE if self._rp_open else S.POSTCOPY_ACTIVE)
 
     def _postcopy_run(self, event=None) -> None:
         self._require_postcopy("POSTCOPY_RUN")
+        assert self.postcopy is not None and self.guest is not None     # checked; RAM set up
         trace("loadvm_postcopy_handle_run", ps=self.postcopy.state.value)
         self.postcopy.run()
         if self.state.status is S.POSTCOPY_DEVICE:
@@ -712,14 +725,17 @@ class DestinationMigration:
     def _postcopy_resume(self, event=None) -> None:
         trace("loadvm_postcopy_handle_resume")
         if self.options.cap("postcopy-preempt"):
+            assert self.recovery.listener is not None   # it accepted this channel
             self.preempt = self.recovery.listener.accept(timeout=30)
         self.state.transition(S.POSTCOPY_ACTIVE)
         self._rp_send(rp.rp_resume_ack(1))
-        self.postcopy.resumed(self.channel.sock,
-                              self.preempt.sock if self.preempt is not None else None)
+        assert self.postcopy is not None    # only a paused postcopy resumes
+        self.postcopy.resumed(socket_of(self.channel),
+                              socket_of(self.preempt) if self.preempt is not None else None)
 
     def _setup_blocks(self, announced: ev.RamBlockList) -> None:
         if self.guest is None:
+            assert self.guest_factory is not None   # __init__ wants a guest or a factory
             self.guest = self.guest_factory(announced)
             self.guest_state.guest = self.guest
         check_block_list(announced, self.guest.blocks)
@@ -730,12 +746,14 @@ class DestinationMigration:
         self.prepare()      # postcopy's fault handler (and multifd's workers) need the guest
         advise, self._pending_advise = self._pending_advise, None
         if advise is not None:
+            assert self.postcopy is not None    # _on_advise checked postcopy_cap: prepare() made it
             self.postcopy.advise(advise.page_size_summary, advise.target_page_size)
         if self.multifd:
             if len(self.multifd_channels) != int(self.options.param("multifd-channels")):
                 raise MigrationError("multifd is on but the multifd channels were not accepted")
+            assert self.pool is not None    # multifd and a guest: prepare() made it
             for channel_id, ch in sorted(self.multifd_channels.items()):
-                self.pool.attach(channel_id, ch.sock)
+                self.pool.attach(channel_id, socket_of(ch))   # check_multifd_transport
                 # The worker has its own descriptor now.  Ours would keep the
                 # connection open should the worker die, and the source would
                 # write on into a socket nobody reads instead of failing.
@@ -775,7 +793,7 @@ class DestinationMigration:
             if self._stats is not None:
                 self._stats.set_remaining(0)
                 self._stats.completed()
-                self._stats.set_cpu_seconds(self.cpu.stop())
+                self._stats.set_cpu_seconds(self.cpu.stop() or 0.0)    # started in _run
         if self.guest is None:
             raise RemoteProtocolError("stream ended without a RAM section", channel="main")
         # In postcopy the guest has been running here since POSTCOPY_RUN;

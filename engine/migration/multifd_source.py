@@ -15,6 +15,7 @@ send; the pool calls ``mig._multifd_checkpoint`` while it waits.
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from engine.compress.zeropage import block_zero_page_mask
 from engine.multifd.packet import packet_size
 from engine.stream import encoder as enc
 from engine.trace import trace
+
+if TYPE_CHECKING:
+    from engine.multifd.pool import SendPool
 
 __all__ = ["MultifdSource", "MultifdMode", "BATCH_PAGES_MULTIFD"]
 
@@ -45,7 +49,7 @@ class MultifdMode(enum.Enum):
 class MultifdSource:
     def __init__(self, mig):
         self.mig = mig
-        self.pool = None
+        self.pool: SendPool | None = None
         self.mode = MultifdMode.OFF
         #: QEMU 7.2's multifd dialect (a sync at every RAM section) or later
         #: QEMUs' (a MULTIFD_FLUSH per round, noted in _flushed_round)
@@ -74,7 +78,8 @@ class MultifdSource:
                              codec=codec, level=level,
                              zero_detect=opts.param("zero-page-detection") == "multifd",
                              page_size=mig.page_size)
-        self.pool.on_ack = self._on_ack
+        # on_ack is the pool's hook: a no-op method, replaced per instance
+        self.pool.on_ack = self._on_ack  # type: ignore[method-assign]
         # A cancel, the destination's SHUT or its closing the main channel must
         # not wait for workers stuck on a destination that stopped reading
         # (QEMU shuts the channels down); the pool asks every poll interval.
@@ -83,6 +88,7 @@ class MultifdSource:
     def connect(self, uri: str, uuid: bytes) -> None:
         """QEMU opens every multifd channel before the header goes out."""
         self.prepare()
+        assert self.pool is not None    # prepare() made it
         self.pool.connect(uri, uuid)
         trace("multifd_send_channels_connected", channels=self.pool.n, uri=uri)
         self.mode = MultifdMode.PAGES
@@ -92,6 +98,7 @@ class MultifdSource:
         """Bytes a batch of ``npages`` may take on the wire at most: every page
         in full plus each packet's header (QEMU 7.2 charges exactly this at
         hand-off)."""
+        assert self.pool is not None    # only while the pool carries pages
         packets = -(-npages // self.pool.page_count)
         return npages * self.mig.page_size + packets * packet_size(self.pool.page_count)
 
@@ -131,6 +138,7 @@ class MultifdSource:
         """
         mig = self.mig
         ram, limiter = mig.ram, mig.limiter
+        assert self.pool is not None    # submit() runs only while the pool carries pages
         most = BATCH_PAGES_MULTIFD
         if limiter is not None:
             # A page and its share of a packet header, as the charge counts.
@@ -169,6 +177,7 @@ class MultifdSource:
     def flush(self) -> None:
         """QEMU's multifd_ram_flush_and_sync: a SYNC on every channel, then the
         MULTIFD_FLUSH record that tells the destination to wait for them."""
+        assert self.pool is not None    # only while the pool carries pages
         self.pool.sync()
         self.mig._send_counted(enc.ram_flush())
 
@@ -181,6 +190,7 @@ class MultifdSource:
     def section_end(self) -> None:
         """Before a RAM section's EOS: QEMU 7.2's sync of every channel."""
         if self.carries_pages and self.flush_each_section:
+            assert self.pool is not None    # carries_pages: connect() made it
             self.pool.sync()
 
     def round_done(self, round_: int) -> None:
@@ -193,6 +203,7 @@ class MultifdSource:
     def complete(self) -> None:
         """After EOF: BYE, every channel closed cleanly."""
         if self.carries_pages:
+            assert self.pool is not None    # carries_pages: connect() made it
             self.pool.finish()
             self.mode = MultifdMode.OFF
 
@@ -212,6 +223,7 @@ class MultifdSource:
                 self.mode = MultifdMode.SYNC_ONLY
             else:
                 self.mode = MultifdMode.OFF
+                assert self.pool is not None    # carries_pages: connect() made it
                 self.pool.finish()
 
     def postcopy_sync(self) -> None:
@@ -224,6 +236,7 @@ class MultifdSource:
         if self.mode is not MultifdMode.SYNC_ONLY:
             return
         from engine.errors import EngineError
+        assert self.pool is not None    # SYNC_ONLY: postcopy_prepare() kept it
         try:
             self.pool.sync()
         except EngineError:
@@ -233,4 +246,5 @@ class MultifdSource:
     def postcopy_finish(self) -> None:
         if self.mode is MultifdMode.SYNC_ONLY:
             self.mode = MultifdMode.OFF
+            assert self.pool is not None    # SYNC_ONLY: postcopy_prepare() kept it
             self.pool.finish()      # BYE, after the destination's SHUT as in QEMU 7.2

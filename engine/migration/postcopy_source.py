@@ -58,6 +58,7 @@ from engine.stream.constants import QEMU_VM_PING_PACKAGED_LOADED
 from engine.stream.encoder import RamRecordEncoder
 from engine.trace import trace
 from engine.transport import connect
+from engine.transport.seams import ByteChannel
 
 __all__ = ["PostcopySource", "POSTCOPY_SWITCH_INTERVAL", "RESUME_ACK_VALUE",
            "PAGE_REQUEST_STATES"]
@@ -86,7 +87,7 @@ class PostcopySource:
         self.preempt = preempt
         #: (block index, first page, pages) asked for, served on the main channel
         self.requests: collections.deque[tuple[int, int, int]] = collections.deque()
-        self.preempt_channel = None
+        self.preempt_channel: ByteChannel | None = None
         self._preempt_lock = threading.Lock()
         self._preempt_encoder = RamRecordEncoder(mig.page_size)
         #: PONG 0x42: the destination loaded the devices (postcopy-device ends)
@@ -304,7 +305,7 @@ class PostcopySource:
                 channel.send_views(batch.buffers)
                 mig._account_batch(batch)
 
-    def _send_urgent_page(self, channel, index: int, page: int) -> None:
+    def _send_urgent_page(self, channel: ByteChannel, index: int, page: int) -> None:
         """One requested page (the usual request): the fault's latency path.
 
         The source guest is stopped in postcopy, so the record can point
@@ -387,6 +388,7 @@ class PostcopySource:
                 uri, abandoned = self._resume_uri, self._abandoned
             if abandoned is not None:
                 raise PostcopyError(f"postcopy abandoned while paused: {abandoned}")
+            assert uri is not None      # request_resume() set it before the event
             mig.state.transition(S.POSTCOPY_RECOVER_SETUP)
             try:
                 channel = connect(uri)

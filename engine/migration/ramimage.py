@@ -51,7 +51,7 @@ class RamImage:
             os.unlink(self.temp_path)
             raise
         os.close(fd)
-        self._map = np.memmap(self.temp_path, np.uint8, "r+", shape=(total,)) \
+        self._map: np.ndarray | None = np.memmap(self.temp_path, np.uint8, "r+", shape=(total,)) \
             if total else np.zeros(0, np.uint8)
         self.blocks: list[ImageBlock] = []
         base = 0

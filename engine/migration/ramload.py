@@ -31,7 +31,7 @@ scattered pages to test them cost four times what clearing them does.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -39,10 +39,14 @@ from engine.compress.xbzrle import decode_into
 from engine.errors import BlockMismatchError, RemoteProtocolError, XbzrleError
 from engine.stream import events as ev
 
+if TYPE_CHECKING:
+    from engine.postcopy.placer import Placer
+    from engine.ram.seams import MappedBlock, PageBlock
+
 __all__ = ["RamLoader", "check_block_list"]
 
 
-def check_block_list(announced: ev.RamBlockList, blocks) -> None:
+def check_block_list(announced: ev.RamBlockList, blocks: Sequence[MappedBlock]) -> None:
     """QEMU's ram_load_setup checks: every announced block exists, same length."""
     local = {b.idstr: b for b in blocks}
     for info in announced.blocks:
@@ -68,7 +72,7 @@ class RamLoader:
     XBZRLE records applied.
     """
 
-    def __init__(self, blocks, received: dict, page_size: int):
+    def __init__(self, blocks: Sequence[PageBlock], received: dict, page_size: int):
         self.page_size = page_size
         self._pages = {b.idstr: b.pages for b in blocks}
         self._fresh = {b.idstr: bool(getattr(b, "fresh", False)) for b in blocks}
@@ -76,7 +80,7 @@ class RamLoader:
         self.received = received
         self.pages = self.zero_pages = self.xbzrle_pages = 0
         #: postcopy: the placer, per block the "requested" bitmap, the callback
-        self._placer = None
+        self._placer: Placer | None = None
         self._requested: list | None = None
         self._on_placed: Callable[[int, int], None] | None = None
         # By event type: what lands it (pages as (block, offsets, data)).
@@ -95,7 +99,7 @@ class RamLoader:
         """Whether pages go in through a placer (after POSTCOPY_LISTEN)."""
         return self._placer is not None
 
-    def place_through(self, placer, requested: list | None = None,
+    def place_through(self, placer: Placer, requested: list | None = None,
                       on_placed: Callable[[int, int], None] | None = None) -> None:
         """From now on pages go in atomically through ``placer`` (postcopy).
 
@@ -162,6 +166,7 @@ class RamLoader:
 
     def _place(self, block: str, idx: np.ndarray, data) -> None:
         i = self._index[block]
+        assert self._placer is not None     # place_through() chose this path
         self._placer.place_run(i, idx, data)
         requested = self._requested
         if requested is not None and self._on_placed is not None:

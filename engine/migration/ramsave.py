@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -38,6 +39,10 @@ from engine.stream import encoder as enc
 from engine.stream.constants import (MAX_DISCARDS_PER_COMMAND, POSTCOPY_RAM_DISCARD_VERSION,
                                      RAM_SAVE_FLAG_PAGE, MigCmd)
 from engine.stream.encoder import RamRecordEncoder
+
+if TYPE_CHECKING:
+    from engine.ram.dirty import DirtyLog
+    from engine.ram.seams import MappedBlock, SourceGuest
 
 #: pages per batch in postcopy: 1 MiB of 4 KiB pages, so that a page request
 #: served on the main channel waits behind at most that much background data.
@@ -92,8 +97,8 @@ def encode_batch(idstr: str, pages: np.ndarray, idx: np.ndarray, page_size: int,
     nn = len(offsets)
     if nn:
         words, name = encoder.record_words(idstr, offsets, RAM_SAVE_FLAG_PAGE)
-        heads = memoryview(words).cast("B")
-        memory = memoryview(pages).cast("B")
+        heads = words.data.cast("B")
+        memory = pages.data.cast("B")
         starts = offsets.tolist()
         buffers = [None] * (2 * nn)
         buffers[0::2] = [heads[i:i + 8] for i in range(0, 8 * nn, 8)]
@@ -151,7 +156,7 @@ class BlockBitmap:
     and then taken in slices (a fresh search per batch scanned 64 Ki bits).
     """
 
-    def __init__(self, block, dirty_log, page_size: int):
+    def __init__(self, block: MappedBlock, dirty_log: DirtyLog, page_size: int):
         self.block = block
         self.log = dirty_log
         self.bits = np.ones(block.npages, dtype=bool)
@@ -241,7 +246,8 @@ class BlockBitmap:
 class RamSaver:
     """Bitmaps, scanning and record encoding for every migratable block."""
 
-    def __init__(self, guest, page_size: int, detect_zero: bool, xbzrle_cache: int | None = None):
+    def __init__(self, guest: SourceGuest, page_size: int, detect_zero: bool,
+                 xbzrle_cache: int | None = None):
         self.page_size = page_size
         self.detect_zero = detect_zero
         #: the XBZRLE page cache and encoder (QEMU's XBZRLE), with the capability

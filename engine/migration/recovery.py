@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from engine.errors import ChannelError, MigrationError, PostcopyPaused
 from engine.transport import ChannelTimeoutError
+
+if TYPE_CHECKING:
+    from engine.transport import Channel, Listener
 
 __all__ = ["RecoveryWait"]
 
@@ -31,7 +34,7 @@ class RecoveryWait:
         self.timeout = timeout
         #: the listener migrate-recover opened (the preempt channel of a
         #: resumed postcopy-preempt source connects there too)
-        self.listener = None
+        self.listener: Listener | None = None
         self._ready = threading.Event()
         self._closing = threading.Event()
 
@@ -45,7 +48,7 @@ class RecoveryWait:
         self._ready.set()
         return self.listener.uri
 
-    def accept(self, cause: BaseException, check: Callable[[], None]):
+    def accept(self, cause: BaseException, check: Callable[[], None]) -> Channel:
         """The resumed source's new main channel.  ``cause`` is why postcopy
         paused (for the message when the wait gives up); ``check`` raises if
         something the destination depends on died meanwhile."""
@@ -63,6 +66,8 @@ class RecoveryWait:
             if not self._ready.wait(0.1):
                 continue
             listener = self.listener
+            if listener is None:        # closed meanwhile: the next turn says so
+                continue
             try:
                 return listener.accept(timeout=0.2)
             except ChannelTimeoutError:

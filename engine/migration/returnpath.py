@@ -27,6 +27,7 @@ from engine.state import MigrationState, MigrationStatus as S
 from engine.stream import returnpath as rp
 from engine.stream.events import NEED_DATA
 from engine.trace import trace
+from engine.transport.seams import ByteChannel
 
 __all__ = ["ReturnPathReader", "Handlers"]
 
@@ -44,7 +45,7 @@ class ReturnPathReader:
     :class:`~engine.errors.EngineError` ends the return path with that error.
     ``on_end`` is called (from the reader's thread) when it ends."""
 
-    def __init__(self, channel, state: MigrationState, handlers: Handlers,
+    def __init__(self, channel: ByteChannel, state: MigrationState, handlers: Handlers,
                  on_end: Callable[[], None]):
         self.channel = channel
         self._state = state

@@ -67,6 +67,7 @@ from engine.migration.returnpath import ReturnPathReader
 from engine.migration.verify import memory_digests
 from engine.options import MigrationOptions
 from engine.procs import CpuMeter, no_cycle_collection
+from engine.ram.seams import SourceGuest
 from engine.state import POSTCOPY_STATES, MigrationState, MigrationStatus as S
 from engine.stats import MigrationInfo, StatsAccumulator
 from engine.stream import encoder as enc
@@ -75,6 +76,7 @@ from engine.stream.constants import (QEMU_VM_PING_PACKAGED_LOADED, RAM_SECTION_I
                                      RAM_SECTION_VERSION, TARGET_PAGE_SIZE)
 from engine.stream.vmdesc import build_vmdesc
 from engine.transport import parse_uri
+from engine.transport.seams import ByteChannel
 from engine.trace import trace
 
 __all__ = ["SourceMigration", "RateLimiter", "WINDOW_SECONDS", "POSTCOPY_SWITCH_INTERVAL",
@@ -129,7 +131,7 @@ class SourceMigration:
     ========================  ====================================================
     """
 
-    def __init__(self, guest, machine: MachineProfile, options: MigrationOptions,
+    def __init__(self, guest: SourceGuest, machine: MachineProfile, options: MigrationOptions,
                  *, on_status: Callable[[S, S], None] | None = None,
                  on_pass: Callable[[int], None] | None = None,
                  vcpus: int | None = None, runstate: str | None = None,
@@ -166,7 +168,7 @@ class SourceMigration:
         self.compute_digests = False
         self.multifd = options.cap("multifd")
         self.mfd = MultifdSource(self)
-        self.channel = None
+        self.channel: ByteChannel | None = None
         self.uri: str | None = None
         self.limiter: RateLimiter | None = None
         self._eof_sent = False
@@ -354,13 +356,13 @@ class SourceMigration:
             self.autoconverge.stop()
 
     # -- the migration thread ------------------------------------------
-    def run(self, channel, uri: str | None = None) -> MigrationInfo:
+    def run(self, channel: ByteChannel, uri: str | None = None) -> MigrationInfo:
         """Migrate over ``channel`` (connected); multifd and the postcopy preempt
         channel connect to ``uri``.  The caller keeps owning ``channel``."""
         with no_cycle_collection():
             return self._run(channel, uri)
 
-    def _run(self, channel, uri: str | None) -> MigrationInfo:
+    def _run(self, channel: ByteChannel, uri: str | None) -> MigrationInfo:
         self.channel = channel
         self.uri = uri
         self.limiter = None
@@ -420,7 +422,7 @@ class SourceMigration:
                 self._await_return_path()
             with self._lock:
                 self.stats.completed()
-                self.stats.set_cpu_seconds(self.cpu.stop())
+                self.stats.set_cpu_seconds(self.cpu.stop() or 0.0)    # started above
             self._stop_throttle()
             self.state.transition(S.COMPLETED)
             if self.compute_digests:
@@ -527,6 +529,7 @@ class SourceMigration:
         self._checkpoint()
         if self.mfd.carries_pages and not self._eof_sent \
                 and _peer_closed(self.channel):
+            assert self.channel is not None     # _peer_closed(None) is False
             raise ChannelClosedError(
                 f"{self.channel.name}: the destination closed the migration channel "
                 "while multifd pages were in flight")
@@ -549,7 +552,7 @@ class SourceMigration:
             return exc
         if self._yanked:
             # Our own shutdown: the destination did not give up.
-            err = type(exc)(f"{exc} (the migration's channels were yanked)")
+            err: EngineError = type(exc)(f"{exc} (the migration's channels were yanked)")
             err.__cause__ = exc
             return err
         rpath = self.return_path
@@ -575,6 +578,7 @@ class SourceMigration:
         return err
 
     def _send(self, buffers) -> None:
+        assert self.channel is not None     # run() set it before anything is sent
         self.channel.sendmsg_all(buffers)
 
     def _send_counted(self, data: bytes) -> None:
@@ -596,6 +600,7 @@ class SourceMigration:
         self._send(head)
         self.stats.add_bytes(sum(len(b) for b in head))
         if self._return_path_wanted():
+            assert self.channel is not None     # run() set it
             if not self.channel.bidirectional:
                 raise MigrationError(
                     f"a return path needs a bidirectional channel; {self.channel.name} is not")
@@ -713,6 +718,7 @@ class SourceMigration:
                     else limiter.batch_pages(self.page_size + 8, PRECOPY_BATCH_PAGES))
                 if batch is None:
                     break
+                assert self.channel is not None     # run() set it
                 self.channel.send_views(batch.buffers)
                 self._account_batch(batch)
                 if limiter is not None:
@@ -767,6 +773,7 @@ class SourceMigration:
             rp.SwitchoverAck: (self._on_switchover_ack, None),
             **self.postcopy.handlers(),
         }
+        assert self.channel is not None     # run() set it
         self.return_path = ReturnPathReader(self.channel, self.state, handlers,
                                             on_end=self._wake.set)
         self.return_path.start()

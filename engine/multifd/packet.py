@@ -433,7 +433,7 @@ class RamPacketBatch:
         self.header_size = packet_size(page_count)
         records = np.zeros(npackets, dtype=_header_dtype(page_count))
         self._records = records
-        self.headers = memoryview(records.view(np.uint8))
+        self.headers = records.view(np.uint8).data
         zero = np.asarray(zero, dtype=bool)
         packet = np.arange(n) // page_count
         # Stable: within a packet, normal pages (key 2p) come before zero ones

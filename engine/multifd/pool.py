@@ -21,7 +21,7 @@ import socket
 import tempfile
 import time
 from collections import deque
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import zmq
@@ -31,6 +31,7 @@ from engine.multifd import control as ctl
 from engine.multifd.receiver import RecvWorkerConfig, recv_worker_main
 from engine.multifd.sender import SendWorkerConfig, packets_needed, send_worker_main
 from engine.procs import spawn
+from engine.ram.seams import MappedBlock
 from engine.trace import trace
 
 #: pages per BATCH message: 8 packets, so the coordinator's cost per page is tiny
@@ -79,7 +80,7 @@ class _Pool:
     def _read(self):
         """One waiting message as (worker index, message); a worker's ERROR raises."""
         frames = self._router.recv_multipart(copy=False)
-        index = ctl.worker_index(bytes(frames[0]))
+        index = ctl.worker_index(frames[0].bytes)
         msg = ctl.decode(frames[1:])
         trace("multifd_ctl_recv", role=self.role, channel=index, msg=type(msg).__name__)
         if isinstance(msg, ctl.Error):
@@ -226,7 +227,8 @@ class SendPool(_Pool):
     """Source side: N send workers, each owning one channel once connected."""
     role = "send"
 
-    def __init__(self, n: int, blocks, *, codec: str = "none", level: int | None = None,
+    def __init__(self, n: int, blocks: Sequence[MappedBlock], *, codec: str = "none",
+                 level: int | None = None,
                  zero_detect: bool = True, page_size: int = 4096, page_count: int = 128):
         super().__init__(n)
         self.page_count = page_count
@@ -331,7 +333,8 @@ class RecvPool(_Pool):
     """Destination side: N receive workers; channels are handed over as they arrive."""
     role = "receive"
 
-    def __init__(self, n: int, blocks, received_logs, *, codec: str = "none",
+    def __init__(self, n: int, blocks: Sequence[MappedBlock], received_logs, *,
+                 codec: str = "none",
                  page_size: int = 4096, page_count: int = 128, prealloc: bool = False):
         super().__init__(n)
         self._fd_socks: list[socket.socket] = []
@@ -399,7 +402,7 @@ class RecvPool(_Pool):
         queued for :meth:`finish`).
         """
         deadline = time.monotonic() + timeout
-        synced: dict[int, object] = {}
+        synced: dict[int, ctl.Synced] = {}
         while True:
             for item in list(self._backlog):
                 i, msg = item

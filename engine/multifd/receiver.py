@@ -45,6 +45,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -55,6 +56,9 @@ from engine.multifd.packet import MultiFDPacketHeader, packet_size
 from engine.multifd.worker import control_socket
 from engine.ram.runs import index_runs, run_bounds
 from engine.trace import trace
+
+if TYPE_CHECKING:
+    from engine.ram.seams import MappedBlock
 
 #: at most this many iovecs per recvmsg_into call (Linux IOV_MAX)
 _IOV_MAX = 1024
@@ -114,7 +118,7 @@ class MappedLanding:
     """Pages land through this process's mapping of the block, populated at
     start-up (``prealloc``): raw pages are read straight into place."""
 
-    def __init__(self, block) -> None:
+    def __init__(self, block: MappedBlock) -> None:
         self.pages = block.pages
         self.buf = block.buf
         self.page_size = block.page_size
@@ -136,7 +140,7 @@ class FileLanding:
     """Pages land through the block's file: one ``pwrite`` per run of adjacent
     pages (see the module's docstring for why not through the mapping)."""
 
-    def __init__(self, block, zeros: memoryview) -> None:
+    def __init__(self, block: MappedBlock, zeros: memoryview) -> None:
         self.fd = block.fd
         self.page_size = block.page_size
         #: zero bytes, at least a packet's worth, for zero pages that must be written
@@ -184,8 +188,8 @@ class PacketReader:
     the packet and the byte offset in the channel's stream.
     """
 
-    def __init__(self, sock: socket.socket, index: int, blocks, received, fresh,
-                 codec: str, page_size: int = 4096, page_count: int = 128):
+    def __init__(self, sock: socket.socket, index: int, blocks: Sequence[MappedBlock],
+                 received, fresh, codec: str, page_size: int = 4096, page_count: int = 128):
         self.sock = sock
         self.id = index
         self.name = f"multifd {index}"
@@ -321,5 +325,6 @@ def recv_worker_main(cfg: RecvWorkerConfig, fd_sock: socket.socket) -> None:
                 reader = None
             if sock is not None:
                 sock.close()
-            for r in (*logs, *blocks):
+            closing: tuple[DirtyLog | RamBlock, ...] = (*logs, *blocks)
+            for r in closing:
                 r.close()

@@ -19,6 +19,7 @@ copies on the destination.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -29,6 +30,10 @@ from engine.multifd.packet import MultiFDInit, MultiFDPacketHeader, RamPacketBat
 from engine.multifd.worker import control_socket
 from engine.ram.holes import HoleMap
 from engine.trace import trace
+
+if TYPE_CHECKING:
+    from engine.ram.seams import MappedBlock
+    from engine.transport.seams import ByteChannel
 
 
 @dataclass(frozen=True)
@@ -53,7 +58,8 @@ class PacketWriter:
     them as they come.
     """
 
-    def __init__(self, channel, blocks, codec: str, level, zero_detect: bool,
+    def __init__(self, channel: ByteChannel, blocks: Sequence[MappedBlock], codec: str,
+                 level, zero_detect: bool,
                  page_size: int = 4096, page_count: int = 128, channel_id: int = 0):
         self.channel = channel
         self.blocks = blocks
@@ -135,10 +141,12 @@ def send_worker_main(cfg: SendWorkerConfig) -> None:
                     trace("multifd_send_thread_start", id=msg.channel_id)
                     sock.send_multipart(ctl.Ready(msg.channel_id).frames())
                 elif isinstance(msg, ctl.Batch):
+                    assert writer is not None   # the pool sends CONNECT first
                     normal, zero, nbytes = writer.send_batch(msg.block_index, msg.pages,
                                                              msg.first_packet_num)
                     sock.send_multipart(ctl.Ack(msg.seq, normal, zero, nbytes).frames())
                 elif isinstance(msg, ctl.Sync):
+                    assert writer is not None   # the pool sends CONNECT first
                     writer.send_sync(msg.packet_num)
                     sock.send_multipart(ctl.Synced(msg.round).frames())
                 elif isinstance(msg, ctl.Bye):

@@ -402,6 +402,7 @@ class _FaultLoop:
         count = len(self.vcpus)
         v = self.placer_vcpu
         if count == self.cfg.nvcpus and v is not None:
+            assert v.uffd is not None   # the placer's vCPU is a userfaultfd one
             self.send_ctl(ctl.Vcpus(count, v.bases), fds=(v.uffd.fileno(),))
         else:
             self.send_ctl(ctl.Vcpus(count))
@@ -497,6 +498,7 @@ class _FaultLoop:
             self._wait(v, b, p, now)
 
     def _on_uffd(self, v: _Vcpu, revents: int) -> None:
+        assert v.uffd is not None   # watched for userfaultfd vCPUs only
         if revents & (select.POLLERR | select.POLLNVAL):
             # A descriptor the kernel gave up on; the vCPU's socket tells the rest.
             self._unwatch(v.uffd.fileno())
@@ -531,6 +533,7 @@ class _FaultLoop:
     def _uffd_fill_zero(self, v: _Vcpu, b: int, page: int) -> None:
         """Install a zero page through *v*'s descriptor (EEXIST: it is there;
         either way *v*'s waiters wake)."""
+        assert v.uffd is not None   # a fault read from its userfaultfd
         try:
             v.uffd.zeropage(v.bases[b] + page * self.ps, self.ps)
         except PostcopyError as exc:
@@ -637,6 +640,7 @@ class _FaultLoop:
                 self._page_arrived(key, now, zero_first=True)
 
     def _write_rp(self, data) -> None:
+        assert self.rp is not None  # the caller checked it
         view = memoryview(data)
         stalled_since = None
         flags = socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT
@@ -665,6 +669,7 @@ class _FaultLoop:
         pauses; requests stay pending for resend_requests()."""
         trace("postcopy_fault_rp_broken", pending=len(self.pending))
         self.paused = True
+        assert self.rp is not None  # it just failed under _write_rp
         self.rp.close()
         self.rp = None
 
@@ -678,6 +683,8 @@ class _FaultLoop:
             self.decoder = None
 
     def _on_preempt(self, revents: int) -> None:
+        # watched only while there is a preempt channel, and it has a decoder
+        assert self.preempt is not None and self.decoder is not None
         try:
             n = self.preempt.recv_into(self.rbuf, 0, socket.MSG_DONTWAIT)
         except BlockingIOError:
@@ -715,6 +722,7 @@ class _FaultLoop:
         trace("postcopy_place_page", block=self.idstrs[b], offset=page * self.ps,
               zero=data is None, channel="preempt")
         if not self.received[b][page]:
+            assert self.placer is not None  # __init__ made one (None once closed)
             for attempt in (0, 1):
                 placer_vcpu = self.placer_vcpu
                 try:

@@ -37,7 +37,7 @@ import socket
 import tempfile
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from engine.errors import ConfigError, PostcopyError, RemoteProtocolError
 from engine.postcopy import control as ctl
@@ -45,7 +45,7 @@ from engine.postcopy.blocktime import empty_figures
 from engine.postcopy.faultloop import LoopConfig, fault_main, recv_with_fds
 from engine.postcopy.lock import FileLock
 from engine.procs import spawn
-from engine.ram.block import RamBlock
+from engine.ram.seams import MappedBlock
 from engine.ram.dirty import DirtyLog
 from engine.trace import trace
 from engine.uffd import Userfaultfd
@@ -86,7 +86,7 @@ class FaultHandler:
     talks to it.  :meth:`close` always releases everything.
     """
 
-    def __init__(self, blocks: list[RamBlock], mode: str, *, page_size: int = 4096,
+    def __init__(self, blocks: Sequence[MappedBlock], mode: str, *, page_size: int = 4096,
                  nvcpus: int):
         if mode not in HANDLER_MODES:
             raise ConfigError(f"fault handler mode {mode!r}: choose one of "
@@ -158,6 +158,7 @@ class FaultHandler:
         self._raise_error()
         data = ctl.pack(msg)
         trace("postcopy_fault_ctl_send", msg=type(msg).__name__)
+        assert self._ctl is not None    # made in __init__ before the process ran
         try:
             if fds:
                 socket.send_fds(self._ctl, [data], list(fds))
@@ -172,6 +173,7 @@ class FaultHandler:
         Caller holds _ctl_lock.  False if none came (or the socket ended)."""
         if self._ctl_eof:
             return False
+        assert self._ctl is not None    # made in __init__ before the process ran
         poller = select.poll()
         poller.register(self._ctl, select.POLLIN)
         if not poller.poll(max(0, int(timeout * 1000))):
@@ -279,6 +281,7 @@ class FaultHandler:
         with self._ctl_lock:
             self._await(lambda: self._registered is not None,
                         f"{self.nvcpus} vCPUs to register", timeout)
+            assert self._registered is not None     # what _await waited for
             fd, bases = self._registered
             self._registered = None
         if fd is None:
@@ -336,6 +339,7 @@ class FaultHandler:
             self._send(ctl.QueryStats())
             self._await(lambda: self._stats_reply is not None, "statistics", timeout)
             reply, self._stats_reply = self._stats_reply, None
+        assert reply is not None        # what _await waited for
         return reply
 
     def check(self) -> None:
@@ -368,7 +372,7 @@ class FaultHandler:
         proc = self._proc
         try:
             if proc is not None and proc.exitcode is None and self._error is None \
-                    and self._ready:
+                    and self._ready and self._ctl is not None:
                 try:
                     self._final_stats = self._query_stats(STOP_SECONDS)
                 except Exception:

@@ -18,9 +18,15 @@ from __future__ import annotations
 import enum
 import threading
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from engine.errors import ConfigError, PostcopyError, RemoteProtocolError
 from engine.trace import trace
+
+if TYPE_CHECKING:
+    from engine.postcopy.handler import FaultHandler
+    from engine.postcopy.placer import Placer
+    from engine.ram.seams import DestinationGuest
 
 __all__ = ["PostcopyIncoming", "PostcopyState", "FAULT_MODES", "resolve_fault_mode"]
 
@@ -86,16 +92,16 @@ class PostcopyIncoming:
     :meth:`close` releases everything whatever happened.
     """
 
-    def __init__(self, guest, fault_mode: str = "auto", page_size: int = 4096):
+    def __init__(self, guest: DestinationGuest, fault_mode: str = "auto", page_size: int = 4096):
         self.guest = guest
         self.page_size = page_size
         self.requested_mode = fault_mode
         self.mode: str | None = None
         self.state = PostcopyState.NONE
-        self.handler = None
-        self.placer = None
+        self.handler: FaultHandler | None = None
+        self.placer: Placer | None = None
         self._index = {b.idstr: i for i, b in enumerate(guest.blocks)}
-        self._requested = None
+        self._requested: list | None = None
         self._attached = False
         self._final_stats: dict | None = None
         self._lock = threading.Lock()
@@ -128,6 +134,7 @@ class PostcopyIncoming:
     @property
     def received(self) -> list:
         """Per block, the shared received bitmap (one byte per page)."""
+        assert self.handler is not None     # start_handler() came first
         return [log.log for log in self.handler.received_logs]
 
     def advise(self, page_size_summary: int | None, target_page_size: int | None) -> None:
@@ -162,6 +169,7 @@ class PostcopyIncoming:
                 raise RemoteProtocolError(
                     f"discard range {start:#x}+{length:#x} of '{block}' is not page "
                     f"aligned or outside the block ({used:#x})", channel="main")
+            assert self.placer is not None  # advise() made it (DISCARD follows ADVISE)
             self.placer.discard(index, start, length)
 
     def listen(self, return_path_sock, preempt_sock=None) -> None:
@@ -169,6 +177,7 @@ class PostcopyIncoming:
         self._move(PostcopyState.LISTENING)
         from engine.postcopy.placer import Placer
         handler = self.handler
+        assert handler is not None and self.mode is not None    # advise() started it
         if self.mode == "userfaultfd":
             self._punch_missing()
         if self.guest.nvcpus:
@@ -217,13 +226,14 @@ class PostcopyIncoming:
             raise RemoteProtocolError(f"unknown RAM block '{block}'", channel="main") from None
 
     @property
-    def requested(self) -> list:
+    def requested(self) -> list | None:
         """Per block, the bitmap of pages some vCPU asked for (shared with the
         handler): a page placed there must be reported with :meth:`placed`."""
         return self._requested
 
     def placed(self, block: int, page: int) -> None:
         """A requested page is in place: the handler wakes its waiters."""
+        assert self.handler is not None     # placing started at LISTEN
         self.handler.placed(block, page)
 
     # -- return path, pause, recovery ------------------------------------------------
@@ -238,6 +248,7 @@ class PostcopyIncoming:
 
     def resumed(self, return_path_sock, preempt_sock=None) -> None:
         """POSTCOPY_RESUME on a new channel: pending requests go out again."""
+        assert self.handler is not None     # a paused postcopy has its handler
         self.handler.set_return_path(return_path_sock)
         if preempt_sock is not None:
             self.handler.set_preempt(preempt_sock)

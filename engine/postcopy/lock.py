@@ -46,7 +46,8 @@ class FileLock:
 
     def __exit__(self, *exc):
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            # __enter__ opened it; no second test per placement
+            fcntl.flock(self._fd, fcntl.LOCK_UN)  # type: ignore[arg-type]
         finally:
             self._thread_lock.release()
 

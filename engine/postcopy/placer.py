@@ -25,12 +25,13 @@ set bit is a safe fast path that skips the page.
 from __future__ import annotations
 
 import contextlib
+from typing import Sequence
 
 import numpy as np
 
 from engine.errors import PostcopyError
 from engine.uffd import Userfaultfd, buffer_address, punch_hole
-from engine.ram.block import RamBlock
+from engine.ram.seams import MappedBlock
 
 __all__ = ["Placer"]
 
@@ -44,7 +45,7 @@ class Placer:
     numbers are in units of each block's ``page_size``.
     """
 
-    def __init__(self, blocks: list[RamBlock], received: list[np.ndarray], *, lock=None,
+    def __init__(self, blocks: Sequence[MappedBlock], received: list[np.ndarray], *, lock=None,
                  uffd: Userfaultfd | None = None, bases: tuple[int, ...] | None = None):
         if len(received) != len(blocks):
             raise PostcopyError(
@@ -62,7 +63,7 @@ class Placer:
         self.blocks = list(blocks)
         self.received = list(received)
         self.uffd = uffd
-        self.bases = tuple(bases) if uffd is not None else None
+        self.bases = tuple(bases) if uffd is not None and bases is not None else None
         self.lock = lock if uffd is None else None
         self._guard = self.lock if self.lock is not None else contextlib.nullcontext()
         self._page_sizes = [b.page_size for b in blocks]
@@ -75,7 +76,7 @@ class Placer:
             # UFFDIO_COPY reads its source from our address space: one private
             # page, reused for every placement.
             self._stage = np.zeros(max(self._page_sizes, default=1), dtype=np.uint8)
-            self._stage_mv = memoryview(self._stage)
+            self._stage_mv = self._stage.data
             self._stage_addr = buffer_address(self._stage)
 
     @property
@@ -95,7 +96,9 @@ class Placer:
         ps = self._page_sizes[block]
         if self.uffd is not None:
             _fill(self._stage_mv[:ps], data, ps)
-            placed = self.uffd.copy(self.bases[block] + page * ps, self._stage_addr, ps)
+            # bases is set whenever uffd is; no second test per page
+            placed = self.uffd.copy(self.bases[block] + page * ps,  # type: ignore[index]
+                                    self._stage_addr, ps)
             # EEXIST also means "in place": the other placer got there first.
             received[page] = 1
             return placed
@@ -116,7 +119,9 @@ class Placer:
             return False
         if self.uffd is not None:
             ps = self._page_sizes[block]
-            placed = self.uffd.zeropage(self.bases[block] + page * ps, ps)
+            # bases is set whenever uffd is; no second test per page
+            placed = self.uffd.zeropage(self.bases[block] + page * ps,  # type: ignore[index]
+                                        ps)
             received[page] = 1
             return placed
         with self._guard:

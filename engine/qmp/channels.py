@@ -152,6 +152,7 @@ def migration_uri(command: str, uri: str | None,
         raise _error(NEED_URI_OR_CHANNELS)
     if uri is not None:
         return uri
+    assert channels     # exactly one of the two was given (checked above)
     addr = _main_channel(command, channels)["addr"]
     converted = address_uri(addr)
     try:

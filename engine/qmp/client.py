@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 from engine.errors import ChannelClosedError, RemoteProtocolError
 from engine.qmp.errors import QMPError
 from engine.qmp.protocol import FramingError, JsonSplitter, decode_value, encode_message
-from engine.transport import ChannelTimeoutError, connect
+from engine.transport import ChannelTimeoutError, connect, socket_of
 
 __all__ = ["QMPClient"]
 
@@ -43,7 +43,8 @@ class QMPClient:
         self._ids = itertools.count(1)
         self._splitter = JsonSplitter()
         self._channel = connect(address, timeout=timeout)
-        self._sock: socket.socket = self._channel.sock
+        # a monitor is a unix or tcp socket
+        self._sock: socket.socket = socket_of(self._channel)
         try:
             self.greeting = self._recv(time.monotonic() + timeout)
             if "QMP" not in self.greeting:

@@ -37,7 +37,7 @@ import queue
 import signal
 import sys
 import threading
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from engine.errors import ChannelBrokenError, ConfigError, EngineError, StateError
 from engine.machine import MachineProfile
@@ -48,7 +48,11 @@ from engine.qmp.errors import ERROR_CLASS_DEVICE_NOT_FOUND, ERROR_CLASS_GENERIC,
 from engine.qmp.runstate import RunState, RunStateMachine
 from engine.state import (ACTIVE_STATES, CANCELLABLE_STATES, POSTCOPY_STATES, TERMINAL_STATES,
                           MigrationStatus as S)
-from engine.transport import TcpAddress, UnixAddress
+from engine.transport import Address, Listener, TcpAddress, UnixAddress
+
+if TYPE_CHECKING:
+    from engine.migration.destination import DestinationMigration
+    from engine.migration.source import SourceMigration
 
 __all__ = ["Machine", "MIGRATION_ACTIVE"]
 
@@ -224,7 +228,7 @@ class Machine:
         self.vcpus = vcpus
         self.workload = workload
         self.postcopy_faults = postcopy_faults
-        self.emit = emit or (lambda name, data=None: None)
+        self.emit: Callable[[str, Mapping | None], None] = emit or (lambda name, data: None)
         #: QEMU's big lock: held while an in-band command runs
         self.lock = threading.RLock()
         #: orders vCPU starts and stops with the run state they imply
@@ -233,13 +237,14 @@ class Machine:
         self.autostart = not start_paused
         #: a `stop` since the last `cont` (a failed migration must not restart)
         self._user_paused = False
-        self.outgoing = None        # the latest SourceMigration
-        self._outgoing_address = None
-        self.incoming = None        # the DestinationMigration, once migrate-incoming ran
+        self.outgoing: SourceMigration | None = None        # the latest
+        self._outgoing_address: Address | None = None
+        #: the DestinationMigration, once migrate-incoming ran
+        self.incoming: DestinationMigration | None = None
         self._outgoing_pending = False
         self._incoming_started = False
-        self._incoming_listener = None
-        self._incoming_address = None
+        self._incoming_listener: Listener | None = None
+        self._incoming_address: dict | None = None
         self._last_pass = 0
         self._closing = False
         #: set when the VM should end; :attr:`exit_code` and
@@ -505,6 +510,8 @@ class Machine:
         current = mig.state.status.value if mig is not None else S.NONE.value
         if current != state:
             raise _error(f"Migration not in expected state: {current}")
+        if mig is None:     # state 'none' and no migration: QEMU's succeeds, waking nobody
+            return {}
         try:
             mig.migrate_continue(state)
         except StateError as exc:

@@ -36,7 +36,7 @@ from engine.errors import EngineError
 from engine.qmp.errors import ERROR_CLASS_GENERIC, QMPError
 from engine.qmp.protocol import (NEED_DATA, Closed, Event, Reply, Request,
                                  ServerConnection)
-from engine.transport import UnixAddress, TcpAddress, listen, parse_uri
+from engine.transport import Listener, UnixAddress, TcpAddress, listen, parse_uri, socket_of
 
 __all__ = ["QMPServer", "Dispatcher"]
 
@@ -94,6 +94,7 @@ class _Client:
                 return True
             if isinstance(ev, Closed):
                 return False
+            assert isinstance(ev, (Request, Reply))     # NEED_DATA returned above
             # Out of band only once the client has its qmp_capabilities
             # answer: nothing may overtake that.
             if ev.oob and self.events_on:
@@ -191,7 +192,7 @@ class QMPServer:
         self.lock = threading.Lock()
         self.stopping = False
         self._clients: list[_Client] = []
-        self._listener = None
+        self._listener: Listener | None = None
         self._accepter: threading.Thread | None = None
         self._accepted = 0
 
@@ -205,13 +206,14 @@ class QMPServer:
         self._accepter.start()
 
     def _accept(self) -> None:
+        assert self._listener is not None   # start() made it before this thread
         while True:
             try:
                 channel = self._listener.accept()
             except EngineError:
                 return      # closed by quiesce(), or the socket failed
             # The protocol owns the socket from here; the channel wrapper goes.
-            sock = channel.sock.dup()
+            sock = socket_of(channel).dup()     # unix: or tcp: only
             channel.close()
             with self.lock:
                 if self.stopping:

@@ -8,6 +8,7 @@ from engine.ram.abcheck import ABResult, ab_slices, check_ab
 from engine.ram.block import DEFAULT_PAGE_SIZE, RamBlock, RamBlockHandle
 from engine.ram.dirty import DirtyLog, DirtyLogHandle
 from engine.ram.guest import Guest
+from engine.ram.seams import DestinationGuest, MappedBlock, PageBlock, SourceGuest
 from engine.ram.shm import attach_segment, close_segment, create_segment, unlink_segment
 from engine.ram.workloads import WorkloadSpec
 
@@ -15,7 +16,7 @@ __all__ = [
     "ABResult", "ab_slices", "check_ab",
     "DEFAULT_PAGE_SIZE", "RamBlock", "RamBlockHandle",
     "DirtyLog", "DirtyLogHandle",
-    "Guest",
+    "Guest", "SourceGuest", "DestinationGuest", "PageBlock", "MappedBlock",
     "attach_segment", "close_segment", "create_segment", "unlink_segment",
     "WorkloadSpec",
 ]

@@ -112,8 +112,10 @@ class RamBlock:
         self._fd = fd
         self._closed = False
         if shm is not None:
+            assert shm.buf is not None      # an open segment (None only once closed)
             self._buf = shm.buf[:self.used_length]
         else:
+            assert mapping is not None      # create() and attach() pass one of the two
             self._buf = memoryview(mapping)[:self.used_length]
         self._array: np.ndarray | None = np.frombuffer(self._buf, dtype=np.uint8)
         self._pages: np.ndarray | None = self._array.reshape(self.npages, self.page_size)
@@ -183,6 +185,7 @@ class RamBlock:
                     f"RAM block {handle.idstr!r}: segment {handle.shm_name!r} has "
                     f"{size} bytes, the block needs {handle.used_length}")
             return cls(handle, owner=False, shm=shm)
+        assert handle.mem_path is not None      # the handle has exactly one of the two
         try:
             fd = os.open(handle.mem_path, os.O_RDWR)
         except OSError as exc:
@@ -231,19 +234,22 @@ class RamBlock:
     def array(self) -> np.ndarray:
         """The block as a flat ``uint8`` array of ``used_length`` elements."""
         self._check_open()
-        return self._array
+        # _check_open() raised if it is None; no second test on this hot path
+        return self._array     # type: ignore[return-value]
 
     @property
     def pages(self) -> np.ndarray:
         """The block as a ``(npages, page_size)`` ``uint8`` array."""
         self._check_open()
-        return self._pages
+        # _check_open() raised if it is None; no second test on this hot path
+        return self._pages     # type: ignore[return-value]
 
     @property
     def fd(self) -> int:
         """The file descriptor behind the mapping (for ``os.sendfile``)."""
         self._check_open()
-        return self._shm._fd if self._shm is not None else self._fd
+        # CPython's SharedMemory keeps its descriptor in _fd (no public accessor)
+        return self._shm._fd if self._shm is not None else self._fd  # type: ignore[attr-defined]
 
     @property
     def closed(self) -> bool:
@@ -260,6 +266,7 @@ class RamBlock:
         every page instead (nothing else may write the block meanwhile).
         """
         self._check_open()
+        assert self._array is not None and self._pages is not None     # open
         addr = self._array.ctypes.data
         if _libc.madvise(addr, self.used_length, _MADV_POPULATE_WRITE) != 0:
             err = ctypes.get_errno()
@@ -288,6 +295,7 @@ class RamBlock:
         if self._shm is not None:
             close_segment(self._shm)
         else:
+            assert self._mapping is not None    # the block was made with one
             try:
                 self._mapping.close()
             except BufferError:
@@ -309,6 +317,7 @@ class RamBlock:
             raise GuestError(
                 f"RAM block {self.idstr!r}: only the owner may unlink segment "
                 f"{self.handle.shm_name!r}")
+        assert self._shm is not None    # shm_name set: the block was made with its segment
         unlink_segment(self._shm)
 
     def __enter__(self) -> "RamBlock":

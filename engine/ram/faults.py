@@ -26,7 +26,7 @@ import errno
 import os
 import socket
 import time
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from engine.ram.faultproto import (MAX_MESSAGE, MODE_SOFTWARE, MODE_USERFAULTFD,
                                    Register, Registered, Wake)
 from engine.ram.dirty import DirtyLog, DirtyLogHandle
 from engine.ram.runs import index_runs
+
+if TYPE_CHECKING:
+    from engine.uffd import Userfaultfd
 
 __all__ = ["FaultClient", "FaultSetupError", "MODE_DETACH", "error_code", "describe_error",
            "STAGE_MODE", "STAGE_UFFD_OPEN", "STAGE_UFFD_REGISTER", "STAGE_CONNECT",
@@ -95,7 +98,7 @@ def _setup_error(stage: int, reason: str, err: int = 0) -> FaultSetupError:
     return FaultSetupError(code, describe_error(code), reason)
 
 
-def _errno_of(exc: BaseException, default: int) -> int:
+def _errno_of(exc: BaseException | None, default: int) -> int:
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno:
             return exc.errno
@@ -127,7 +130,7 @@ class FaultClient:
         #: MODE_DETACH, MODE_USERFAULTFD or MODE_SOFTWARE
         self.mode = MODE_DETACH
         self.sock: socket.socket | None = None
-        self.uffd = None
+        self.uffd: Userfaultfd | None = None
         self._registered: list[tuple[int, int]] = []
         self._logs: list[DirtyLog] = []
         #: software mode: the received bitmaps, one uint8 per page and block
@@ -149,7 +152,7 @@ class FaultClient:
             if mode == MODE_USERFAULTFD:
                 self._register_uffd(bases)
             self._connect(path)
-            fds = [self.uffd.fd] if self.uffd is not None else []
+            fds: list[int] = [self.uffd.fd] if self.uffd is not None else []
             self._send_register(Register(self.vcpu, os.getpid(), mode, bases), fds)
             reply = self._await_registered()
             if mode == MODE_SOFTWARE:
@@ -194,6 +197,7 @@ class FaultClient:
         sock.settimeout(WAIT_INTERVAL)
 
     def _send_register(self, msg: Register, fds: list[int]) -> None:
+        assert self.sock is not None    # _connect() made it
         try:
             if fds:
                 socket.send_fds(self.sock, [faultproto.pack(msg)], fds)
@@ -204,6 +208,7 @@ class FaultClient:
 
     def _await_registered(self) -> Registered:
         deadline = time.monotonic() + REPLY_TIMEOUT
+        assert self.sock is not None    # _connect() made it
         while True:
             try:
                 data = self.sock.recv(MAX_MESSAGE)
@@ -260,8 +265,8 @@ class FaultClient:
                 try:
                     self.uffd.unregister(base, length)
                 except EngineError as exc:
-                    failure = failure or FaultSetupError(STAGE_DETACH, str(exc),
-                                                         _errno_of(exc, 0))
+                    failure = failure or _setup_error(STAGE_DETACH, str(exc),
+                                                      _errno_of(exc, 0))
             self.uffd.close()
             self.uffd = None
         self._registered = []
@@ -316,6 +321,7 @@ class FaultClient:
 
     def _send(self, msg) -> bool:
         data = faultproto.pack(msg)
+        assert self.sock is not None    # attached: attach() connected it
         while not self._handler_gone:
             try:
                 self.sock.send(data)
@@ -333,6 +339,7 @@ class FaultClient:
         if self._handler_gone:
             time.sleep(WAIT_INTERVAL)
             return
+        assert self.sock is not None    # attached: attach() connected it
         try:
             data = self.sock.recv(MAX_MESSAGE)
         except TimeoutError:

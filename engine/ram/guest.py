@@ -111,6 +111,9 @@ class Guest:
         resources.vcpus.launch(self.blocks, resources.logs,
                                (resources.dirty_area.handle,
                                 tuple(log.handle for log in resources.measure_logs)))
+        # The same two, typed as set: _Resources has them None until here.
+        self._vcpus: Vcpus = resources.vcpus
+        self._control: Control = resources.control
 
     # -- construction ---------------------------------------------------------------
 
@@ -174,7 +177,7 @@ class Guest:
 
     def _await_vcpus(self, start: bool, timeout: float) -> None:
         try:
-            self._res.vcpus.wait_ready(timeout)
+            self._vcpus.wait_ready(timeout)
             if start:
                 self.start()
         except BaseException:
@@ -239,12 +242,12 @@ class Guest:
     @property
     def pids(self) -> list[int]:
         """Process ids of the vCPUs."""
-        return list(self._res.vcpus.pids)
+        return list(self._vcpus.pids)
 
     def start(self) -> None:
         """Run the vCPUs; each resumes from its registers."""
         self._check_open()
-        self._res.vcpus.start()
+        self._vcpus.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Pause the vCPUs; returns once every one has acknowledged.
@@ -254,7 +257,7 @@ class Guest:
         died or did not pause within *timeout* seconds.
         """
         self._check_open()
-        self._res.vcpus.stop(timeout)
+        self._vcpus.stop(timeout)
 
     def set_throttle(self, percentage: int) -> None:
         """auto-converge: the vCPUs sleep *percentage* % of each timeslice (0: none)."""
@@ -264,24 +267,24 @@ class Guest:
     @property
     def running(self) -> bool:
         """Whether the guest has been started and not stopped since."""
-        return not self.closed and self._res.vcpus.running
+        return not self.closed and self._vcpus.running
 
     @property
     def registers(self) -> np.ndarray:
         """The vCPUs' registers: a live ``(nvcpus, 16)`` ``uint64`` view."""
         self._check_open()
-        return self._res.control.registers
+        return self._control.registers
 
     @property
     def counter(self) -> int:
         """The guest-wide counter (vCPU 0 adds one per chunk it runs)."""
         self._check_open()
-        return self._res.control.counter
+        return self._control.counter
 
     @counter.setter
     def counter(self, value: int) -> None:
         self._check_stopped("set the counter")
-        self._res.control.counter = value
+        self._control.counter = value
 
     def get_cpu_state(self) -> dict[str, Any]:
         """The ``cpu`` device state: ``{"registers": [[int]*16]*nvcpus, "counter": int}``.
@@ -289,8 +292,8 @@ class Guest:
         Consistent only while the guest is stopped.
         """
         self._check_open()
-        return {"registers": self._res.control.registers.tolist(),
-                "counter": self._res.control.counter}
+        return {"registers": self._control.registers.tolist(),
+                "counter": self._control.counter}
 
     def set_cpu_state(self, state: Mapping[str, Any]) -> None:
         """Load a state from :meth:`get_cpu_state` (guest must be stopped)."""
@@ -299,8 +302,8 @@ class Guest:
         if regs.shape != (self.nvcpus, NREGS):
             raise GuestError(f"CPU state has registers of shape {regs.shape}, this "
                              f"guest needs ({self.nvcpus}, {NREGS})")
-        self._res.control.registers[:] = regs
-        self._res.control.counter = int(state["counter"])
+        self._control.registers[:] = regs
+        self._control.counter = int(state["counter"])
 
     # -- postcopy faults -----------------------------------------------------------
 
@@ -331,10 +334,10 @@ class Guest:
         self._check_open()
         if not self.nvcpus:
             return
-        failures = self._res.vcpus.request_faults(codes[mode], path, timeout)
+        failures = self._vcpus.request_faults(codes[mode], path, timeout)
         if failures:
             with contextlib.suppress(PostcopyError):    # keep the real error
-                self._res.vcpus.request_faults(MODE_DETACH, "", timeout)
+                self._vcpus.request_faults(MODE_DETACH, "", timeout)
             raise PostcopyError(f"cannot attach {mode} postcopy faults to the handler at "
                                 f"{path}: " + "; ".join(failures))
 
@@ -350,7 +353,7 @@ class Guest:
         self._check_open()
         if not self.nvcpus:
             return
-        failures = self._res.vcpus.request_faults(MODE_DETACH, "", timeout)
+        failures = self._vcpus.request_faults(MODE_DETACH, "", timeout)
         if failures:
             raise PostcopyError("cannot detach postcopy faults: " + "; ".join(failures))
 

@@ -32,6 +32,10 @@ import _posixshmem
 
 from engine.errors import ConfigError, GuestError
 
+# mypy: disable-error-code="attr-defined"
+# (this module is where the engine reaches into CPython's SharedMemory: its
+# _fd, _name and _mmap, which typeshed leaves out)
+
 __all__ = [
     "SHM_DIR",
     "SEGMENT_PREFIX",
@@ -129,7 +133,7 @@ def create_segment(size: int, prefix: str = SEGMENT_PREFIX) -> SharedMemory:
     return shm
 
 
-def _no_register(name: str, rtype: str) -> None:
+def _no_register(name: object, rtype: str) -> None:
     """Stand-in for resource_tracker.register while attaching."""
 
 

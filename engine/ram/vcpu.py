@@ -189,7 +189,9 @@ class Control:
     def close(self) -> None:
         if self._closed:
             return
-        self.words = self.status = self.registers = self._path = self._reasons = None
+        # Drops the views (typed as arrays: nothing may use them after close)
+        self.words = self.status = self.registers = None  # type: ignore[assignment]
+        self._path = self._reasons = None  # type: ignore[assignment]
         close_segment(self._shm)     # views held elsewhere keep it mapped
         self._closed = True
 
@@ -232,8 +234,8 @@ def vcpu_main(index: int, nvcpus: int, control: ControlHandle,
     try:
         for handle in blocks:
             mapped_blocks.append(RamBlock.attach(handle))
-        for handle in logs:
-            mapped_logs.append(DirtyLog.attach(handle))
+        for log_handle in logs:
+            mapped_logs.append(DirtyLog.attach(log_handle))
         marked: Sequence = mapped_logs
         if dirty is not None:
             area = DirtyArea.attach(dirty[0])
@@ -251,8 +253,9 @@ def vcpu_main(index: int, nvcpus: int, control: ControlHandle,
             faults.close()      # unregister before the mappings go
         # The workload holds numpy views into the blocks: drop it first.
         del workload, faults, limiter
-        for resource in (*mapped_logs, *measure_logs, *mapped_blocks, *filter(None, [area]),
-                         ctl):
+        closing: tuple = (*mapped_logs, *measure_logs, *mapped_blocks, *filter(None, [area]),
+                          ctl)
+        for resource in closing:
             resource.close()
 
 
@@ -413,6 +416,7 @@ class Vcpus:
         for index in range(nvcpus):
             proc = spawn(vcpu_main, (index, *args), f"engine-vcpu-{index}")
             self.processes.append(proc)
+            assert proc.pid is not None     # spawn() started it
             self.pids.append(proc.pid)
 
     def _check_alive(self, index: int, doing: str) -> None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -104,7 +104,7 @@ class WorkloadSpec:
         A bare number after the colon is the dirty rate (``random:100``).
         """
         name, _, rest = text.partition(":")
-        kwargs: dict[str, object] = {}
+        kwargs: dict[str, Any] = {}     # float or int, as each field wants
         for item in filter(None, rest.split(",")):
             key, eq, value = item.partition("=")
             if not eq:

@@ -172,7 +172,7 @@ class StreamDecoder:
         self._page_runs = page_runs
 
         self._store = _NO_STORE  # the bytes: _store[_pos:_end] are not consumed yet
-        self._mv = memoryview(self._store)
+        self._mv = self._store.data
         self._pos = 0            # consumed bytes of _store
         self._end = 0            # bytes of _store holding data
         self._base = 0           # stream offset of _store[0]
@@ -279,7 +279,7 @@ class StreamDecoder:
         store[:tail] = self._store[self._pos:self._end]
         self._base += self._pos
         self._pos, self._end = 0, tail
-        self._store, self._mv = store, memoryview(store)
+        self._store, self._mv = store, store.data
         self._data = None
 
     def _view(self) -> memoryview:
@@ -303,7 +303,7 @@ class StreamDecoder:
         sends no header, so parsing starts between elements.
         """
         self._store = _NO_STORE
-        self._mv = memoryview(self._store)
+        self._mv = self._store.data
         self._data = None
         self._pos = self._end = self._base = self._wait_for = 0
         self._eof = False

@@ -20,7 +20,8 @@ class _Sentinel(type):
 def _make_sentinel(name: str) -> type:
     # A class that is its own type, so ``type(NEED_DATA) is NEED_DATA`` (h11's trick).
     cls = _Sentinel(name, (_Sentinel,), {})
-    cls.__class__ = cls
+    # mypy cannot express a class that is an instance of itself
+    cls.__class__ = cls  # type: ignore[assignment]
     return cls
 
 

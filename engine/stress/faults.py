@@ -34,7 +34,7 @@ from engine.stream import events as ev
 from engine.stream.constants import TARGET_PAGE_SIZE
 from engine.stream.decoder import StreamDecoder
 from engine.stress.matrix import STATUS_MOMENTS, Fault
-from engine.transport import ChannelTimeoutError, connect, listen
+from engine.transport import ChannelTimeoutError, connect, listen, socket_of
 
 #: bytes per relay read
 RELAY_CHUNK = 1 << 16
@@ -112,11 +112,11 @@ class Relay:
                     continue
             b = connect(self.upstream)
             with self._lock:
-                self._socks = [a.sock, b.sock]
+                self._socks = [socket_of(a), socket_of(b)]     # tcp or unix, both
                 cut = self.cut_done
             if cut:
                 self.cut()
-            self._pump(a.sock, b.sock)
+            self._pump(socket_of(a), socket_of(b))
         except (EngineError, OSError) as exc:
             if not self.cut_done:
                 self.error = f"{type(exc).__name__}: {exc}"

@@ -91,7 +91,7 @@ class Fault:
         """Short text: ``none``, ``cancel@device``, ``worker-killed(dst)@active``."""
         if self.kind == "none":
             return "none"
-        side = {"source": "(src)", "destination": "(dst)"}.get(self.side, "")
+        side = {"source": "(src)", "destination": "(dst)"}.get(self.side or "", "")
         return f"{self.kind}{side}@{self.moment}"
 
 
@@ -158,7 +158,7 @@ def check_case(case: Case) -> None:
         problems.append(f"fault {f.label} in precopy mode")
     if (case.postcopy_after is None) == case.postcopy:
         problems.append("postcopy_after goes with postcopy modes, and only with them")
-    elif case.postcopy and f.moment == "active" and case.postcopy_after < 1:
+    elif case.postcopy and f.moment == "active" and (case.postcopy_after or 0) < 1:
         problems.append("a fault in the first pass needs a first pass: postcopy_after >= 1")
     if f.kind == "worker-killed" and not case.channels:
         problems.append("worker-killed needs multifd workers")

@@ -262,6 +262,7 @@ class ProcessDestination:
             raise EngineError("engine incoming did not start: " + "".join(self._err)[-500:])
 
     def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None     # Popen(stdout=PIPE)
         for line in self.proc.stdout:
             if line.startswith("listening on "):
                 self.uri = line.split(" ", 2)[2].strip()
@@ -269,6 +270,7 @@ class ProcessDestination:
         self._listening.set()
 
     def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None     # Popen(stderr=PIPE)
         for line in self.proc.stderr:
             self._err.append(line)
 
@@ -316,6 +318,7 @@ class ProcessDestination:
             report = {}
         ver = report.get("verification") or {}
         ab = ver.get("ab")
+        err: str | None
         if self.killed:
             err = "killed with SIGKILL by the stress runner"
         else:
@@ -339,7 +342,8 @@ class ProcessDestination:
         self.proc.wait()
         for stream in (self.proc.stdout, self.proc.stderr):
             with contextlib.suppress(Exception):
-                stream.close()
+                if stream is not None:
+                    stream.close()
 
 
 # ---------------------------------------------------------------------------
@@ -383,7 +387,11 @@ class _CaseRun:
         case, settings = self.case, self.settings
         options = case_options(case, settings)
         spec, vcpus = _workload(case, settings)
-        guest = dest = relay = mig = thread = None
+        guest: Guest | None = None
+        dest: ProcessDestination | InProcessDestination | None = None
+        relay: Relay | None = None
+        mig: SourceMigration | None = None
+        thread: threading.Thread | None = None
         try:
             guest = Guest.create([(RAM_ID, settings.ram)], vcpus=vcpus, workload=spec,
                                  start=False)
@@ -425,6 +433,7 @@ class _CaseRun:
             return self._observe(mig, guest, digest, dest, relay, trigger, outcome, hung)
         finally:
             if thread is not None and thread.is_alive():     # interrupted, or a bug here
+                assert mig is not None      # the thread runs it
                 self._unstick(mig, dest)
                 thread.join(15)
             if relay is not None:
@@ -437,7 +446,8 @@ class _CaseRun:
             if guest is not None:
                 guest.close()
 
-    def _act(self, mig: SourceMigration, dest, relay: Relay | None) -> str | None:
+    def _act(self, mig: SourceMigration | None, dest, relay: Relay | None) -> str | None:
+        assert mig is not None      # the trigger fires while the migration runs
         f = self.case.fault
         if f.kind == "worker-killed":
             if f.side == "source":
@@ -446,12 +456,15 @@ class _CaseRun:
                 return f"killed source multifd worker {f.target} (pid {proc.pid})"
             return dest.kill_worker(f.target)
         if f.kind == "channel-dropped":
+            assert relay is not None    # a relayed fault: execute() made one
             relay.cut()
             return "cut the main channel"
         if f.kind == "packet-corrupted":
+            assert relay is not None    # a relayed fault: execute() made one
             relay.arm("structure")
             return None
         if f.kind == "silent-corruption":
+            assert relay is not None    # a relayed fault: execute() made one
             relay.arm("payload")
             return None
         if f.kind == "destination-killed":
@@ -579,8 +592,9 @@ def _run_source(mig: SourceMigration, main_uri: str, dest_uri: str, hook, outcom
         channel.close()
 
 
-def _after_first_pass(mig: SourceMigration, settings: Settings) -> None:
+def _after_first_pass(mig: SourceMigration | None, settings: Settings) -> None:
     """Precopy: the operator's downtime limit, once the first pass is over."""
+    assert mig is not None      # a pass ended: the migration exists
     if int(mig.options.param("downtime-limit")) != settings.downtime_limit:
         mig.set_parameters({"downtime-limit": settings.downtime_limit})
 

@@ -31,10 +31,11 @@ from engine.transport.channels import (EXEC_EXIT_GRACE, EXEC_KILL_GRACE, EXEC_SH
                                        Channel, ChannelTimeoutError)
 from engine.transport.outgoing import UNIX_SNDBUF, connect
 from engine.transport.listeners import Listener, listen
+from engine.transport.seams import ByteChannel, SocketChannel, socket_of
 
 __all__ = [
     "Address", "TcpAddress", "UnixAddress", "FileAddress", "ExecAddress", "FdAddress",
     "parse_uri", "parse_size", "Channel", "Listener", "ChannelTimeoutError",
     "connect", "listen", "IOV_MAX", "UNIX_PATH_MAX", "UNIX_SNDBUF", "EXEC_SHELL",
-    "EXEC_EXIT_GRACE", "EXEC_KILL_GRACE",
+    "EXEC_EXIT_GRACE", "EXEC_KILL_GRACE", "ByteChannel", "SocketChannel", "socket_of",
 ]

@@ -7,7 +7,7 @@ import os
 import socket
 import stat
 import weakref
-from typing import Callable
+from typing import Any, Callable
 
 from engine.errors import ChannelBrokenError, ChannelClosedError
 from engine.trace import trace
@@ -163,6 +163,7 @@ def listen(addr: Address | str, backlog: int = 16) -> Listener:
 
 
 def _listen_tcp(addr: TcpAddress, backlog: int) -> Listener:
+    sockaddr: tuple[Any, ...]      # (host, port) or IPv6's four-tuple
     try:
         if not addr.host and socket.has_dualstack_ipv6():
             family, sockaddr = socket.AF_INET6, ("::", addr.port)
@@ -238,7 +239,8 @@ def _listen_fd(addr: FdAddress, backlog: int) -> Listener:
     return _OnceListener(addr, None, pending=channel)
 
 
-_LISTENERS: dict[type, Callable[[Address, int], Listener]] = {
+#: each takes the address of its key's type (Any: a dict cannot say which)
+_LISTENERS: dict[type, Callable[[Any, int], Listener]] = {
     TcpAddress: _listen_tcp,
     UnixAddress: _listen_unix,
     FileAddress: _listen_file,

@@ -6,7 +6,7 @@ import os
 import socket
 import stat
 import subprocess
-from typing import Callable
+from typing import Any, Callable
 
 from engine.errors import ChannelBrokenError
 from engine.trace import trace
@@ -144,7 +144,8 @@ def _spawn(addr: ExecAddress, write: bool) -> Channel:
         raise
 
 
-_CONNECTORS: dict[type, Callable[[Address, float | None], Channel]] = {
+#: each takes the address of its key's type (Any: a dict cannot say which)
+_CONNECTORS: dict[type, Callable[[Any, float | None], Channel]] = {
     TcpAddress: _connect_tcp,
     UnixAddress: _connect_unix,
     FileAddress: _connect_file,

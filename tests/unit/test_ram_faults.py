@@ -486,3 +486,20 @@ def test_random_asks_for_every_picked_page_before_the_first_store(memory):
         assert written <= asked[b]
         assert set(logs[b].harvest().tolist()) == asked[b]
     del cpu
+
+
+@needs_uffd
+def test_a_failed_unregister_reports_the_detach_stage():
+    """An UFFDIO_UNREGISTER that fails (here: an unaligned range, EINVAL)
+    ends detach() with the detach stage's code and text, like every other
+    stage's failure (it used to put the stage number where the code goes)."""
+    from engine.errors import FaultSetupError
+    from engine.ram.faults import STAGE_DETACH, FaultClient
+    client = FaultClient(0, [], lambda: False)
+    client.uffd = Userfaultfd.open()
+    client._registered = [(1, PAGE)]
+    with pytest.raises(FaultSetupError) as info:
+        client.detach()
+    assert info.value.code == error_code(STAGE_DETACH)
+    assert str(info.value).startswith("cannot unregister from userfaultfd: UFFDIO_UNREGISTER")
+    assert client.uffd is None      # released all the same
