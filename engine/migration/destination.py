@@ -26,18 +26,17 @@ from __future__ import annotations
 
 import socket
 import struct
+import select
 import threading
-import uuid as uuidlib
 from dataclasses import replace
 from typing import TYPE_CHECKING, Callable
-
-import numpy as np
 
 from engine.errors import (ChannelClosedError, ChannelError, EngineError,
                            MigrationError, RemoteProtocolError)
 from engine.machine import GuestState, MachineProfile
 from engine.migration import check_implemented
-from engine.migration.ramload import RamLoader, check_block_list
+from engine.migration.checks import check_uuid
+from engine.migration.ramload import RamLoader, check_block_list, received_maps
 from engine.migration.recovery import RecoveryWait
 from engine.migration.verify import memory_digests
 from engine.options import MigrationOptions
@@ -424,7 +423,6 @@ class DestinationMigration:
             self.postcopy.check()
         if self.pool is not None:
             return self.pool.wait_readable(fd, timeout)
-        import select
         r, _, _ = select.select([fd], [], [], timeout)
         return bool(r)
 
@@ -635,15 +633,9 @@ class DestinationMigration:
             self.pool.sync()
 
     def _check_uuid(self, sent: bytes) -> None:
-        """QEMU's vmstate_uuid_post_load: the source's validate-uuid."""
-        theirs = str(uuidlib.UUID(bytes=bytes(sent)))
-        if self.uuid is None:
-            # QEMU only warns: the user may not know the UUID (an old snapshot).
-            self.warnings.append(f"UUID is received {theirs}, but local uuid isn't set")
-            return
-        if bytes(sent) != self.uuid:
-            raise MigrationError(f"UUID received is {theirs} and local is "
-                                 f"{uuidlib.UUID(bytes=self.uuid)}")
+        warning = check_uuid(sent, self.uuid)
+        if warning:
+            self.warnings.append(warning)
 
     @property
     def pages(self) -> int:
@@ -758,18 +750,9 @@ class DestinationMigration:
                 # connection open should the worker die, and the source would
                 # write on into a socket nobody reads instead of failing.
                 ch.close()
-        if self.postcopy is not None:
-            # Shared with the fault handler (and the workers): what arrived
-            # in precopy need not be asked for in postcopy.
-            self._received = {b.idstr: r for b, r in
-                              zip(self.guest.blocks, self.postcopy.received)}
-        elif self.multifd:
-            # Shared with the workers, who receive pages too.
-            self._received = {b.idstr: log.log for b, log in
-                              zip(self.guest.blocks, self._received_logs)}
-        else:
-            self._received = {b.idstr: np.zeros(b.npages, dtype=bool)
-                              for b in self.guest.blocks}
+        self._received = received_maps(
+            self.guest.blocks, self.postcopy.received if self.postcopy is not None
+            else [log.log for log in self._received_logs] if self.multifd else None)
         self.ram = RamLoader(self.guest.blocks, self._received, self.page_size)
 
     def _load_device(self, event: ev.DeviceState) -> None:

@@ -21,7 +21,7 @@ query-migrate's two figures, while the limit is in service, mean here:
 from __future__ import annotations
 
 from engine.migration.throttle import ThrottleParams, ThrottleTrigger
-from engine.ram.dirtylimit import DEFAULT_PERIOD_MS
+from engine.ram.dirtylimit import DEFAULT_PERIOD_MS, DirtyArea
 from engine.trace import trace
 
 __all__ = ["DirtyLimitSource"]
@@ -35,8 +35,8 @@ class DirtyLimitSource:
         self.mig = mig
         self.page_size = mig.page_size
         # A guest without a dirty area (not an engine.ram Guest) has nothing to limit.
-        self.area = (getattr(mig.guest, "dirty_area", None)
-                     if mig.options.cap("dirty-limit") else None)
+        self.area: DirtyArea | None = (getattr(mig.guest, "dirty_area", None)
+                                       if mig.options.cap("dirty-limit") else None)
         self.trigger = ThrottleTrigger(ThrottleParams(
             throttle_trigger_threshold=int(mig.options.param("throttle-trigger-threshold"))))
         self.quota = 0
@@ -65,6 +65,7 @@ class DirtyLimitSource:
         options = self.mig.options
         quota = int(options.param("vcpu-dirty-limit"))
         area = self.area
+        assert area is not None     # on_sync returns early without one
         if quota == self.quota and area.in_service:
             return
         if not self.quota:
@@ -87,8 +88,8 @@ class DirtyLimitSource:
 
     def info_fields(self) -> dict:
         """query-migrate's dirty-limit members (only while the limit is in service)."""
-        if not self.quota:
-            return {}
         area = self.area
+        if not self.quota or area is None:
+            return {}
         return {"dirty-limit-throttle-time-per-round": area.throttle_time_per_round(),
                 "dirty-limit-ring-full-time": area.slept_us() - self._slept_before}

@@ -1,10 +1,11 @@
-"""Whether the other end of a channel has gone, without reading from it."""
+"""Whether the other end of a channel has gone, without reading from it, and
+what to tell the user when it has."""
 from __future__ import annotations
 
 import select
 import socket
 
-__all__ = ["peer_closed"]
+__all__ = ["peer_closed", "destination_gave_up"]
 
 
 def peer_closed(channel) -> bool:
@@ -31,3 +32,19 @@ def peer_closed(channel) -> bool:
         return True         # reset
     finally:
         sock.detach()
+
+
+def destination_gave_up(exc: BaseException, early_modern_multifd: bool) -> BaseException:
+    """*exc* (a channel error) retold as the destination giving up, which it
+    did when it closed the channel under us.  *early_modern_multifd*: the
+    likeliest rejection that early, of today's multifd stream by a QEMU
+    before 8.1 (it refuses the setup section's MULTIFD_FLUSH, 0x200), is named
+    with its cure."""
+    why = f"{exc} (the destination gave up: it rejected the stream or failed; its log says why"
+    if early_modern_multifd:
+        why += ("; a QEMU older than 8.1 refuses today's multifd stream: use --machine "
+                "none-7.2 (or --global migration.multifd-flush-after-each-section=on with "
+                "zero-page-detection=legacy)")
+    err = type(exc)(why + ")")
+    err.__cause__ = exc
+    return err

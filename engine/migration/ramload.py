@@ -173,3 +173,13 @@ class RamLoader:
             asked = idx[requested[i][idx] != 0]
             for page in asked.tolist():     # only pages a vCPU is waiting for
                 self._on_placed(i, page)
+
+
+def received_maps(blocks: Sequence[PageBlock], shared: Sequence | None = None) -> dict:
+    """Each block's "received" bitmap, by idstr: the *shared* ones where other
+    processes land pages too (the postcopy fault handler's, so that what
+    arrived in precopy is not asked for again; the multifd workers'), else
+    private ones."""
+    if shared is None:
+        return {b.idstr: np.zeros(b.npages, dtype=bool) for b in blocks}
+    return {b.idstr: r for b, r in zip(blocks, shared)}

@@ -336,9 +336,9 @@ class RamSaver:
         block = bm.block
         xbzrle = self.xbzrle
         if xbzrle is not None and xbzrle.active and encoder is None:
-            *fields, counts = xbzrle.encode_batch(block.idstr, block.pages, idx,
-                                                  self.detect_zero, self.encoder, self.round)
-            return BatchResult(*fields, xbzrle=counts)
+            buffers, normal, zero, wire, counts = xbzrle.encode_batch(
+                block.idstr, block.pages, idx, self.detect_zero, self.encoder, self.round)
+            return BatchResult(buffers, normal, zero, wire, xbzrle=counts)
         holes = bm.holes.mask(idx) if self.detect_zero else None
         return encode_batch(block.idstr, block.pages, idx, self.page_size, self.detect_zero,
                             self.encoder if encoder is None else encoder, known_zero=holes)

@@ -60,7 +60,7 @@ from engine.migration.postcopy_source import (POSTCOPY_SWITCH_INTERVAL, RESUME_A
                                               PostcopySource)
 from engine.migration.dirtylimit import DirtyLimitSource
 from engine.migration.multifd_source import MultifdMode, MultifdSource
-from engine.migration.peer import peer_closed as _peer_closed
+from engine.migration.peer import destination_gave_up, peer_closed as _peer_closed
 from engine.migration.ramsave import PRECOPY_BATCH_PAGES, RamSaver
 from engine.migration.ratelimit import WINDOW_SECONDS, RateLimiter
 from engine.migration.returnpath import ReturnPathReader
@@ -564,18 +564,9 @@ class SourceMigration:
                 return err
         if self.state.status in POSTCOPY_STATES or not _peer_closed(self.channel):
             return exc      # the destination is still there: a channel broke alone
-        why = f"{exc} (the destination gave up: it rejected the stream or failed; its " \
-              "log says why"
-        if (self.multifd and not self.mfd.flush_each_section
-                and self.stats.dirty_sync_count <= 1):
-            # The likeliest rejection this early: QEMU before 8.1 refuses the
-            # MULTIFD_FLUSH record (0x200) of the setup section.
-            why += "; a QEMU older than 8.1 refuses today's multifd stream: use " \
-                   "--machine none-7.2 (or --global migration.multifd-flush-after-each-" \
-                   "section=on with zero-page-detection=legacy)"
-        err = type(exc)(why + ")")
-        err.__cause__ = exc
-        return err
+        return destination_gave_up(exc, early_modern_multifd=(
+            self.multifd and not self.mfd.flush_each_section
+            and self.stats.dirty_sync_count <= 1))
 
     def _send(self, buffers) -> None:
         assert self.channel is not None     # run() set it before anything is sent

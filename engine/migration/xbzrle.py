@@ -160,7 +160,7 @@ def _page_records(encoder, idstr: str, offsets: np.ndarray, data: np.ndarray) ->
     rec = np.empty((n, 8 + ps), np.uint8)
     rec[:, :8] = words.view(np.uint8).reshape(n, 8)
     rec[:, 8:] = data
-    return _named(memoryview(rec).cast("B"), name)
+    return _named(rec.data.cast("B"), name)
 
 
 def _xbzrle_records(encoder, idstr: str, offsets: np.ndarray, lengths: np.ndarray,
@@ -185,4 +185,4 @@ def _xbzrle_records(encoder, idstr: str, offsets: np.ndarray, lengths: np.ndarra
     body[at] = False
     out[at] = head.reshape(-1)
     out[body] = data[:int(lengths.sum())]
-    return _named(memoryview(out).cast("B"), name)
+    return _named(out.data.cast("B"), name)

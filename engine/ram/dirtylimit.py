@@ -165,7 +165,9 @@ class DirtyArea:
     def close(self) -> None:
         if self._closed:
             return
-        self.words = self.rows = None
+        # Drop our views of the segment, so that it can be unmapped now.
+        self.words = np.empty(0)
+        self.rows = np.empty((0, _ROW_WORDS))
         close_segment(self._shm)
         self._closed = True
 

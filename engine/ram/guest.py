@@ -213,7 +213,9 @@ class Guest:
     def dirty_area(self) -> DirtyArea:
         """Per-vCPU dirty counters, rates and limits (:mod:`engine.ram.dirtylimit`)."""
         self._check_open()
-        return self._res.dirty_area
+        area = self._res.dirty_area
+        assert area is not None     # created with the guest's other shared memory
+        return area
 
     def sync_dirty(self, idstr: str) -> np.ndarray:
         """Harvest block *idstr*'s dirty pages (sorted ``int64`` indexes).
@@ -262,7 +264,7 @@ class Guest:
     def set_throttle(self, percentage: int) -> None:
         """auto-converge: the vCPUs sleep *percentage* % of each timeslice (0: none)."""
         self._check_open()
-        self._res.vcpus.set_throttle(percentage)
+        self._vcpus.set_throttle(percentage)
 
     @property
     def running(self) -> bool:

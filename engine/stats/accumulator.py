@@ -386,7 +386,8 @@ class StatsAccumulator:
                 downtime_bytes=self._ram_bytes["downtime"],
                 postcopy_bytes=self._ram_bytes["postcopy"],
             )
-            extra = {} if self._cpu_ms is None else {"x-cpu-time": self._cpu_ms}
+            extra: dict[str, object] = ({} if self._cpu_ms is None
+                                        else {"x-cpu-time": self._cpu_ms})
             if self.xbzrle_cache is not None:
                 x, r = self._xbzrle, self._xbzrle_rates
                 extra["xbzrle-cache"] = {   # QEMU's XBZRLECacheStats, in its order
