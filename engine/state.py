@@ -252,6 +252,13 @@ class MigrationState:
             return self._status
 
     @property
+    def status_nowait(self) -> MigrationStatus:
+        """The current status without taking the lock: one attribute load, which
+        is atomic, for per-record checks on a hot path (an RLock per record
+        costs more than the check)."""
+        return self._status
+
+    @property
     def history(self) -> list[tuple[float, MigrationStatus]]:
         """A copy of every ``(time, status)`` entered, starting with ``none``."""
         with self._cond:

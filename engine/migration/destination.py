@@ -524,12 +524,12 @@ class DestinationMigration:
     def _handle(self, event, offset: int | None = None, channel: str = "main") -> None:
         """Apply one event of ``channel`` that started at byte ``offset``."""
         entry = self._events.get(type(event))
-        name = type(event).__name__
         if entry is None:
-            raise RemoteProtocolError(f"{name} is not supported by this destination",
-                                      offset, channel)
+            raise RemoteProtocolError(f"{type(event).__name__} is not supported by this "
+                                      "destination", offset, channel)
         handler, legal = entry
-        if self.state.status not in legal:
+        if self.state.status_nowait not in legal:
+            name = type(event).__name__
             trace("loadvm_event_refused", name=name, state=self.state.status.value,
                   channel=channel, offset=offset)
             raise RemoteProtocolError(
