@@ -130,6 +130,20 @@ class ConvergenceWatch:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def wait_guest_writing(self, timeout: float) -> None:
+        """Return once the guest's own rate before the migration can be read
+        (two samples apart with pages written in between), or after *timeout*
+        seconds (an idle guest, or vCPUs that start slowly, as on a cold
+        machine compiling its modules).  Usually the destination's start-up
+        has given it that time already, so this returns at once."""
+        deadline = self._clock() + timeout
+        while self._clock() < deadline and not self._stop.is_set():
+            with self._lock:
+                seen = [r[2] for r in self.rows if r[1] == "none" and r[2] is not None]
+            if len(seen) >= 2 and seen[-1] > seen[0]:
+                return
+            time.sleep(POLL_SECONDS / 2)
+
     def note_pass(self, n: int) -> None:
         mig = self.mig
         if mig is None:

@@ -180,6 +180,11 @@ class _PausedWatcher:
             return
 
 
+
+#: how long `engine migrate` waits, at most, for a live guest's vCPUs to be
+#: writing before it starts (so that their rate before the migration is known)
+WAIT_GUEST_WRITING_SECONDS = 3.0
+
 def _connect_retry(uri: str, deadline: float):
     from engine.transport import connect
     while True:
@@ -269,6 +274,8 @@ def run_migrate(args) -> int:
             trace("engine_guest_ready")
             uri = dest.wait_listening()
             trace("engine_destination_listening", uri=uri)
+            if args.vcpus and args.workload != "none":
+                watch.wait_guest_writing(timeout=WAIT_GUEST_WRITING_SECONDS)
             channel = _connect_retry(uri, time.monotonic() + 10)
         connected = True
         watcher = _PausedWatcher(mig, dest)
