@@ -14,7 +14,7 @@ from engine.trace import trace
 from engine.transport.addresses import (Address, ExecAddress, FdAddress, FileAddress,
                                         TcpAddress, UnixAddress, _as_address)
 from engine.transport.channels import Channel, ChannelTimeoutError, _broken, _SocketChannel
-from engine.transport.outgoing import _adopt_fd, _spawn
+from engine.transport.outgoing import _adopt_fd, _spawn, open_file_channel
 
 # ---------------------------------------------------------------------------
 # Destination side
@@ -216,18 +216,7 @@ def _listen_unix(addr: UnixAddress, backlog: int) -> Listener:
 
 
 def _listen_file(addr: FileAddress, backlog: int) -> Listener:
-    def open_for_reading() -> Channel:
-        try:
-            fd = os.open(addr.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise _broken(addr.uri, exc, "opening") from exc
-        try:
-            os.lseek(fd, addr.offset, os.SEEK_SET)
-        except OSError as exc:
-            os.close(fd)
-            raise _broken(addr.uri, exc, "seeking") from exc
-        return _adopt_fd(fd, addr.uri)
-    return _OnceListener(addr, open_for_reading)
+    return _OnceListener(addr, lambda: open_file_channel(addr, os.O_RDONLY))
 
 
 def _listen_exec(addr: ExecAddress, backlog: int) -> Listener:

@@ -73,8 +73,14 @@ def _connect_unix(addr: UnixAddress, timeout: float | None) -> Channel:
 
 
 def _connect_file(addr: FileAddress, timeout: float | None) -> Channel:
+    return open_file_channel(addr, os.O_WRONLY | os.O_CREAT)
+
+
+def open_file_channel(addr: FileAddress, flags: int) -> Channel:
+    """``file:PATH[,offset=N]`` opened with *flags* and positioned at its offset
+    (the outgoing side writes there, the incoming side reads from there)."""
     try:
-        fd = os.open(addr.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(addr.path, flags | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise _broken(addr.uri, exc, "opening") from exc
     try:
