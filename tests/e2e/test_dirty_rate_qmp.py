@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.conftest import ENGINE_CMD
-from tests.e2e.test_qmp_harness import EngineVM
+from tests.e2e.test_qmp_harness import EngineVM, vm_pair
 
 qemu_qmp = pytest.importorskip("qemu.qmp")
 from qemu.qmp import ExecuteError  # noqa: E402
@@ -128,12 +128,7 @@ def test_dirty_limit_makes_a_migration_converge(tmp_path):
     the migration does not disturb it: the (paused) destination's memory is
     the source's at switchover."""
     guest = ("--ram", "64M", "--vcpus", "2", "--workload", "random")
-    src = EngineVM(tmp_path, "src", *guest, "--dirty-rate", "0")
-    try:
-        dst = EngineVM(tmp_path, "dst", *guest, "-S", "--incoming", "defer")
-    except BaseException:
-        src.close()
-        raise
+    src, dst = vm_pair(tmp_path, (*guest, "--dirty-rate", "0"), (*guest, "-S"))
     with src, dst:
         for vm in (src, dst):
             vm.set_caps(events=True, dirty_limit=True, pause_before_switchover=True)
@@ -190,12 +185,7 @@ def test_without_dirty_limit_the_same_migration_does_not_converge(tmp_path):
     """The control: the same guest and bandwidth, no capability; after four
     passes it is still iterating with more left than the downtime allows."""
     guest = ("--ram", "64M", "--vcpus", "2", "--workload", "random")
-    src = EngineVM(tmp_path, "src", *guest, "--dirty-rate", "0")
-    try:
-        dst = EngineVM(tmp_path, "dst", *guest, "--incoming", "defer")
-    except BaseException:
-        src.close()
-        raise
+    src, dst = vm_pair(tmp_path, (*guest, "--dirty-rate", "0"), guest)
     with src, dst:
         for vm in (src, dst):
             vm.set_caps(events=True)

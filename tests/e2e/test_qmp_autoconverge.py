@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from tests.conftest import ENGINE_CMD
-from tests.e2e.test_qmp_harness import WAIT, EngineVM
+from tests.e2e.test_qmp_harness import WAIT, vm_pair
 
 qemu_qmp = pytest.importorskip("qemu.qmp")
 
@@ -23,12 +23,7 @@ INITIAL, MAX = 40, 90
 
 
 def test_auto_converge_throttle_at_pre_switchover(tmp_path):
-    src = EngineVM(tmp_path, "src", *GUEST)
-    try:
-        dst = EngineVM(tmp_path, "dst", *GUEST, "--incoming", "defer")
-    except BaseException:
-        src.close()
-        raise
+    src, dst = vm_pair(tmp_path, GUEST, GUEST)
     with src, dst:
         for vm in (src, dst):
             vm.set_caps(events=True)

@@ -142,6 +142,18 @@ class EngineVM:
             print(self.proc.describe())
 
 
+def vm_pair(tmp_path: Path, src_args=(), dst_args=()) -> tuple[EngineVM, EngineVM]:
+    """A source ``engine vm`` and a destination waiting (``--incoming defer``);
+    if the destination fails to start, the source is closed before raising."""
+    src = EngineVM(tmp_path, "src", *src_args)
+    try:
+        dst = EngineVM(tmp_path, "dst", *dst_args, "--incoming", "defer")
+    except BaseException:
+        src.close()
+        raise
+    return src, dst
+
+
 def test_quit_ends_the_vm_with_shutdown_and_status_0(tmp_path):
     pytest.importorskip("qemu.qmp")
     vm = EngineVM(tmp_path, "vm", "--ram", "16M", "--vcpus", "1", "--workload", "ab",

@@ -15,7 +15,7 @@ import subprocess
 import pytest
 
 from tests.conftest import ENGINE_CMD
-from tests.e2e.test_qmp_harness import WAIT, EngineVM
+from tests.e2e.test_qmp_harness import WAIT, EngineVM, vm_pair
 
 qemu_qmp = pytest.importorskip("qemu.qmp")
 
@@ -23,13 +23,7 @@ GUEST = ("--ram", "64M", "--vcpus", "2", "--workload", "ab")
 
 
 def _pair(tmp_path, *dst_args, src_args=()):
-    src = EngineVM(tmp_path, "src", *GUEST, *src_args)
-    try:
-        dst = EngineVM(tmp_path, "dst", *GUEST, *dst_args, "--incoming", "defer")
-    except BaseException:
-        src.close()
-        raise
-    return src, dst
+    return vm_pair(tmp_path, (*GUEST, *src_args), (*GUEST, *dst_args))
 
 
 def _start(src, dst, tmp_path, **caps) -> str:
