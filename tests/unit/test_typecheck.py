@@ -17,6 +17,13 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("mypy") is None,
                                 reason="mypy is not installed (pip install -e '.[test]')")
 
 
+def _mypy_on(path: Path, cache: Path) -> subprocess.CompletedProcess:
+    """mypy with the project's settings over one file of a test's own."""
+    return subprocess.run([sys.executable, "-m", "mypy", "--config-file", "setup.cfg",
+                           "--cache-dir", str(cache), str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
 def test_engine_type_checks():
     # The config file names what to check (files = engine); the cache in the
     # checkout makes a rerun take a second or two instead of ten.
@@ -41,9 +48,7 @@ def test_a_wrong_pass_is_caught(tmp_path):
         "    return n + 1\n"
         "\n"
         "SourceMigration(NotAGuest(), get_profile('engine'), MigrationOptions.default())\n")
-    proc = subprocess.run([sys.executable, "-m", "mypy", "--config-file", "setup.cfg",
-                           "--cache-dir", str(tmp_path / "cache"), str(bad)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = _mypy_on(bad, tmp_path / "cache")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert 'Unsupported operand types for + ("None" and "int")' in proc.stdout
     assert '"NotAGuest"' in proc.stdout and '"SourceGuest"' in proc.stdout
@@ -67,7 +72,5 @@ def test_the_concrete_classes_fill_the_seams(tmp_path):
         "    mapped: MappedBlock = b\n"
         "    pages: list[PageBlock] = [b, i]\n"
         "    channel: ByteChannel = c\n")
-    proc = subprocess.run([sys.executable, "-m", "mypy", "--config-file", "setup.cfg",
-                           "--cache-dir", str(tmp_path / "cache"), str(good)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = _mypy_on(good, tmp_path / "cache")
     assert proc.returncode == 0, proc.stdout + proc.stderr
