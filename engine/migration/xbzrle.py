@@ -119,11 +119,11 @@ class XbzrleSaver:
             counts.pages = len(addrs) - counts.cache_miss
             if counts.cache_miss and not self.last_stage:
                 cache.insert(addrs[miss], cur[miss], generation)
-            hslots = slots[hit]
-            enc = encode_pages(cache.data[hslots], cur[hit])
+            hslots, hcur = slots[hit], cur[hit]
+            enc = encode_pages(cache.pages(hslots), hcur)
             if not self.last_stage:
                 changed = enc.lengths != 0
-                cache.data[hslots[changed]] = cur[hit][changed]
+                cache.data[hslots[changed]] = hcur[changed]
         whole = miss.copy()
         whole[hit] = enc.lengths < 0
         counts.overflow = int(np.count_nonzero(enc.lengths < 0))
