@@ -23,7 +23,7 @@ from typing import Callable
 from engine.migration.throttle import ThrottleParams, ThrottleTrigger
 from engine.trace import trace
 
-__all__ = ["AutoConverge", "THROTTLE_PERIOD", "throttle_params"]
+__all__ = ["AutoConverge", "SyncPeriods", "THROTTLE_PERIOD", "throttle_params"]
 
 #: seconds a throttle period lasts at least (migration_bitmap_sync's 1000 ms)
 THROTTLE_PERIOD = 1.0
@@ -35,6 +35,39 @@ _PARAMETERS = ("throttle-trigger-threshold", "cpu-throttle-initial", "cpu-thrott
 def throttle_params(options) -> ThrottleParams:
     """The throttle's parameters from a :class:`~engine.options.MigrationOptions`."""
     return ThrottleParams.from_options({n: options.param(n) for n in _PARAMETERS})
+
+
+class SyncPeriods:
+    """migration_bitmap_sync's look at the dirty rate, at most once a second:
+    :meth:`on_sync` returns ``(bytes sent, bytes dirtied)`` of a period that
+    just ended, else None.  Both auto-converge and dirty-limit are triggered
+    from these periods, as QEMU's migration_trigger_throttle serves both."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._start: float | None = None
+        self._dirty_pages = 0
+        self._xfer_prev = 0
+
+    def on_sync(self, new_dirty_pages: int, transferred: int,
+                page_size: int) -> tuple[int, int] | None:
+        now = self._clock()
+        if self._start is None:
+            # The first sync (ram_init_bitmaps) finds all of RAM dirty: it
+            # only starts the first period.
+            self._begin(now, transferred)
+            return None
+        self._dirty_pages += new_dirty_pages
+        if now <= self._start + THROTTLE_PERIOD:
+            return None
+        period = (transferred - self._xfer_prev, self._dirty_pages * page_size)
+        self._begin(now, transferred)
+        return period
+
+    def _begin(self, now: float, transferred: int) -> None:
+        self._start = now
+        self._dirty_pages = 0
+        self._xfer_prev = transferred
 
 
 class AutoConverge:
@@ -49,11 +82,8 @@ class AutoConverge:
                  clock: Callable[[], float] = time.monotonic):
         self._options = options
         self._apply = apply
-        self._clock = clock
+        self.periods = SyncPeriods(clock)
         self.trigger = ThrottleTrigger(throttle_params(options()))
-        self._period_start: float | None = None
-        self._dirty_pages = 0
-        self._xfer_prev = 0
         self._applied = 0
 
     @property
@@ -66,29 +96,15 @@ class AutoConverge:
                 guest_running: bool = True) -> int:
         """A dirty-bitmap sync found *new_dirty_pages*; *transferred* is the
         migration's bytes sent so far.  Returns the throttle percentage."""
-        now = self._clock()
-        if self._period_start is None:
-            # The first sync (ram_init_bitmaps) finds all of RAM dirty: it
-            # only starts the first period.
-            self._start_period(now, transferred)
-            return self.percentage
-        self._dirty_pages += new_dirty_pages
-        if now > self._period_start + THROTTLE_PERIOD:
-            if guest_running:
-                self.trigger.params = throttle_params(self._options())
-                before = self.percentage
-                pct = self.trigger.on_sync(transferred - self._xfer_prev,
-                                           self._dirty_pages * page_size)
-                if pct != before:
-                    trace("cpu_throttle_set", new_throttle_pct=pct)
-                    self._set(pct)
-            self._start_period(now, transferred)
+        period = self.periods.on_sync(new_dirty_pages, transferred, page_size)
+        if period is not None and guest_running:
+            self.trigger.params = throttle_params(self._options())
+            before = self.percentage
+            pct = self.trigger.on_sync(*period)
+            if pct != before:
+                trace("cpu_throttle_set", new_throttle_pct=pct)
+                self._set(pct)
         return self.percentage
-
-    def _start_period(self, now: float, transferred: int) -> None:
-        self._period_start = now
-        self._dirty_pages = 0
-        self._xfer_prev = transferred
 
     def _set(self, pct: int) -> None:
         if pct != self._applied:

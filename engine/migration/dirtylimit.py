@@ -1,8 +1,9 @@
 """The dirty-limit capability on the source (QEMU's ram.c migration_dirty_limit_guest).
 
 QEMU applies ``vcpu-dirty-limit`` to every vCPU when the migration does not
-converge, by the rule auto-converge uses: the bytes dirtied in a
-dirty-bitmap sync period exceed ``throttle-trigger-threshold`` percent of the
+converge, by the rule auto-converge uses, over the same periods (at most one a
+second, :class:`~engine.migration.autoconverge.SyncPeriods`): the bytes
+dirtied in a dirty-bitmap sync period exceed ``throttle-trigger-threshold`` percent of the
 bytes sent in it, for the second time (:class:`ThrottleTrigger` decides).
 It re-applies the quota only when the parameter changed since, measures the
 vCPUs' rates over ``x-vcpu-dirty-limit-period`` meanwhile, and cancels the
@@ -20,6 +21,7 @@ query-migrate's two figures, while the limit is in service, mean here:
 """
 from __future__ import annotations
 
+from engine.migration.autoconverge import SyncPeriods
 from engine.migration.throttle import ThrottleParams, ThrottleTrigger
 from engine.ram.dirtylimit import DEFAULT_PERIOD_MS, DirtyArea
 from engine.trace import trace
@@ -39,8 +41,8 @@ class DirtyLimitSource:
                                        if mig.options.cap("dirty-limit") else None)
         self.trigger = ThrottleTrigger(ThrottleParams(
             throttle_trigger_threshold=int(mig.options.param("throttle-trigger-threshold"))))
+        self.periods = SyncPeriods()
         self.quota = 0
-        self._sent = 0
         self._slept_before = 0
 
     @property
@@ -51,12 +53,14 @@ class DirtyLimitSource:
         """A dirty-bitmap sync found *new_dirty_pages*; *transferred* bytes sent so far."""
         if self.area is None:
             return
-        sent, self._sent = transferred - self._sent, transferred
-        # The threshold may have changed (migrate-set-parameters) since the last sync.
+        period = self.periods.on_sync(new_dirty_pages, transferred, self.page_size)
+        if period is None:
+            return
+        # The threshold may have changed (migrate-set-parameters) since the last period.
         self.trigger.params = ThrottleParams(throttle_trigger_threshold=int(
             self.mig.options.param("throttle-trigger-threshold")))
         changes = self.trigger.changes
-        self.trigger.on_sync(sent, new_dirty_pages * self.page_size)
+        self.trigger.on_sync(*period)
         if self.trigger.changes != changes:
             self.apply()
 
