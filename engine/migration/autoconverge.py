@@ -18,10 +18,13 @@ full speed again after a cancel or a failure).
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from engine.migration.throttle import ThrottleParams, ThrottleTrigger
 from engine.trace import trace
+
+if TYPE_CHECKING:
+    from engine.options import MigrationOptions
 
 __all__ = ["AutoConverge", "SyncPeriods", "THROTTLE_PERIOD", "throttle_params"]
 
@@ -122,11 +125,12 @@ class AutoConverge:
         self._set(0)
 
 
-def for_migration(mig) -> AutoConverge | None:
-    """The throttle of :class:`~engine.migration.source.SourceMigration` *mig*,
+def for_migration(options: Callable[[], MigrationOptions], guest: object
+                  ) -> AutoConverge | None:
+    """The throttle of a migration of *guest* whose options are ``options()``,
     or None without the ``auto-converge`` capability.  A guest with no vCPUs
     to slow (a library user's own memory) gets the figures without effect."""
-    if not mig.options.cap("auto-converge"):
+    if not options().cap("auto-converge"):
         return None
-    apply = getattr(mig.guest, "set_throttle", None) or (lambda pct: None)
-    return AutoConverge(lambda: mig.options, apply)
+    apply = getattr(guest, "set_throttle", None) or (lambda pct: None)
+    return AutoConverge(options, apply)

@@ -21,10 +21,15 @@ query-migrate's two figures, while the limit is in service, mean here:
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
 from engine.migration.autoconverge import SyncPeriods
 from engine.migration.throttle import ThrottleParams, ThrottleTrigger
 from engine.ram.dirtylimit import DEFAULT_PERIOD_MS, DirtyArea
 from engine.trace import trace
+
+if TYPE_CHECKING:
+    from engine.options import MigrationOptions
 
 __all__ = ["DirtyLimitSource"]
 
@@ -32,15 +37,16 @@ __all__ = ["DirtyLimitSource"]
 class DirtyLimitSource:
     """The source's collaborator for dirty-limit: told of every bitmap sync."""
 
-    def __init__(self, mig):
-        # The migration's options change with migrate-set-parameters: read them there.
-        self.mig = mig
-        self.page_size = mig.page_size
+    def __init__(self, options: Callable[[], MigrationOptions], guest: object,
+                 page_size: int):
+        # The migration's options change with migrate-set-parameters: ask each time.
+        self._options = options
+        self.page_size = page_size
         # A guest without a dirty area (not an engine.ram Guest) has nothing to limit.
-        self.area: DirtyArea | None = (getattr(mig.guest, "dirty_area", None)
-                                       if mig.options.cap("dirty-limit") else None)
+        self.area: DirtyArea | None = (getattr(guest, "dirty_area", None)
+                                       if options().cap("dirty-limit") else None)
         self.trigger = ThrottleTrigger(ThrottleParams(
-            throttle_trigger_threshold=int(mig.options.param("throttle-trigger-threshold"))))
+            throttle_trigger_threshold=int(options().param("throttle-trigger-threshold"))))
         self.periods = SyncPeriods()
         self.quota = 0
         self._slept_before = 0
@@ -58,7 +64,7 @@ class DirtyLimitSource:
             return
         # The threshold may have changed (migrate-set-parameters) since the last period.
         self.trigger.params = ThrottleParams(throttle_trigger_threshold=int(
-            self.mig.options.param("throttle-trigger-threshold")))
+            self._options().param("throttle-trigger-threshold")))
         changes = self.trigger.changes
         self.trigger.on_sync(*period)
         if self.trigger.changes != changes:
@@ -66,7 +72,7 @@ class DirtyLimitSource:
 
     def apply(self) -> None:
         """Limit every vCPU to vcpu-dirty-limit (a no-op if already at it)."""
-        options = self.mig.options
+        options = self._options()
         quota = int(options.param("vcpu-dirty-limit"))
         area = self.area
         assert area is not None     # on_sync returns early without one

@@ -8,14 +8,15 @@ dialect the stream speaks, and what each batch costs under
 pool's acknowledgements are collected there too), so nothing needs a lock
 but the stats, which are written under the migration's ``_lock``.
 
-It works on its :class:`~engine.migration.source.SourceMigration` (``mig``)
-through the RAM saver, the stats, the limiter and the main channel's
-send; the pool calls ``mig._multifd_checkpoint`` while it waits.
+It is given what it works through: the RAM saver, the main channel's
+:class:`~engine.migration.outbound.Outbound` (its send, stats and rate
+limiter), the guest's blocks, the options, and the checkpoint the pool calls
+while it waits (the migration's cancel, the destination's failure).
 """
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -25,7 +26,12 @@ from engine.stream import encoder as enc
 from engine.trace import trace
 
 if TYPE_CHECKING:
+    from engine.migration.outbound import Outbound
+    from engine.migration.ramsave import RamSaver
+    from engine.multifd.control import Ack
     from engine.multifd.pool import SendPool
+    from engine.options import MigrationOptions
+    from engine.ram.seams import MappedBlock
 
 __all__ = ["MultifdSource", "MultifdMode", "BATCH_PAGES_MULTIFD"]
 
@@ -47,13 +53,24 @@ class MultifdMode(enum.Enum):
 
 
 class MultifdSource:
-    def __init__(self, mig):
-        self.mig = mig
+    """``check_abort`` raises to end the pool's waits (see the pool);
+    ``on_ack`` is told of each acknowledged batch after the statistics."""
+
+    def __init__(self, out: Outbound, ram: RamSaver, blocks: Sequence[MappedBlock],
+                 options: Callable[[], MigrationOptions], *,
+                 check_abort: Callable[[], None], on_ack: Callable[[], None] | None = None):
+        self.out = out
+        self.ram = ram
+        self.page_size = ram.page_size
+        self._blocks = blocks
+        self._options = options
+        self._check_abort = check_abort
+        self._on_ack_hook = on_ack
         self.pool: SendPool | None = None
         self.mode = MultifdMode.OFF
         #: QEMU 7.2's multifd dialect (a sync at every RAM section) or later
         #: QEMUs' (a MULTIFD_FLUSH per round, noted in _flushed_round)
-        self.flush_each_section = mig.options.prop("multifd-flush-after-each-section")
+        self.flush_each_section = options().prop("multifd-flush-after-each-section")
         self._flushed_round = -1
         #: rate accounting: what each batch in flight was charged (by seq),
         #: and the wire/reservation ratio of recent acknowledgements
@@ -69,21 +86,18 @@ class MultifdSource:
         if self.pool is not None:
             return
         from engine.multifd.pool import SendPool
-        mig = self.mig
-        opts = mig.options
+        opts = self._options()
         codec = opts.param("multifd-compression")
         level = {"zlib": opts.param("multifd-zlib-level"),
                  "zstd": opts.param("multifd-zstd-level")}.get(codec)
-        self.pool = SendPool(int(opts.param("multifd-channels")), mig.guest.blocks,
-                             codec=codec, level=level,
-                             zero_detect=opts.param("zero-page-detection") == "multifd",
-                             page_size=mig.page_size)
-        # on_ack is the pool's hook: a no-op method, replaced per instance
-        self.pool.on_ack = self._on_ack  # type: ignore[method-assign]
         # A cancel, the destination's SHUT or its closing the main channel must
         # not wait for workers stuck on a destination that stopped reading
-        # (QEMU shuts the channels down); the pool asks every poll interval.
-        self.pool.check_abort = mig._multifd_checkpoint
+        # (QEMU shuts the channels down): the pool checks every poll interval.
+        self.pool = SendPool(int(opts.param("multifd-channels")), self._blocks,
+                             codec=codec, level=level,
+                             zero_detect=opts.param("zero-page-detection") == "multifd",
+                             page_size=self.page_size, on_ack=self._on_ack,
+                             check_abort=self._check_abort)
 
     def connect(self, uri: str, uuid: bytes) -> None:
         """QEMU opens every multifd channel before the header goes out."""
@@ -100,7 +114,7 @@ class MultifdSource:
         hand-off)."""
         assert self.pool is not None    # only while the pool carries pages
         packets = -(-npages // self.pool.page_count)
-        return npages * self.mig.page_size + packets * packet_size(self.pool.page_count)
+        return npages * self.page_size + packets * packet_size(self.pool.page_count)
 
     def _charge(self, npages: int) -> int:
         """What a batch is charged when handed to a worker: its reservation
@@ -112,21 +126,24 @@ class MultifdSource:
         written, after the fact."""
         return max(1, int(self._reservation(npages) * self._wire_ratio))
 
-    def _on_ack(self, ack) -> None:
-        mig = self.mig
-        with mig._lock:
-            mig.stats.add_normal(ack.normal, 0)
-            mig.stats.add_zero(ack.zero, 0)
-            mig.stats.add_multifd_bytes(ack.wire_bytes)
+    def _on_ack(self, ack: Ack) -> None:
+        out = self.out
+        with out.lock:
+            out.stats.add_normal(ack.normal, 0)
+            out.stats.add_zero(ack.zero, 0)
+            out.stats.add_multifd_bytes(ack.wire_bytes)
         reserved = self._reservation(ack.normal + ack.zero)
         charged = self._charged.pop(ack.seq, reserved)
         if reserved:
             ratio = 0.5 * self._wire_ratio + 0.5 * ack.wire_bytes / reserved
             self._wire_ratio = min(1.0, max(_MIN_WIRE_RATIO, ratio))
-        if mig.limiter is not None:
+        limiter = out.limiter
+        if limiter is not None:
             # Now that the batch's real size is known, settle the difference
             # with its charge, so max-bandwidth limits bytes on the wire.
-            mig.limiter.account(ack.wire_bytes - charged)
+            limiter.account(ack.wire_bytes - charged)
+        if self._on_ack_hook is not None:
+            self._on_ack_hook()
 
     # -- precopy -----------------------------------------------------------
     def submit(self) -> bool:
@@ -136,8 +153,8 @@ class MultifdSource:
         on the main channel as ZERO records (what QEMU 7.2 always does);
         otherwise the workers find them (multifd) or nobody does (none).
         """
-        mig = self.mig
-        ram, limiter = mig.ram, mig.limiter
+        out, ram, ps = self.out, self.ram, self.page_size
+        limiter = out.limiter
         assert self.pool is not None    # submit() runs only while the pool carries pages
         most = BATCH_PAGES_MULTIFD
         if limiter is not None:
@@ -148,17 +165,17 @@ class MultifdSource:
         if item is None:
             return False
         index, idx = item
-        if mig.options.param("zero-page-detection") == "legacy":
+        if self._options().param("zero-page-detection") == "legacy":
             bm = ram.bitmaps[index]
             block = bm.block
-            zero = block_zero_page_mask(block, idx, mig.page_size, bm.holes)
+            zero = block_zero_page_mask(block, idx, ps, bm.holes)
             if zero.any():
-                offsets = idx.astype(np.uint64) * np.uint64(mig.page_size)
-                records = [ram.encoder.zero_pages(block.idstr, offsets[zero])]
-                mig._send(records)
-                nbytes = sum(len(r) for r in records)
-                with mig._lock:
-                    mig.stats.add_zero(int(zero.sum()), nbytes)
+                offsets = idx.astype(np.uint64) * np.uint64(ps)
+                record = ram.encoder.zero_pages(block.idstr, offsets[zero])
+                out.send([record])
+                nbytes = len(record)
+                with out.lock:
+                    out.stats.add_zero(int(zero.sum()), nbytes)
                 if limiter is not None:
                     limiter.account(nbytes)
                 idx = idx[~zero]
@@ -170,8 +187,8 @@ class MultifdSource:
                 limiter.account(charge)
             self.pool.submit(index, idx.astype(np.uint64))
         self.pool.poll_acks()
-        with mig._lock:
-            mig.stats.set_remaining(ram.pending_pages())
+        with out.lock:
+            out.stats.set_remaining(ram.pending_pages())
         return True
 
     def flush(self) -> None:
@@ -179,7 +196,7 @@ class MultifdSource:
         MULTIFD_FLUSH record that tells the destination to wait for them."""
         assert self.pool is not None    # only while the pool carries pages
         self.pool.sync()
-        self.mig._send_counted(enc.ram_flush())
+        self.out.send_counted(enc.ram_flush())
 
     def setup_done(self) -> None:
         """QEMU >= 8.1: the setup section's flush, after the block list; it
@@ -208,8 +225,9 @@ class MultifdSource:
             self.mode = MultifdMode.OFF
 
     # -- across the switch to postcopy ----------------------------------------
-    def postcopy_prepare(self) -> None:
-        """The "postcopy prepare" section: multifd's last pages in place.
+    def postcopy_prepare(self, end_section: Callable[[], None]) -> None:
+        """The "postcopy prepare" section: multifd's last pages in place,
+        then ``end_section()`` ends it.
 
         Postcopy pages are placed one by one as they arrive (multifd cannot
         do that): no more pages for the pool.  QEMU 7.2 keeps the channels
@@ -217,7 +235,7 @@ class MultifdSource:
         10.1 closes them."""
         if self.carries_pages and not self.flush_each_section:
             self.flush()
-        self.mig._end_ram_section()
+        end_section()
         if self.carries_pages:
             if self.flush_each_section:
                 self.mode = MultifdMode.SYNC_ONLY

@@ -16,14 +16,11 @@ to postcopy, and what the return-path thread does for it meanwhile:
   the pages for the migration thread or, with ``postcopy-preempt``, sends
   them at once on the preempt channel.
 
-It works on its :class:`~engine.migration.source.SourceMigration` (``mig``),
-a back-reference rather than a narrow interface so far.  What it uses:
-data (``channel``, ``uri``, ``ram``, ``stats`` under ``_lock``, ``limiter``,
-``state``, ``options``, ``page_size``, ``pongs``, ``return_path``, ``mfd``,
-``_owned_channels``, ``_wake``) and the migration thread's services
-(``_checkpoint``, ``_wait_until``, ``_send_counted``, ``_account_batch``,
-``_device_sections``, ``_count_sync``, ``_start_return_path``,
-``_stop_return_path``).
+It is given what it works through, not the migration itself: the main
+channel's :class:`~engine.migration.outbound.Outbound`, the RAM saver, the
+state, the multifd side, and the migration thread's services as
+:class:`PostcopyHooks` (the checkpoint and its waits, the device sections,
+the sync count, the return path's reader).
 
 Who writes what (the rest is the migration thread's alone):
 
@@ -32,8 +29,8 @@ Who writes what (the rest is the migration thread's alone):
 * ``preempt_channel``, ``_preempt_encoder``: set by the migration thread,
   used by the return-path thread, both under ``_preempt_lock``;
 * ``_received``, ``devices_loaded``, ``_resume_acked``: written by the
-  return-path thread, read by the migration thread after ``mig._wake``;
-* ``pause_requested``, ``_resume_uri``/``_abandoned`` (under ``mig._lock``),
+  return-path thread, read by the migration thread after ``hooks.wake``;
+* ``pause_requested``, ``_resume_uri``/``_abandoned`` (under ``_control_lock``),
   ``_resume_event``: set by control calls from any thread.
 """
 from __future__ import annotations
@@ -43,6 +40,8 @@ import contextlib
 import sys
 import threading
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -60,7 +59,15 @@ from engine.trace import trace
 from engine.transport import connect
 from engine.transport.seams import ByteChannel
 
-__all__ = ["PostcopySource", "POSTCOPY_SWITCH_INTERVAL", "RESUME_ACK_VALUE",
+if TYPE_CHECKING:
+    from engine.migration.multifd_source import MultifdSource
+    from engine.migration.outbound import Outbound
+    from engine.migration.ramsave import RamSaver
+    from engine.migration.returnpath import ReturnPathReader
+    from engine.options import MigrationOptions
+    from engine.state import MigrationState
+
+__all__ = ["PostcopySource", "PostcopyHooks", "POSTCOPY_SWITCH_INTERVAL", "RESUME_ACK_VALUE",
            "PAGE_REQUEST_STATES"]
 
 #: the interpreter's thread switch interval while postcopy runs, seconds.  The
@@ -81,19 +88,50 @@ ITERATION_SECONDS = 0.05
 PAGE_REQUEST_STATES = frozenset({S.POSTCOPY_DEVICE, S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER})
 
 
+@dataclass(frozen=True)
+class PostcopyHooks:
+    """What the postcopy source asks of the migration thread."""
+    #: raise what must end or pause the migration now (cancel, migrate-pause,
+    #: the return path's error); postcopy-device -> postcopy-active on PONG 0x42
+    checkpoint: Callable[[], None]
+    #: block until the predicate holds, at a checkpoint every poll and wake
+    wait_until: Callable[[Callable[[], bool]], None]
+    #: news for the migration thread: set from the return-path thread
+    wake: threading.Event
+    #: the migration's options as of now (migrate-set-parameters replaces them)
+    options: Callable[[], MigrationOptions]
+    #: a dirty-bitmap sync: (new dirty pages, pages pending)
+    count_sync: Callable[[int, int], None]
+    #: every device's FULL section (vCPUs stopped)
+    device_sections: Callable[[], list[bytes]]
+    #: the RAM section's end (EOS and footer, with QEMU 7.2's multifd sync)
+    end_ram_section: Callable[[], None]
+    #: a return-path reader for the current main channel, its end, the current one
+    start_return_path: Callable[[], None]
+    stop_return_path: Callable[[], None]
+    return_path: Callable[[], ReturnPathReader | None]
+
+
 class PostcopySource:
-    def __init__(self, mig, preempt: bool):
-        self.mig = mig
+    def __init__(self, out: Outbound, ram: RamSaver, state: MigrationState,
+                 mfd: MultifdSource, hooks: PostcopyHooks, *, preempt: bool):
+        self.out = out
+        self.ram = ram
+        self.state = state
+        self.mfd = mfd
+        self.hooks = hooks
+        self.page_size = ram.page_size
         self.preempt = preempt
         #: (block index, first page, pages) asked for, served on the main channel
         self.requests: collections.deque[tuple[int, int, int]] = collections.deque()
         self.preempt_channel: ByteChannel | None = None
         self._preempt_lock = threading.Lock()
-        self._preempt_encoder = RamRecordEncoder(mig.page_size)
+        self._preempt_encoder = RamRecordEncoder(self.page_size)
         #: PONG 0x42: the destination loaded the devices (postcopy-device ends)
         self.devices_loaded = threading.Event()
         self.pause_requested = threading.Event()
         self._resume_event = threading.Event()
+        self._control_lock = threading.Lock()
         self._resume_uri: str | None = None
         self._abandoned: str | None = None
         self._received: dict[int, np.ndarray] = {}
@@ -121,58 +159,57 @@ class PostcopySource:
                     ch.shutdown()
 
     def request_resume(self, uri: str) -> None:
-        with self.mig._lock:
+        with self._control_lock:
             self._resume_uri = uri
         self._resume_event.set()
 
     def abandon(self, reason: str) -> None:
-        with self.mig._lock:
+        with self._control_lock:
             self._abandoned = reason
         self._resume_event.set()
 
     # -- the switch ------------------------------------------------------------
-    def prepare(self) -> None:
-        """Guest still running: the preempt channel, then the "postcopy
-        prepare" PART section (multifd's last sync: multifd carries precopy
-        pages only)."""
-        mig = self.mig
+    def prepare(self, uri: str | None, answered: Callable[[], bool]) -> None:
+        """Guest still running: the preempt channel to ``uri``, then the
+        "postcopy prepare" PART section (multifd's last sync: multifd carries
+        precopy pages only).  ``answered()`` says the destination took the
+        main channel (a PONG came back)."""
         if self.preempt:
-            # A PONG says the destination took the main channel: the preempt
-            # channel must reach it after the main (and multifd) ones.
-            mig._wait_until(lambda: bool(mig.pongs))
-            self._connect_preempt(mig.uri)
-        mig._send_counted(enc.section_part(RAM_SECTION_ID))
-        mig.mfd.postcopy_prepare()
+            # The preempt channel must reach the destination after the main
+            # (and multifd) ones.
+            assert uri is not None      # _setup refuses postcopy-preempt without one
+            self.hooks.wait_until(answered)
+            self._connect_preempt(uri)
+        self.out.send_counted(enc.section_part(RAM_SECTION_ID))
+        self.mfd.postcopy_prepare(self.hooks.end_ram_section)
 
     def switch(self) -> None:
         """Guest stopped, in ``device``: discards, then the package."""
-        mig = self.mig
-        ram = mig.ram
-        new = ram.sync()
-        mig._count_sync(new, ram.pending_pages())
+        out, ram, hooks = self.out, self.ram, self.hooks
+        hooks.count_sync(ram.sync(), ram.pending_pages())
         discards = ram.discard_commands()
         # QEMU forgets the last block after the discard, so the first
         # postcopy record names its block.
         ram.encoder.reset()
         ram.rewind()
-        mig._send_counted(discards + enc.ping(2))
-        package = [enc.postcopy_listen(), *mig._device_sections(), enc.ping(3)]
-        if mig.return_path is not None:
+        out.send_counted(discards + enc.ping(2))
+        with_return_path = hooks.return_path() is not None
+        package = [enc.postcopy_listen(), *hooks.device_sections(), enc.ping(3)]
+        if with_return_path:
             package.append(enc.ping(QEMU_VM_PING_PACKAGED_LOADED))
         package.append(enc.postcopy_run())
-        mig._checkpoint()           # the last moment a cancel can win
-        with mig._lock:
-            mig.stats.postcopy_started()
-        mig.limiter = RateLimiter(int(mig.options.param("max-postcopy-bandwidth")))
+        hooks.checkpoint()          # the last moment a cancel can win
+        with out.lock:
+            out.stats.postcopy_started()
+        out.limiter = RateLimiter(int(hooks.options().param("max-postcopy-bandwidth")))
         self._saved_switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(POSTCOPY_SWITCH_INTERVAL)
         # As QEMU's postcopy_start, the status changes before the package goes
         # out: from here the destination may run the guest, and may fault
         # (page requests are legal) while it loads the devices.
         trace("postcopy_start", pending=ram.pending_pages())
-        mig.state.transition(S.POSTCOPY_DEVICE if mig.return_path is not None
-                             else S.POSTCOPY_ACTIVE)
-        mig._send_counted(enc.packaged(b"".join(package)) + enc.ping(4))
+        self.state.transition(S.POSTCOPY_DEVICE if with_return_path else S.POSTCOPY_ACTIVE)
+        out.send_counted(enc.packaged(b"".join(package)) + enc.ping(4))
         trace("postcopy_start_set_run")
 
     def restore_switch_interval(self) -> None:
@@ -189,88 +226,84 @@ class PostcopySource:
                 self._send_all()
                 return
             except (ChannelError, OSError, PostcopyPaused) as exc:
-                if self.mig.state.status is not S.POSTCOPY_ACTIVE:
+                if self.state.status is not S.POSTCOPY_ACTIVE:
                     raise           # postcopy-device: a precopy failure
                 self._paused(exc)
 
     def _pending(self) -> int:
-        ram = self.mig.ram
+        ram = self.ram
         with ram.lock:
             return ram.pending_pages()
 
     def _send_all(self) -> None:
         """RAM PART sections until nothing is left, then END, EOF and SHUT."""
-        mig = self.mig
-        limiter = mig.limiter
+        out, ram, hooks = self.out, self.ram, self.hooks
+        limiter = out.limiter
+        assert limiter is not None      # switch() set postcopy's
         while True:
-            mig._checkpoint()
+            hooks.checkpoint()
             if not self.requests and not self._pending():
                 break
-            mig._send_counted(enc.section_part(RAM_SECTION_ID))
+            out.send_counted(enc.section_part(RAM_SECTION_ID))
             deadline = time.monotonic() + ITERATION_SECONDS
             while True:
                 # Cleared before looking: a request arriving from here on
                 # sets it again and cuts the next sleep short.
-                mig._wake.clear()
-                mig._checkpoint()
+                hooks.wake.clear()
+                hooks.checkpoint()
                 self._serve_requests()
                 if limiter.exceeded():
-                    limiter.wait_or(mig._wake)
+                    limiter.wait_or(hooks.wake)
                     if time.monotonic() >= deadline:
                         break
                     continue
-                batch = mig.ram.next_batch(limiter.batch_pages(mig.page_size + 8))
+                batch = ram.next_batch(limiter.batch_pages(self.page_size + 8))
                 if batch is None:
                     if not self._pending():
                         break
-                    mig.ram.rewind()       # pages skipped after a request
+                    ram.rewind()       # pages skipped after a request
                     continue
-                mig.channel.send_views(batch.buffers)
-                mig._account_batch(batch)
-                limiter.account(batch.wire_bytes)
+                out.send_batch(batch)
                 if time.monotonic() >= deadline:
                     break
-            mig.mfd.postcopy_sync()
-            mig._send_counted(enc.ram_eos() + enc.section_footer(RAM_SECTION_ID))
+            self.mfd.postcopy_sync()
+            out.send_counted(enc.ram_eos() + enc.section_footer(RAM_SECTION_ID))
         # QEMU completes only after PONG 0x42 (postcopy-device -> active).
-        mig._wait_until(lambda: mig.state.status is not S.POSTCOPY_DEVICE)
+        hooks.wait_until(lambda: self.state.status is not S.POSTCOPY_DEVICE)
         self._end_preempt()
-        mig._send_counted(enc.section_end(RAM_SECTION_ID))
-        mig.mfd.postcopy_sync()
-        mig._send_counted(enc.ram_eos() + enc.section_footer(RAM_SECTION_ID) + enc.eof())
-        with mig._lock:
-            mig.stats.set_remaining(0)
-        if mig.return_path is not None:
-            mig._wait_until(mig.return_path.shut.is_set)
-            mig._checkpoint()
-        mig.mfd.postcopy_finish()
+        out.send_counted(enc.section_end(RAM_SECTION_ID))
+        self.mfd.postcopy_sync()
+        out.send_counted(enc.ram_eos() + enc.section_footer(RAM_SECTION_ID) + enc.eof())
+        with out.lock:
+            out.stats.set_remaining(0)
+        rpath = hooks.return_path()
+        if rpath is not None:
+            hooks.wait_until(rpath.shut.is_set)
+            hooks.checkpoint()
+        self.mfd.postcopy_finish()
 
     def _serve_requests(self) -> None:
         """Pages the destination asked for, ahead of the background scan
         (without postcopy-preempt: on the main channel, inside the section)."""
-        mig = self.mig
+        ram = self.ram
         while self.requests:
             index, first, count = self.requests.popleft()
-            idx = mig.ram.take_range(index, first, count)
+            idx = ram.take_range(index, first, count)
             for start in range(0, len(idx), BATCH_PAGES):
-                batch = mig.ram.encode(index, idx[start:start + BATCH_PAGES])
-                mig.channel.send_views(batch.buffers)
-                mig._account_batch(batch)
-                if mig.limiter is not None:
-                    mig.limiter.account(batch.wire_bytes)
+                self.out.send_batch(ram.encode(index, idx[start:start + BATCH_PAGES]))
 
     def on_page_request(self, ev: rp.ReqPages) -> None:
         """Return-path thread: one REQ_PAGES(_ID) message."""
-        mig = self.mig
+        ram = self.ram
         block, start, length = ev.block, ev.start, ev.length
-        with mig._lock:
-            mig.stats.add_postcopy_requests(1)
-        index = mig.ram.block_index(block) if block is not None else None
+        with self.out.lock:
+            self.out.stats.add_postcopy_requests(1)
+        index = ram.block_index(block) if block is not None else None
         if index is None:
             raise RemoteProtocolError(f"page request for unknown RAM block {block!r}",
                                       channel="return path")
-        used = mig.ram.bitmaps[index].block.used_length
-        ps = mig.page_size
+        used = ram.bitmaps[index].block.used_length
+        ps = self.page_size
         if start % ps or length % ps or length <= 0 or start + length > used:
             raise RemoteProtocolError(
                 f"page request of {length:#x} bytes at {start:#x} of block {block!r} "
@@ -281,12 +314,12 @@ class PostcopySource:
             self._send_urgent(index, first, count)
         else:
             self.requests.append((index, first, count))
-            mig._wake.set()
+            self.hooks.wake.set()
 
     def _send_urgent(self, index: int, first: int, count: int) -> None:
         """Return-path thread, postcopy-preempt: the pages at once, on the preempt
         channel, unless another sender took them first."""
-        mig = self.mig
+        ram = self.ram
         with self._preempt_lock:
             channel = self.preempt_channel
             if channel is None:         # ended: nothing is left to send anyway
@@ -296,14 +329,13 @@ class PostcopySource:
             if count == 1:
                 self._send_urgent_page(channel, index, first)
                 return
-            idx = mig.ram.take_range(index, first, count)
+            idx = ram.take_range(index, first, count)
             if not len(idx):
                 return
             for start in range(0, len(idx), BATCH_PAGES):
-                batch = mig.ram.encode(index, idx[start:start + BATCH_PAGES],
-                                       self._preempt_encoder)
+                batch = ram.encode(index, idx[start:start + BATCH_PAGES], self._preempt_encoder)
                 channel.send_views(batch.buffers)
-                mig._account_batch(batch)
+                self.out.account_batch(batch)
 
     def _send_urgent_page(self, channel: ByteChannel, index: int, page: int) -> None:
         """One requested page (the usual request): the fault's latency path.
@@ -313,22 +345,21 @@ class PostcopySource:
         ``remaining`` is left to the migration thread (counting the bitmap
         here would cost more than sending the page).
         """
-        mig = self.mig
-        if not mig.ram.take_page(index, page):
+        ram, out = self.ram, self.out
+        if not ram.take_page(index, page):
             return
-        block = mig.ram.bitmaps[index].block
+        block = ram.bitmaps[index].block
         data = block.pages[page]
-        offset = page * mig.page_size
-        if not mig.ram.detect_zero or data.view(np.uint64).any():
+        offset = page * self.page_size
+        if not ram.detect_zero or data.view(np.uint64).any():
             channel.sendmsg_all([self._preempt_encoder.page_header(block.idstr, offset), data])
-            wire = 8 + mig.page_size
-            with mig._lock:
-                mig.stats.add_normal(1, wire)
+            with out.lock:
+                out.stats.add_normal(1, 8 + self.page_size)
         else:
             record = self._preempt_encoder.zero_page(block.idstr, offset)
             channel.sendmsg_all([record])
-            with mig._lock:
-                mig.stats.add_zero(1, len(record))
+            with out.lock:
+                out.stats.add_zero(1, len(record))
 
     # -- the preempt channel -----------------------------------------------------
     def _connect_preempt(self, uri: str) -> None:
@@ -336,7 +367,7 @@ class PostcopySource:
         trace("postcopy_preempt_new_channel", channel=channel.name)
         with self._preempt_lock:
             # A new channel: the destination knows no previous block on it.
-            self._preempt_encoder = RamRecordEncoder(self.mig.page_size)
+            self._preempt_encoder = RamRecordEncoder(self.page_size)
             self.preempt_channel = channel
 
     def _end_preempt(self) -> None:
@@ -344,7 +375,7 @@ class PostcopySource:
         with self._preempt_lock:
             channel, self.preempt_channel = self.preempt_channel, None
             if channel is not None:
-                self.mig._owned_channels.append(channel)
+                self.out.adopt(channel)
                 channel.sendmsg_all([enc.ram_eos()])
                 trace("postcopy_preempt_channel_end", channel=channel.name)
 
@@ -367,16 +398,13 @@ class PostcopySource:
     # -- pause and recovery ---------------------------------------------------------
     def _teardown_channels(self) -> None:
         """Stop the return path and drop the broken channels (pause, failed recovery)."""
-        mig = self.mig
-        mig._stop_return_path()
+        self.hooks.stop_return_path()
         self.close_preempt()
-        if mig.channel in mig._owned_channels:
-            mig._owned_channels.remove(mig.channel)
-            mig.channel.close()
+        if self.out.channel is not None:
+            self.out.release(self.out.channel)
 
     def _paused(self, cause: BaseException) -> None:
         """``postcopy-paused`` until a resume succeeds (spec 4.6)."""
-        mig = self.mig
         trace("postcopy_pause_return_path", error=cause)
         self._teardown_channels()
         self._enter_paused(cause)
@@ -384,77 +412,75 @@ class PostcopySource:
             while not self._resume_event.wait(POLL_SECONDS):
                 pass
             self._resume_event.clear()
-            with mig._lock:
+            with self._control_lock:
                 uri, abandoned = self._resume_uri, self._abandoned
             if abandoned is not None:
                 raise PostcopyError(f"postcopy abandoned while paused: {abandoned}")
             assert uri is not None      # request_resume() set it before the event
-            mig.state.transition(S.POSTCOPY_RECOVER_SETUP)
+            self.state.transition(S.POSTCOPY_RECOVER_SETUP)
             try:
                 channel = connect(uri)
             except (EngineError, OSError) as exc:
                 self._enter_paused(exc)
                 continue
-            mig._owned_channels.append(channel)
-            mig.channel = channel
-            mig.state.transition(S.POSTCOPY_RECOVER)
+            self.out.adopt(channel)
+            self.out.channel = channel
+            self.state.transition(S.POSTCOPY_RECOVER)
             try:
                 self._resume_handshake(uri)
             except (EngineError, OSError) as exc:
                 self._teardown_channels()
                 self._enter_paused(exc)
                 continue
-            mig.state.transition(S.POSTCOPY_ACTIVE)
+            self.state.transition(S.POSTCOPY_ACTIVE)
             trace("postcopy_pause_continued")
             return
 
     def _enter_paused(self, cause: BaseException) -> None:
-        mig = self.mig
         self.pause_requested.clear()
         self.requests.clear()      # the destination asks again after the resume
-        with mig._lock:
+        with self.out.lock:
             self.pause_error = cause if isinstance(cause, EngineError) else \
                 ChannelBrokenError(f"{type(cause).__name__}: {cause}")
-        mig.state.transition(S.POSTCOPY_PAUSED)
+        self.state.transition(S.POSTCOPY_PAUSED)
 
     def _resume_handshake(self, uri: str) -> None:
         """``postcopy-recover``: the received bitmaps, then POSTCOPY_RESUME."""
-        mig = self.mig
+        out, ram, hooks = self.out, self.ram, self.hooks
         self._received = {}
         self._resume_acked.clear()
-        mig._start_return_path()
-        nblocks = len(mig.ram.bitmaps)
-        mig._send_counted(b"".join(enc.recv_bitmap(bm.block.idstr)
-                                   for bm in mig.ram.bitmaps))
-        mig._wait_until(lambda: len(self._received) == nblocks)
+        hooks.start_return_path()
+        nblocks = len(ram.bitmaps)
+        out.send_counted(b"".join(enc.recv_bitmap(bm.block.idstr) for bm in ram.bitmaps))
+        hooks.wait_until(lambda: len(self._received) == nblocks)
         for index, received in self._received.items():
-            mig.ram.set_received(index, received)
-        mig.ram.encoder.reset()
+            ram.set_received(index, received)
+        ram.encoder.reset()
         if self.preempt:
             self._connect_preempt(uri)
-        mig._send_counted(enc.postcopy_resume())
-        mig._wait_until(self._resume_acked.is_set)
-        with mig._lock:
-            mig.stats.set_remaining(self._pending())
+        out.send_counted(enc.postcopy_resume())
+        hooks.wait_until(self._resume_acked.is_set)
+        with out.lock:
+            out.stats.set_remaining(self._pending())
 
     def on_received_bitmap(self, ev: rp.ReceivedBitmap) -> None:
         """Return-path thread: a block's received bitmap (recovery only)."""
-        mig = self.mig
-        index = mig.ram.block_index(ev.block)
+        ram = self.ram
+        index = ram.block_index(ev.block)
         if index is None:
             raise RemoteProtocolError(f"received bitmap of unknown RAM block {ev.block!r}",
                                       channel="return path")
-        npages = len(mig.ram.bitmaps[index].bits)
+        npages = len(ram.bitmaps[index].bits)
         if len(ev.bitmap) != rp.recv_bitmap_size(npages):
             raise RemoteProtocolError(
                 f"received bitmap of {ev.block!r} has {len(ev.bitmap)} bytes, expected "
                 f"{rp.recv_bitmap_size(npages)}", channel="return path")
         self._received[index] = rp.bitmap_bits(ev.bitmap, npages)
-        mig._wake.set()
+        self.hooks.wake.set()
 
     def on_resume_ack(self, ev: rp.ResumeAck) -> None:
         if ev.value != RESUME_ACK_VALUE:
             raise RemoteProtocolError(f"RESUME_ACK({ev.value}), expected {RESUME_ACK_VALUE}",
                                       channel="return path")
         self._resume_acked.set()
-        self.mig._wake.set()
+        self.hooks.wake.set()

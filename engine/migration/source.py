@@ -56,8 +56,9 @@ from engine.errors import (ChannelClosedError, ChannelError, ConfigError, Engine
                            PostcopyPaused, StateError)
 from engine.machine import RAM_SECTION_ID, GuestState, MachineProfile
 from engine.migration import autoconverge, check_implemented
+from engine.migration.outbound import Outbound
 from engine.migration.postcopy_source import (POSTCOPY_SWITCH_INTERVAL, RESUME_ACK_VALUE,
-                                              PostcopySource)
+                                              PostcopyHooks, PostcopySource)
 from engine.migration.dirtylimit import DirtyLimitSource
 from engine.migration.multifd_source import MultifdMode, MultifdSource
 from engine.migration.peer import destination_gave_up, peer_closed as _peer_closed
@@ -112,11 +113,12 @@ class SourceMigration:
                               Its table is the truth: no flag shadows it
     ``stats``, ``error``      written under ``_lock`` (migration thread, return
                               path's request count, multifd acknowledgements)
-    ``channel``, ``uri``      migration thread (a recovery replaces the channel);
-                              control threads only shut it down
+    ``out``                   the main channel, its rate limiter and the channels
+                              to close (see :class:`~engine.migration.outbound.
+                              Outbound`); ``channel`` and ``limiter`` read it
+    ``uri``                   migration thread
     ``mfd`` (and ``pool``)    migration thread (the pool may be made by the
                               caller's thread in :meth:`prepare`, before ``run``)
-    ``limiter``               migration thread; control writes its ``limit``
     ``return_path``           migration thread (one reader per channel); its
                               outcome is written by the reader's thread only
     ``pongs``                 appended by the return path, read by all
@@ -135,7 +137,8 @@ class SourceMigration:
                  *, on_status: Callable[[S, S], None] | None = None,
                  on_pass: Callable[[int], None] | None = None,
                  vcpus: int | None = None, runstate: str | None = None,
-                 postcopy_after: int | None = None, uuid: bytes | None = None):
+                 postcopy_after: int | None = None, uuid: bytes | None = None,
+                 on_multifd_ack: Callable[[], None] | None = None):
         check_implemented(options)
         self.guest = guest
         #: the VM's UUID (QEMU's -uuid), None when not set: it goes in every
@@ -152,9 +155,10 @@ class SourceMigration:
         cache = int(options.param("xbzrle-cache-size")) if options.cap("xbzrle") else None
         self.ram = RamSaver(guest, self.page_size, detect_zero=detect, xbzrle_cache=cache)
         self.stats = StatsAccumulator(self.ram.total_bytes, self.page_size, xbzrle_cache=cache)
-        self.dirty_limit = DirtyLimitSource(self)
+        self.dirty_limit = DirtyLimitSource(self._options, guest, self.page_size)
         self.error: EngineError | None = None
         self._lock = threading.Lock()
+        self.out = Outbound(self.stats, self.ram, self._lock)
         self._cancel = threading.Event()
         self._continue = threading.Event()
         self._switchover_acked = threading.Event()
@@ -167,15 +171,13 @@ class SourceMigration:
         self.switchover_digests: dict[str, str] | None = None
         self.compute_digests = False
         self.multifd = options.cap("multifd")
-        self.mfd = MultifdSource(self)
-        self.channel: ByteChannel | None = None
+        self.mfd = MultifdSource(self.out, self.ram, guest.blocks, self._options,
+                                 check_abort=self._multifd_checkpoint, on_ack=on_multifd_ack)
         self.uri: str | None = None
-        self.limiter: RateLimiter | None = None
         self._eof_sent = False
         #: auto-converge's throttle (None without the capability)
-        self.autoconverge = autoconverge.for_migration(self)
+        self.autoconverge = autoconverge.for_migration(self._options, guest)
         self._switchover_now = threading.Event()
-        self._owned_channels: list = []
         self._yanked = False
 
         self.postcopy_enabled = options.cap("postcopy-ram")
@@ -188,9 +190,29 @@ class SourceMigration:
                 raise ConfigError(f"postcopy_after must be >= 0, not {postcopy_after}")
         self.postcopy_after = postcopy_after
         self._postcopy_requested = threading.Event()
-        self.postcopy = PostcopySource(self, self.preempt)
+        self.postcopy = PostcopySource(self.out, self.ram, self.state, self.mfd, PostcopyHooks(
+            checkpoint=self._checkpoint, wait_until=self._wait_until, wake=self._wake,
+            options=self._options, count_sync=self._count_sync,
+            device_sections=self._device_sections, end_ram_section=self._end_ram_section,
+            start_return_path=self._start_return_path,
+            stop_return_path=self._stop_return_path, return_path=lambda: self.return_path),
+            preempt=self.preempt)
         #: CPU of this process and its multifd workers during the migration
         self.cpu = CpuMeter(lambda: [p.pid for p in self.pool.procs] if self.pool else [])
+
+    def _options(self) -> MigrationOptions:
+        """The options as of now (the parts ask: set_parameters replaces them)."""
+        return self.options
+
+    @property
+    def channel(self) -> ByteChannel | None:
+        """The main channel (a postcopy recovery replaces it)."""
+        return self.out.channel
+
+    @property
+    def limiter(self) -> RateLimiter | None:
+        """The rate limiter of the current phase (None while the guest is stopped)."""
+        return self.out.limiter
 
     # Read-only views kept for callers of the undivided class.
     @property
@@ -363,9 +385,9 @@ class SourceMigration:
             return self._run(channel, uri)
 
     def _run(self, channel: ByteChannel, uri: str | None) -> MigrationInfo:
-        self.channel = channel
+        self.out.channel = channel
         self.uri = uri
-        self.limiter = None
+        self.out.limiter = None
         trace("migration_thread_setup", channel=channel.name, uri=uri)
         was_running = bool(getattr(self.guest, "running", False))
         if self.runstate is not None:
@@ -390,7 +412,7 @@ class SourceMigration:
             self.state.transition(S.ACTIVE)
             postcopy = self._iterate()
             if postcopy:
-                self.postcopy.prepare()
+                self.postcopy.prepare(self.uri, lambda: bool(self.pongs))
             # QEMU's migration_completion: stop the VM first, then (with
             # pause-before-switchover) wait in pre-switchover for
             # migrate-continue, then serialise devices in 'device'.
@@ -409,7 +431,7 @@ class SourceMigration:
             # channels carry it (QEMU checks max-bandwidth only while iterating;
             # a cap here would stretch the downtime, and with multifd it shrank
             # every hand-out to a page or two).
-            self.limiter = None
+            self.out.limiter = None
             if self.options.cap("pause-before-switchover"):
                 self.state.transition(S.PRE_SWITCHOVER)
                 self._wait_until(self._continue.is_set)
@@ -442,10 +464,7 @@ class SourceMigration:
             self.postcopy.restore_switch_interval()
             self._stop_return_path()
             self.postcopy.close_preempt()
-            for ch in self._owned_channels:
-                with contextlib.suppress(Exception):
-                    ch.close()
-            self._owned_channels.clear()
+            self.out.close_owned()
             if self.pool is not None:
                 self.pool.close()
             trace("migration_thread_after_loop", status=self.state.status.value)
@@ -568,14 +587,6 @@ class SourceMigration:
             self.multifd and not self.mfd.flush_each_section
             and self.stats.dirty_sync_count <= 1))
 
-    def _send(self, buffers) -> None:
-        assert self.channel is not None     # run() set it before anything is sent
-        self.channel.sendmsg_all(buffers)
-
-    def _send_counted(self, data: bytes) -> None:
-        self._send([data])
-        self.stats.add_bytes(len(data))
-
     def _setup(self) -> None:
         if self.preempt and self.uri is None:
             raise MigrationError("postcopy-preempt needs the destination's URI to open "
@@ -587,27 +598,25 @@ class SourceMigration:
         config = {}
         if self.uuid is not None and self.options.cap("validate-uuid"):
             config["configuration/uuid"] = enc.config_uuid(self.uuid)
-        head = [enc.file_header(), enc.configuration(self.machine.type_name, config)]
-        self._send(head)
-        self.stats.add_bytes(sum(len(b) for b in head))
+        self.out.send_counted(enc.file_header(),
+                              enc.configuration(self.machine.type_name, config))
         if self._return_path_wanted():
             assert self.channel is not None     # run() set it
             if not self.channel.bidirectional:
                 raise MigrationError(
                     f"a return path needs a bidirectional channel; {self.channel.name} is not")
-            self._send_counted(enc.open_return_path() + enc.ping(1))
+            self.out.send_counted(enc.open_return_path() + enc.ping(1))
             self._start_return_path()
         if self.postcopy_enabled:
-            self._send_counted(enc.postcopy_advise(self.ram.page_size_summary(),
-                                                   self.page_size))
+            self.out.send_counted(enc.postcopy_advise(self.ram.page_size_summary(),
+                                                      self.page_size))
         body = (enc.section_start(RAM_SECTION_ID, RAM_SECTION_IDSTR, 0, RAM_SECTION_VERSION)
                 + self.ram.block_list())
         # block_list() started the dirty log afresh: QEMU's first bitmap sync
         # (ram_init_bitmaps), which counts as pass 1 and starts the period
         # the dirty-page rate is measured over.
         self._count_sync(0, self.ram.pending_pages())
-        self._send([body])
-        self.stats.add_bytes(len(body))
+        self.out.send_counted(body)
         self.mfd.setup_done()
         self._end_ram_section()
 
@@ -640,9 +649,7 @@ class SourceMigration:
           out once.
         """
         self.mfd.section_end()
-        tail = enc.ram_eos() + enc.section_footer(RAM_SECTION_ID)
-        self._send([tail])
-        self.stats.add_bytes(len(tail))
+        self.out.send_counted(enc.ram_eos() + enc.section_footer(RAM_SECTION_ID))
 
     def _return_path_wanted(self) -> bool:
         return self.options.cap("return-path") or self.options.cap("postcopy-ram")
@@ -653,8 +660,7 @@ class SourceMigration:
         A requested postcopy starts at the next iteration whatever is still
         pending: RAM is all postcopiable, so QEMU's must-precopy part is 0.
         """
-        limiter = RateLimiter(int(self.options.param("max-bandwidth")))
-        self.limiter = limiter
+        self.out.limiter = RateLimiter(int(self.options.param("max-bandwidth")))
         passes = 0
         if self.postcopy_after == 0:
             self._postcopy_requested.set()
@@ -681,7 +687,7 @@ class SourceMigration:
                     continue
                 if pending <= threshold and self._switchover_allowed():
                     return False
-            self._send_section(enc.section_part(RAM_SECTION_ID), limiter,
+            self._send_section(enc.section_part(RAM_SECTION_ID),
                                deadline=time.monotonic() + ITERATION_SECONDS)
 
     def _switchover_allowed(self) -> bool:
@@ -689,10 +695,12 @@ class SourceMigration:
         return (not self.options.cap("switchover-ack") or not self.guest.running
                 or self._switchover_acked.is_set())
 
-    def _send_section(self, header: bytes, limiter: RateLimiter | None,
-                      deadline: float | None) -> None:
-        self._send([header])
-        self.stats.add_bytes(len(header))
+    def _send_section(self, header: bytes, deadline: float | None) -> None:
+        """One RAM section: until the round ends, or the time slice (``deadline``)
+        or the phase's rate limit does."""
+        out = self.out
+        limiter = out.limiter
+        out.send_counted(header)
         while True:
             self._checkpoint()
             if limiter is not None and limiter.exceeded():
@@ -709,23 +717,12 @@ class SourceMigration:
                     else limiter.batch_pages(self.page_size + 8, PRECOPY_BATCH_PAGES))
                 if batch is None:
                     break
-                assert self.channel is not None     # run() set it
-                self.channel.send_views(batch.buffers)
-                self._account_batch(batch)
-                if limiter is not None:
-                    limiter.account(batch.wire_bytes)
+                out.send_batch(batch)
             if deadline is not None and time.monotonic() >= deadline:
                 break
         self._end_ram_section()
 
-    def _account_batch(self, batch) -> None:
-        with self._lock:
-            normal = batch.normal * (8 + self.page_size)
-            self.stats.add_normal(batch.normal, normal)
-            if batch.xbzrle is not None:
-                normal += self.stats.add_xbzrle(batch.xbzrle)
-            self.stats.add_zero(batch.zero, batch.wire_bytes - normal)
-            self.stats.set_remaining(self.ram.pending_pages())
+
     def _device_sections(self, described: list | None = None) -> list[bytes]:
         """The FULL section of every device (vCPUs stopped)."""
         records = []
@@ -743,14 +740,13 @@ class SourceMigration:
         self._count_sync(self.ram.sync(), self.ram.pending_pages())
         self.ram.last_stage()
         if self.options.prop("send-switchover-start"):
-            self._send_counted(enc.switchover_start())
-        self._send_section(enc.section_end(RAM_SECTION_ID), None, None)
+            self.out.send_counted(enc.switchover_start())
+        self._send_section(enc.section_end(RAM_SECTION_ID), None)
         described: list = []
         records = self._device_sections(described)
         records.append(enc.eof())
         records.append(enc.vmdescription(build_vmdesc(self.page_size, described)))
-        self._send(records)
-        self.stats.add_bytes(sum(len(r) for r in records))
+        self.out.send_counted(*records)
         self._eof_sent = True
         self.mfd.complete()
         with self._lock:

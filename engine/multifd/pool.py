@@ -9,8 +9,8 @@ a migration begins; :meth:`SendPool.connect` opens the channels when it does.
 A worker that dies, reports an error or stops answering turns into a
 :class:`~engine.errors.MigrationError` naming its channel; :meth:`close`
 always stops and reaps every worker and removes the endpoint directory.
-While a pool waits for its workers it calls :attr:`_Pool.check_abort` every
-poll interval, so a cancel (or a failure the coordinator learns of some
+While a pool waits for its workers it calls the ``check_abort`` it was given
+every poll interval, so a cancel (or a failure the coordinator learns of some
 other way) is not held up by workers stuck on a peer that stopped reading.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ REPLY_SECONDS = 120
 class _Pool:
     role = ""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, check_abort: Callable[[], None] | None = None):
         self.n = n
         self.procs: list = []
         self._dir = tempfile.mkdtemp(prefix="engine-multifd-")
@@ -66,7 +66,7 @@ class _Pool:
         self._ended: set[int] = set()
         self.wire_bytes = 0
         #: called while waiting for workers; raises to give up (a cancel)
-        self.check_abort: Callable[[], None] | None = None
+        self._check_abort = check_abort
 
     # -- messaging ---------------------------------------------------------
     def _send(self, index: int, message) -> None:
@@ -99,8 +99,8 @@ class _Pool:
             if self._router.poll(100):
                 return self._read()
             self._check_alive()
-            if self.check_abort is not None:
-                self.check_abort()
+            if self._check_abort is not None:
+                self._check_abort()
             if time.monotonic() > deadline:
                 raise MigrationError(f"multifd: timed out waiting for {what}")
 
@@ -229,8 +229,12 @@ class SendPool(_Pool):
 
     def __init__(self, n: int, blocks: Sequence[MappedBlock], *, codec: str = "none",
                  level: int | None = None,
-                 zero_detect: bool = True, page_size: int = 4096, page_count: int = 128):
-        super().__init__(n)
+                 zero_detect: bool = True, page_size: int = 4096, page_count: int = 128,
+                 on_ack: Callable[[ctl.Ack], None] | None = None,
+                 check_abort: Callable[[], None] | None = None):
+        super().__init__(n, check_abort)
+        #: told of every batch acknowledgement (the migration's statistics)
+        self._on_ack = on_ack
         self.page_count = page_count
         self.normal = self.zero = 0
         self._seq = 0
@@ -302,10 +306,8 @@ class SendPool(_Pool):
         self.normal += msg.normal
         self.zero += msg.zero
         self.wire_bytes += msg.wire_bytes
-        self.on_ack(msg)
-
-    def on_ack(self, ack: ctl.Ack) -> None:
-        """Hook for the migration's statistics."""
+        if self._on_ack is not None:
+            self._on_ack(msg)
 
     def sync(self) -> None:
         """QEMU's multifd_send_sync_main: drain, then a SYNC packet on every channel."""

@@ -419,11 +419,10 @@ class _CaseRun:
                                   postcopy_after=case.postcopy_after,
                                   on_status=trigger.on_status,
                                   on_pass=None if case.postcopy else
-                                  lambda n: _after_first_pass(mig, settings))
+                                  lambda n: _after_first_pass(mig, settings),
+                                  on_multifd_ack=trigger.poke)
             mig.compute_digests = True
             mig.prepare()
-            if mig.pool is not None:
-                _tap_acks(mig.pool, trigger.poke)
             outcome: dict = {}
             thread = threading.Thread(target=_run_source,
                                       args=(mig, main_uri, dest.uri, trigger.poke, outcome),
@@ -597,15 +596,6 @@ def _after_first_pass(mig: SourceMigration | None, settings: Settings) -> None:
     assert mig is not None      # a pass ended: the migration exists
     if int(mig.options.param("downtime-limit")) != settings.downtime_limit:
         mig.set_parameters({"downtime-limit": settings.downtime_limit})
-
-
-def _tap_acks(pool, hook: Callable[[], None]) -> None:
-    inner = pool.on_ack
-
-    def on_ack(ack):
-        inner(ack)
-        hook()
-    pool.on_ack = on_ack
 
 
 def _progress(mig: SourceMigration | None) -> tuple[str, int, int]:

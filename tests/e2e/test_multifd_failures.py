@@ -97,23 +97,28 @@ def assert_gone(pids, baseline: set[int]) -> None:
 # The source guest
 
 
-def after_first_ack(mig: SourceMigration, act) -> None:
-    """``act()`` in the migration thread once the first batch has gone out.
+class FirstAck:
+    """A migration's ``on_multifd_ack``: :meth:`arm`'s ``act()`` runs in the
+    migration thread once the first batch has been acknowledged.
 
-    The hook sits in the pool's acknowledgement path, so the failure lands
+    The hook sits in the acknowledgement path, so the failure lands
     mid-stream at the same point however fast the machine is: the channels
     are open, pages have moved, more are on their way.
     """
-    pool, done = mig.pool, []
-    inner = pool.on_ack
 
-    def on_ack(ack):
-        inner(ack)
-        if not done:
-            done.append(True)
+    def __init__(self):
+        self._act = None
+
+    def arm(self, mig: SourceMigration, act) -> None:
+        def run():
             assert mig.state.status.value == "active"
             act()
-    pool.on_ack = on_ack
+        self._act = run
+
+    def __call__(self) -> None:
+        act, self._act = self._act, None
+        if act is not None:
+            act()
 
 
 def kill(proc) -> None:
@@ -205,10 +210,11 @@ def test_source_worker_killed(tmp_path, source):
     opts = options({"return-path": True}, **NON_CONVERGING)
     dest = Destination(tmp_path, source, opts)
     try:
-        mig = source.migration(opts)
+        first = FirstAck()
+        mig = source.migration(opts, on_multifd_ack=first)
         workers = [p.pid for p in mig.pool.procs]
         baseline = live_children() - set(workers) - set(dest.worker_pids)
-        after_first_ack(mig, lambda: kill(mig.pool.procs[VICTIM]))
+        first.arm(mig, lambda: kill(mig.pool.procs[VICTIM]))
         info = run_bounded(mig, dest.uri)
         desc = assert_failed(info, mig)
         assert f"multifd channel {VICTIM}: send worker process killed by signal 9" in desc, \
@@ -225,10 +231,11 @@ def test_destination_worker_killed(tmp_path, source):
     opts = options({"return-path": True}, **NON_CONVERGING)
     dest = Destination(tmp_path, source, opts)
     try:
-        mig = source.migration(opts)
+        first = FirstAck()
+        mig = source.migration(opts, on_multifd_ack=first)
         workers = [p.pid for p in mig.pool.procs]
         baseline = live_children() - set(workers) - set(dest.worker_pids)
-        after_first_ack(mig, lambda: kill(dest.mig.pool.procs[VICTIM]))
+        first.arm(mig, lambda: kill(dest.mig.pool.procs[VICTIM]))
         info = run_bounded(mig, dest.uri)
         # The source learns it from its own channel (the socket closed under
         # it) or from the destination's SHUT, whichever comes first.
@@ -337,10 +344,11 @@ def test_cancel_during_multifd_migration(tmp_path, source):
     opts = options({"return-path": True}, **NON_CONVERGING)
     dest = Destination(tmp_path, source, opts)
     try:
-        mig = source.migration(opts)
+        first = FirstAck()
+        mig = source.migration(opts, on_multifd_ack=first)
         workers = [p.pid for p in mig.pool.procs]
         baseline = live_children() - set(workers) - set(dest.worker_pids)
-        after_first_ack(mig, mig.cancel)
+        first.arm(mig, mig.cancel)
         info = run_bounded(mig, dest.uri)
         assert info.to_qmp() == {"status": "cancelled"}, info.to_qmp()
         assert statuses(mig)[-3:] == ["active", "cancelling", "cancelled"]
