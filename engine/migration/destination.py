@@ -240,6 +240,8 @@ class DestinationMigration:
         as QEMU shows them, our x-postcopy-latency-p50/-p99 and
         x-postcopy-faults always)."""
         pc = self._postcopy_figures()
+        preempt_normal = pc.pop("preempt-pages", 0)     # ram figures, not members
+        preempt_zero = pc.pop("preempt-zero-pages", 0)
         with self._lock:
             if self._stats is None:
                 info = MigrationInfo(status=self.state.status.value,
@@ -248,12 +250,12 @@ class DestinationMigration:
                 info = self._stats.snapshot(self.state.status.value,
                                             error_desc=str(self.error) if self.error else None)
         if info.ram is not None:
-            # What arrived, main channel and multifd (QEMU's destination
-            # leaves these at 0; a summary that says what it loaded is more use).
+            # What arrived on every channel (QEMU's destination leaves these
+            # at 0; a summary that says what it loaded is more use).
             mf_normal, mf_zero = self.multifd_pages
-            normal = self.pages + mf_normal
+            normal = self.pages + preempt_normal + mf_normal
             info = replace(info, ram=replace(
-                info.ram, normal=normal, duplicate=self.zero_pages + mf_zero,
+                info.ram, normal=normal, duplicate=self.zero_pages + preempt_zero + mf_zero,
                 normal_bytes=normal * self.page_size,
                 transferred=max(info.ram.transferred,
                                 self._main_bytes + mf_normal * self.page_size)))
@@ -275,7 +277,8 @@ class DestinationMigration:
             stats, blocktime=self.options.cap("postcopy-blocktime"),
             started=self.postcopy.state.value in ("listening", "running", "end"),
             completed=self.state.status is S.COMPLETED)
-        out["postcopy-requests"] = stats.get("postcopy-requests", 0)
+        for key in ("postcopy-requests", "preempt-pages", "preempt-zero-pages"):
+            out[key] = stats.get(key, 0)
         return out
 
     # ------------------------------------------------------------------
@@ -640,12 +643,12 @@ class DestinationMigration:
     @property
     def pages(self) -> int:
         """Pages received with their contents on the main channel (precopy and
-        postcopy; the preempt channel's are the fault handler's)."""
+        postcopy); :meth:`info` adds the fault handler's preempt channel's."""
         return self.ram.pages if self.ram is not None else 0
 
     @property
     def zero_pages(self) -> int:
-        """Zero pages received on the main channel."""
+        """Zero pages received on the main channel (as :attr:`pages`)."""
         return self.ram.zero_pages if self.ram is not None else 0
 
     @property

@@ -1,185 +1,23 @@
-"""The RAM side of loadvm (QEMU's ram.c, load half): page records into memory.
+"""The drivers' RAM loader: :class:`engine.ram.loader.RamLoader` with XBZRLE.
 
-:class:`RamLoader` is the one place where the page records a decoder
-yields land in a guest's memory, for every reader of a stream: the
-destination's main channel (precopy, then postcopy), ``engine load``
-writing an image, and - through the same :class:`~engine.postcopy.placer.
-Placer` - the postcopy fault handler's preempt channel.
-
-Two ways to land, switched once at POSTCOPY_LISTEN (QEMU's
-``ram_load_precopy`` and ``ram_load_postcopy``):
-
-* **precopy**: nothing runs on the memory.  A run of pages
-  (:class:`~engine.stream.events.RamPages`) lands with one array assignment;
-  a run of zero pages (:class:`~engine.stream.events.RamZeros`) clears only
-  what is not zero already.
-* **postcopy** (:meth:`RamLoader.place_through`): vCPUs may run on the
-  memory, so each page goes in atomically and only once, through the
-  placer (UFFDIO_COPY, or array writes under the lock shared with the fault
-  handler), and a page some vCPU asked for is reported to ``on_placed`` so
-  that its waiters wake.
-
-The loader keeps the "received" bitmap of every block, which the multifd
-workers and the postcopy fault handler share.
-
-Zero pages: a block this process created is known to be zero where nothing
-was received yet (a page that never arrived is still the creator's zero),
-so a zero page there is not touched at all (QEMU 9's multifd receiver has
-the same rule); elsewhere it is cleared.  QEMU's main channel reads the page
-first (``buffer_is_zero``) and writes only if it must; from Python, gathering
-scattered pages to test them cost four times what clearing them does.
+The loader itself sits in engine/ram/, below the postcopy fault handler
+that uses it too; XBZRLE decoding (engine/compress/, above ram/) is bound
+in here, where the destination and ``engine load`` take it from.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
-
-import numpy as np
+from typing import Sequence
 
 from engine.compress.xbzrle import decode_into
-from engine.errors import BlockMismatchError, RemoteProtocolError, XbzrleError
-from engine.stream import events as ev
+from engine.ram.loader import RamLoader as _RamLoader
+from engine.ram.loader import check_block_list, received_maps
+from engine.ram.seams import PageBlock
 
-if TYPE_CHECKING:
-    from engine.postcopy.placer import Placer
-    from engine.ram.seams import MappedBlock, PageBlock
-
-__all__ = ["RamLoader", "check_block_list"]
+__all__ = ["RamLoader", "check_block_list", "received_maps"]
 
 
-def check_block_list(announced: ev.RamBlockList, blocks: Sequence[MappedBlock]) -> None:
-    """QEMU's ram_load_setup checks: every announced block exists, same length."""
-    local = {b.idstr: b for b in blocks}
-    for info in announced.blocks:
-        block = local.get(info.idstr)
-        if block is None:
-            raise BlockMismatchError(
-                f'Unknown ramblock "{info.idstr}", cannot accept migration '
-                f"(this guest has: {', '.join(sorted(local)) or 'no blocks'})")
-        if block.used_length != info.used_length:
-            raise BlockMismatchError(
-                f"Length mismatch: {info.idstr}: 0x{info.used_length:x} in the stream "
-                f"!= 0x{block.used_length:x} here")
-
-
-class RamLoader:
-    """Lands page records in the blocks of one guest (or image).
-
-    ``blocks`` have ``idstr``, ``pages`` (a ``(npages, page_size)`` uint8
-    array) and ``fresh``; ``received`` maps each block's idstr to its
-    received bitmap (one entry per page, any numpy dtype that takes True);
-    ``page_size`` is the target page size.  ``pages`` and ``zero_pages``
-    count what was applied, precopy and postcopy alike; ``xbzrle_pages`` the
-    XBZRLE records applied.
-    """
+class RamLoader(_RamLoader):
+    """A :class:`engine.ram.loader.RamLoader` that applies XBZRLE records."""
 
     def __init__(self, blocks: Sequence[PageBlock], received: dict, page_size: int):
-        self.page_size = page_size
-        self._pages = {b.idstr: b.pages for b in blocks}
-        self._fresh = {b.idstr: bool(getattr(b, "fresh", False)) for b in blocks}
-        self._index = {b.idstr: i for i, b in enumerate(blocks)}
-        self.received = received
-        self.pages = self.zero_pages = self.xbzrle_pages = 0
-        #: postcopy: the placer, per block the "requested" bitmap, the callback
-        self._placer: Placer | None = None
-        self._requested: list | None = None
-        self._on_placed: Callable[[int, int], None] | None = None
-        # By event type: what lands it (pages as (block, offsets, data)).
-        self._appliers = {
-            ev.RamPages: lambda e: self.land(e.block, e.offsets, e.data),
-            ev.RamZeros: lambda e: self.zero(e.block, e.offsets),
-            ev.RamPage: lambda e: self.land(
-                e.block, np.array([e.offset], np.uint64),
-                np.frombuffer(e.data, np.uint8).reshape(1, -1)),
-            ev.RamZero: lambda e: self.zero(e.block, np.array([e.offset], np.uint64)),
-            ev.RamXbzrle: lambda e: self.patch(e.block, e.offset, e.data),
-        }
-
-    @property
-    def postcopy(self) -> bool:
-        """Whether pages go in through a placer (after POSTCOPY_LISTEN)."""
-        return self._placer is not None
-
-    def place_through(self, placer: Placer, requested: list | None = None,
-                      on_placed: Callable[[int, int], None] | None = None) -> None:
-        """From now on pages go in atomically through ``placer`` (postcopy).
-
-        ``requested[i]`` is block *i*'s bitmap of pages a vCPU asked for;
-        ``on_placed(i, page)`` is called for each of those once it is in
-        place (QEMU's postcopy_place_page waking the faulting vCPU).
-        """
-        self._placer = placer
-        self._requested = requested
-        self._on_placed = on_placed
-
-    def apply(self, event) -> None:
-        """Land a RamPages, RamZeros, RamPage, RamZero or RamXbzrle event."""
-        try:
-            applier = self._appliers[type(event)]
-        except KeyError:
-            raise TypeError(f"not a RAM page event: {type(event).__name__}") from None
-        applier(event)
-
-    def land(self, block: str, offsets: np.ndarray, data: np.ndarray) -> None:
-        """Pages ``data[i]`` at byte ``offsets[i]`` of ``block``.
-
-        Precopy: repeated offsets are fine, numpy assigns in order, so the
-        last copy of a page wins, as it would one record at a time.
-        Postcopy: the first copy wins (a page is placed once).
-        """
-        idx = offsets // np.uint64(self.page_size)
-        self.pages += len(idx)
-        if self._placer is not None:
-            self._place(block, idx, data)
-            return
-        self._pages[block][idx] = data
-        self.received[block][idx] = True
-
-    def patch(self, block: str, offset: int, encoding) -> None:
-        """An XBZRLE record: ``encoding`` applied to the page held at byte
-        ``offset`` of ``block`` (QEMU's load_xbzrle).  Precopy only: QEMU's
-        postcopy loader knows no XBZRLE record either."""
-        if self._placer is not None:
-            raise RemoteProtocolError(f"XBZRLE page of {block} at {offset:#x} in postcopy")
-        page = self._pages[block][offset // self.page_size]
-        try:
-            decode_into(encoding, page)
-        except XbzrleError as exc:
-            raise RemoteProtocolError(f"Failed to load XBZRLE page of {block} at "
-                                      f"{offset:#x} - decode error! ({exc})") from None
-        self.received[block][offset // self.page_size] = True
-        self.xbzrle_pages += 1
-
-    def zero(self, block: str, offsets: np.ndarray) -> None:
-        """The pages at byte ``offsets`` of ``block`` are zero."""
-        idx = offsets // np.uint64(self.page_size)
-        self.zero_pages += len(idx)
-        if self._placer is not None:
-            self._place(block, idx, None)
-            return
-        received = self.received[block]
-        # Known zero unless something was written there: a block we created
-        # holds zeros wherever nothing has been received yet.
-        maybe = idx[received[idx].astype(bool)] if self._fresh[block] else idx
-        if len(maybe):
-            self._pages[block][maybe] = 0
-        received[idx] = True
-
-    def _place(self, block: str, idx: np.ndarray, data) -> None:
-        i = self._index[block]
-        assert self._placer is not None     # place_through() chose this path
-        self._placer.place_run(i, idx, data)
-        requested = self._requested
-        if requested is not None and self._on_placed is not None:
-            asked = idx[requested[i][idx] != 0]
-            for page in asked.tolist():     # only pages a vCPU is waiting for
-                self._on_placed(i, page)
-
-
-def received_maps(blocks: Sequence[PageBlock], shared: Sequence | None = None) -> dict:
-    """Each block's "received" bitmap, by idstr: the *shared* ones where other
-    processes land pages too (the postcopy fault handler's, so that what
-    arrived in precopy is not asked for again; the multifd workers'), else
-    private ones."""
-    if shared is None:
-        return {b.idstr: np.zeros(b.npages, dtype=bool) for b in blocks}
-    return {b.idstr: r for b, r in zip(blocks, shared)}
+        super().__init__(blocks, received, page_size, xbzrle_decode=decode_into)

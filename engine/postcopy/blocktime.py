@@ -6,7 +6,9 @@ blocked at once (the guest made no progress at all), and since 10.1 the
 remote fault latency: from a fault to the arrival of its page, overall, per
 vCPU and as a distribution of power-of-two microsecond buckets.  The fault
 handler keeps these here; :meth:`Blocktime.figures` gives them under
-query-migrate's names (:func:`empty_figures` before anything happened).
+query-migrate's names (:func:`empty_figures` before anything happened),
+with the pages the handler placed from the preempt channel, which the
+destination adds to what its main channel received.
 
 The handler calls, per fault and per arrival, :meth:`block`,
 :meth:`unblock` and :meth:`latency`: a few integer operations each, no
@@ -30,7 +32,8 @@ def empty_figures(mode: str, nvcpus: int) -> dict:
             "postcopy-blocktime": 0, "postcopy-vcpu-blocktime": [0] * nvcpus,
             "postcopy-vcpu-latency": [0] * nvcpus,
             "postcopy-latency-dist": [0] * LATENCY_BUCKETS,
-            "postcopy-faults": mode, "faults": 0}
+            "postcopy-faults": mode, "faults": 0,
+            "preempt-pages": 0, "preempt-zero-pages": 0}
 
 
 class Blocktime:
@@ -104,9 +107,10 @@ class Blocktime:
 
     # -- the figures ------------------------------------------------------------------
 
-    def figures(self, now: int) -> dict:
+    def figures(self, now: int, preempt: tuple[int, int] = (0, 0)) -> dict:
         """query-migrate's postcopy figures at *now* (spells still going count
-        up to *now*): latencies and blocktime per vCPU in ns / ms as QEMU."""
+        up to *now*): latencies and blocktime per vCPU in ns / ms as QEMU;
+        *preempt* is (pages, zero pages) that arrived on the preempt channel."""
         lat = self.latencies[:self.nlatencies]
         per = dict(self.total)
         for i, t0 in self.since.items():
@@ -130,4 +134,6 @@ class Blocktime:
             "postcopy-latency-dist": [int(c) for c in dist],
             "postcopy-faults": self.mode,
             "faults": self.faults,
+            "preempt-pages": preempt[0],
+            "preempt-zero-pages": preempt[1],
         }

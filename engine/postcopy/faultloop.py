@@ -3,13 +3,17 @@
 The process waits, in one ``poll``, on the vCPUs' registration socket,
 each registered vCPU's userfaultfd (or its socket, in software mode), the
 control socket from the coordinator (:mod:`~engine.postcopy.control`) and
-the preempt channel.  A fault on a page not received yet becomes one
+the preempt channel (:mod:`~engine.postcopy.preempt`).  A fault on a page not received yet becomes one
 request on the return path (REQ_PAGES_ID / REQ_PAGES, written under the
 shared lock); a fault on a page that was received as ZERO in precopy (still
 a hole) is served with a zero page.  When a page arrives, whoever placed it,
 every waiter is woken: ``UFFDIO_COPY`` wakes only waiters in the address
-space of the descriptor it went through, so the other vCPUs' descriptors get
-``UFFDIO_WAKE``, software vCPUs a WAKE message.  Every ~10 ms with waiters
+space of the descriptor it went through, and only when it installed the
+page, so the other vCPUs' descriptors (and that one, when the page was there
+already) get ``UFFDIO_WAKE``, software vCPUs a WAKE message.  The preempt
+channel's pages land through a :class:`~engine.ram.loader.RamLoader` of the
+handler's own, the same loader the destination's main channel uses, so both
+channels place, count and refuse pages alike.  Every ~10 ms with waiters
 the loop also sweeps them against the received bitmaps, so a missed
 notification costs latency, never a hang.
 
@@ -34,12 +38,13 @@ from engine.errors import PostcopyError, RemoteProtocolError
 from engine.postcopy import control as ctl
 from engine.postcopy.blocktime import Blocktime
 from engine.postcopy.placer import Placer
+from engine.postcopy.preempt import PreemptReader
 from engine.procs import child_setup
 from engine.ram import faultproto as fp
 from engine.ram.block import RamBlock
 from engine.ram.dirty import DirtyLog
-from engine.stream.decoder import StreamDecoder
-from engine.stream.events import NEED_DATA, RamBlockInfo, RamEOS, RamPage, RamZero
+from engine.ram.loader import RamLoader, received_maps
+from engine.stream.events import RamBlockInfo, RamPage, RamZero
 from engine.stream.returnpath import rp_req_pages, rp_req_pages_id
 from engine.trace import trace
 from engine.uffd import Userfaultfd
@@ -53,8 +58,9 @@ SWEEP_NS = 10_000_000
 IDLE_POLL_MS = 500
 #: a return path that takes no bytes for this long counts as broken (s)
 RP_STALL_SECONDS = 30.0
-#: bytes read from the preempt channel per poll round
-PREEMPT_READ = 256 * 1024
+#: at most this many reads of the preempt channel before a statistics reply
+#: (bounded: a source that keeps sending must not hold the reply up)
+PREEMPT_DRAIN_READS = 64
 #: largest control packet from the coordinator
 _CTL_IN_MAX = 4096
 #: after REGISTER a vCPU sends only FAULT packets (17 bytes); a longer one
@@ -179,10 +185,10 @@ class _FaultLoop:
         self.rp: socket.socket | None = None
         self.paused = False
         self.last_block: int | None = None
-        self.preempt: socket.socket | None = None
-        self.decoder: StreamDecoder | None = None
-        self.rbuf = bytearray(PREEMPT_READ)
-        self.rview = memoryview(self.rbuf)
+        self.preempt: PreemptReader | None = None
+        # The preempt channel's pages; its counts are the channel's figures.
+        self.loader = RamLoader(self.blocks, received_maps(self.blocks, self.received),
+                                self.ps)
         self.placer: Placer | None = None
         self.placer_vcpu: _Vcpu | None = None
         self._new_placer()
@@ -293,9 +299,8 @@ class _FaultLoop:
 
     def _ctl_preempt(self, msg: ctl.Preempt, fds: list[int]) -> None:
         self._drop_preempt()
-        self.preempt = socket.socket(fileno=fds.pop())
-        self.decoder = StreamDecoder(_no_vmsd, page_size=self.ps, channel="postcopy preempt",
-                                     ram_records_only=True, ram_blocks=self.block_infos)
+        self.preempt = PreemptReader(socket.socket(fileno=fds.pop()), self.ps,
+                                     self.block_infos, self._place)
         self._watch(self.preempt.fileno(), self._on_preempt)
 
     def _ctl_pause(self, msg: ctl.Pause, fds: list[int]) -> None:
@@ -316,7 +321,15 @@ class _FaultLoop:
         self.unsent = list(self.pending)
 
     def _ctl_query_stats(self, msg: ctl.QueryStats, fds: list[int]) -> None:
-        self.send_ctl(ctl.Stats(self.stats.figures(time.monotonic_ns())))
+        # Pages already in the preempt socket count: at the end of postcopy
+        # the source wrote its last urgent pages and the channel's EOS before
+        # the main channel's end, after which the destination asks.
+        for _ in range(PREEMPT_DRAIN_READS):
+            if self.preempt is None or not self._on_preempt(select.POLLIN):
+                break
+        figures = self.stats.figures(time.monotonic_ns(),
+                                     preempt=(self.loader.pages, self.loader.zero_pages))
+        self.send_ctl(ctl.Stats(figures))
 
     def _ctl_stop(self, msg: ctl.Stop, fds: list[int]) -> None:
         trace("postcopy_ram_fault_thread_quit", why="stop")
@@ -411,18 +424,19 @@ class _FaultLoop:
         """A placer through the lowest-numbered userfaultfd vCPU (UFFDIO_COPY
         needs a registered mapping), the shared lock in software mode, or
         plain writes when no vCPU can fault."""
+        candidates = [v for v in self.vcpus.values() if v.uffd is not None]
         if self.mode == "software":
             self.placer_vcpu = None
             self.placer = Placer(self.blocks, self.received, lock=self.lock)
-            return
-        candidates = [v for v in self.vcpus.values() if v.uffd is not None]
-        if candidates:
+        elif candidates:
             v = min(candidates, key=lambda c: c.index)
             self.placer_vcpu = v
             self.placer = Placer(self.blocks, self.received, uffd=v.uffd, bases=v.bases)
         else:
             self.placer_vcpu = None
             self.placer = Placer(self.blocks, self.received)
+        # The loop wakes its own waiters (_page_arrived): no requested/on_placed.
+        self.loader.place_through(self.placer)
 
     def _drop(self, v: _Vcpu) -> None:
         """A vCPU went away (detached, died or registered again)."""
@@ -680,68 +694,35 @@ class _FaultLoop:
             self._unwatch(self.preempt.fileno())
             self.preempt.close()
             self.preempt = None
-            self.decoder = None
 
-    def _on_preempt(self, revents: int) -> None:
-        # watched only while there is a preempt channel, and it has a decoder
-        assert self.preempt is not None and self.decoder is not None
-        try:
-            n = self.preempt.recv_into(self.rbuf, 0, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return
-        except OSError:
-            n = 0
-        if n == 0:
-            # The end, or a break (then the source re-creates the channel
-            # after recovery; a record cut short is dropped, as QEMU does).
+    def _on_preempt(self, revents: int) -> bool:
+        """Read the preempt channel; whether there may be more to read."""
+        assert self.preempt is not None  # watched only while there is one
+        more = self.preempt.read()
+        if self.preempt.ended:
             self._drop_preempt()
-            return
-        dec = self.decoder
-        dec.feed(self.rview[:n])
-        index = self.index
-        while True:
-            ev = dec.next_event()
-            if ev is NEED_DATA:
-                return
-            kind = type(ev)
-            if kind is RamPage:
-                self._place(index[ev.block], ev.offset // self.ps, ev.data)
-            elif kind is RamZero:
-                self._place(index[ev.block], ev.offset // self.ps, None)
-            elif kind is RamEOS:
-                self._drop_preempt()
-                return
-            else:
-                raise RemoteProtocolError(
-                    f"{kind.__name__} on the postcopy preempt channel (only page records "
-                    f"belong there)", dec.offset, "postcopy preempt")
+        return more
 
-    def _place(self, b: int, page: int, data) -> None:
+    def _place(self, ev: RamPage | RamZero) -> None:
         """Place an urgent page from the preempt channel and wake its waiters."""
-        skip = None
-        trace("postcopy_place_page", block=self.idstrs[b], offset=page * self.ps,
+        b, page = self.index[ev.block], ev.offset // self.ps
+        data = ev.data if type(ev) is RamPage else None
+        trace("postcopy_place_page", block=ev.block, offset=ev.offset,
               zero=data is None, channel="preempt")
-        if not self.received[b][page]:
-            assert self.placer is not None  # __init__ made one (None once closed)
-            for attempt in (0, 1):
-                placer_vcpu = self.placer_vcpu
-                try:
-                    if data is None:
-                        self.placer.place_zero(b, page)
-                    else:
-                        self.placer.place(b, page, data)
-                    break
-                except PostcopyError as exc:
-                    # Its vCPU detached or died under us: go through another.
-                    if attempt == 0 and placer_vcpu is not None and self._gone(placer_vcpu):
-                        self._drop(placer_vcpu)
-                        continue
-                    raise PostcopyError(
-                        f"placing page {page} of block '{self.idstrs[b]}' from the preempt "
-                        f"channel: {exc}") from None
-            skip = placer_vcpu      # UFFDIO_COPY woke its own waiters
-        self._page_arrived((b, page), time.monotonic_ns(), skip=skip)
-
-
-def _no_vmsd(idstr: str, instance_id: int):
-    return None
+        for attempt in (0, 1):
+            placer_vcpu = self.placer_vcpu
+            try:
+                placed = self.loader.land_page(ev.block, ev.offset, data)
+                break
+            except PostcopyError as exc:
+                # Its vCPU detached or died under us: go through another
+                # (_drop makes a new placer, and hands it to the loader).
+                if attempt == 0 and placer_vcpu is not None and self._gone(placer_vcpu):
+                    self._drop(placer_vcpu)
+                    continue
+                raise PostcopyError(
+                    f"placing page {page} of block '{ev.block}' from the preempt "
+                    f"channel: {exc}") from None
+        # UFFDIO_COPY woke the waiters of its own descriptor only if it
+        # installed the page; otherwise every waiter needs a wake.
+        self._page_arrived((b, page), time.monotonic_ns(), skip=placer_vcpu if placed else None)

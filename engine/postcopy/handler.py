@@ -324,7 +324,9 @@ class FaultHandler:
              "postcopy-latency-p99": median and 99th percentile (ns),
              "postcopy-blocktime": ms all vCPUs were blocked at once,
              "postcopy-vcpu-blocktime": [ms per vCPU],
-             "postcopy-faults": mode, "faults": faults read}
+             "postcopy-faults": mode, "faults": faults read,
+             "preempt-pages", "preempt-zero-pages": page records that came
+             on the preempt channel (with contents, zero)}
 
         After :meth:`close` the last figures (taken at close) are returned.
         """
