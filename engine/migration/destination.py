@@ -258,7 +258,7 @@ class DestinationMigration:
                 info.ram, normal=normal, duplicate=self.zero_pages + preempt_zero + mf_zero,
                 normal_bytes=normal * self.page_size,
                 transferred=max(info.ram.transferred,
-                                self._main_bytes + mf_normal * self.page_size)))
+                                self._main_bytes + (mf_normal + preempt_normal) * self.page_size)))
         if pc:
             requests = pc.pop("postcopy-requests", 0)
             extra = dict(info.extra or {})
