@@ -312,6 +312,9 @@ def run_migrate(args) -> int:
                 print("destination: " + dest.stderr(), file=sys.stderr)
             return EXIT_FAILED
         if verification["ok"] is False:
+            # --quiet silences the report, never the reason for a failure.
+            print("engine: verification failed: " + "; ".join(verification["messages"]),
+                  file=sys.stderr)
             return EXIT_MISMATCH
         return EXIT_OK
     finally:

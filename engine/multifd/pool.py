@@ -20,6 +20,7 @@ import shutil
 import socket
 import tempfile
 import time
+import weakref
 from collections import deque
 from typing import Callable, Sequence
 
@@ -57,10 +58,14 @@ class _Pool:
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._router.setsockopt(zmq.LINGER, 0)
         self._router.bind(self.endpoint)
+        # A pool dropped without close() (a failure half-way through its
+        # user) must neither hang nor leak.  In a garbage cycle the context may
+        # be finalized before its socket, and its term() then waits for that
+        # socket forever; the finalizer holds both and releases them in order.
+        self._finalizer = weakref.finalize(self, _release, self.procs, self._router,
+                                           self._zctx, self._dir)
         #: no more waiting on the workers (set first thing by close)
         self._closed = False
-        #: everything released: workers reaped, zmq closed, directory removed
-        self._released = False
         self._backlog: deque = deque()
         #: workers that said DONE: their exit is expected
         self._ended: set[int] = set()
@@ -183,7 +188,7 @@ class _Pool:
     def close(self, timeout: float = 5.0) -> None:
         """Stop and reap every worker; idempotent, and a close cut short (a
         second Ctrl-C) is finished by the next call instead of being skipped."""
-        if self._released:
+        if not self._finalizer.alive:
             return
         self._closed = True
         deadline = time.monotonic() + timeout
@@ -196,17 +201,12 @@ class _Pool:
             if p.exitcode is None:
                 p.kill()
                 p.join()
-        if not self._router.closed:
-            self._router.close(linger=0)
-        if not self._zctx.closed:
-            self._zctx.term()
-        shutil.rmtree(self._dir, ignore_errors=True)
-        self._released = True
+        self._finalizer()
         trace("multifd_pool_closed", role=self.role)
 
     def kill(self) -> None:
         """Abort: workers are killed at once (migration failed or cancelled)."""
-        if not self._released:
+        if self._finalizer.alive:
             trace("multifd_terminate_threads", role=self.role, channels=self.n)
         for p in self.procs:
             if p.exitcode is None:
@@ -221,6 +221,18 @@ class _Pool:
             self.close()
         else:
             self.kill()
+
+
+def _release(procs: list, router: zmq.Socket, zctx: zmq.Context, directory: str) -> None:
+    """Everything a pool holds: workers killed if still alive (close() reaps
+    them first), the socket closed before its context ends, the directory gone."""
+    for p in procs:
+        if p.exitcode is None:
+            p.kill()
+            p.join(2)
+    router.close(linger=0)
+    zctx.term()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 class SendPool(_Pool):
@@ -437,7 +449,7 @@ class RecvPool(_Pool):
         self.zero = sum(d.zero for d in done)
 
     def close(self, timeout: float = 5.0) -> None:
-        if not self._released:
+        if self._finalizer.alive:
             for s in self._fd_socks:
                 s.close()      # a worker still waiting for its channel sees EOF
         super().close(timeout)

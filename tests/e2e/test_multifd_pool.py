@@ -1,6 +1,7 @@
 """Multifd worker pools on their own: real worker processes, sockets, shared memory."""
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -122,3 +123,42 @@ def test_batches_take_turns_among_idle_workers():
     assert pool._next_worker() == 1
     pool._outstanding = [1, 1, 1]
     assert pool._next_worker() == 2          # all equal again: next after 1
+
+
+_DROPPED_POOLS = """
+import gc, json, os
+from engine.multifd.pool import RecvPool, SendPool
+from engine.ram.block import RamBlock
+from engine.ram.dirty import DirtyLog
+
+with RamBlock.create("m0", 64 * 4096) as block, DirtyLog.create(64) as log:
+    out = []
+    for pool in (SendPool(2, [block]), RecvPool(2, [block], [log]), SendPool(1, [block])):
+        out.append({"dir": pool._dir, "pids": [p.pid for p in pool.procs]})
+        pool.itself = pool      # a cycle: only the collector can free it
+    del pool
+    gc.collect()
+    print(json.dumps(out))
+"""
+
+
+def test_a_pool_dropped_without_close_is_released(tmp_path):
+    """A pool its user lost (a failure half-way) is released when collected:
+    workers gone, directory removed, and no hang (in a garbage cycle zmq's
+    context used to be finalized before its socket, and wait for it forever)."""
+    import json
+    import subprocess
+    import sys
+
+    import psutil
+
+    proc = subprocess.run([sys.executable, "-c", _DROPPED_POOLS], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    pools = json.loads(proc.stdout)
+    for pool in pools:
+        assert pool["pids"] and not os.path.exists(pool["dir"])
+        for pid in pool["pids"]:
+            assert not psutil.pid_exists(pid) or \
+                psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not list(tmp_path.iterdir())
