@@ -253,8 +253,17 @@ class Trigger:
 
     def on_status(self, old: S, new: S) -> None:
         """A SourceMigration ``on_status`` callback."""
-        if self.fault.moment in STATUS_MOMENTS and new.value == self.fault.moment:
+        f = self.fault
+        if f.moment in STATUS_MOMENTS and new.value == f.moment:
             self._fire(new.value)
+        elif f.moment == "active" and f.at is not None and not self.fired \
+                and old is S.ACTIVE and new in (S.PRE_SWITCHOVER, S.DEVICE):
+            # Progress is seen as batches are acknowledged; on a loaded host
+            # the rest of the pass can go out before the acknowledgement that
+            # crosses the mark is read.  The switchover, the last moment of
+            # the pass, is then the nearest to the one asked for (this runs in
+            # the migration thread before it goes on in the new status).
+            self._fire(old.value)
 
     def poke(self) -> None:
         """Fire if the progress says so (cheap when it does not apply)."""

@@ -162,6 +162,25 @@ def test_trigger_fires_once_at_its_fraction_of_the_first_pass():
     assert t.fired and fired == [500] and t.note == "done" and t.fired_status == "active"
 
 
+@pytest.mark.parametrize("new, fires", [(S.DEVICE, True), (S.PRE_SWITCHOVER, True),
+                                        (S.FAILED, False), (S.CANCELLING, False)])
+def test_trigger_in_active_fires_at_the_switchover_if_progress_never_showed_the_mark(
+        new, fires):
+    """The rest of the pass went out before an acknowledgement crossing the
+    mark was read: the switchover is the last moment still in the pass.  A
+    migration that ends otherwise gets no fault."""
+    progress, fired = Progress(), []
+    t = Trigger(Fault("worker-killed", "active", "destination", 0.4), 1000, progress,
+                lambda: fired.append(progress.value[1]))
+    progress.value = ("active", 300, 700)
+    t.poke()
+    t.on_status(S.ACTIVE, new)
+    assert t.fired is fires and fired == ([300] if fires else [])
+    assert t.fired_status == ("active" if fires else None)
+    t.on_status(new, S.FAILED)
+    assert len(fired) == int(fires)
+
+
 def test_trigger_in_postcopy_counts_from_the_switch():
     progress, fired = Progress(), []
     t = Trigger(Fault("destination-killed", "postcopy", None, 0.25), 1000, progress,
