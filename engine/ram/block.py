@@ -23,8 +23,8 @@ from multiprocessing.shared_memory import SharedMemory
 import numpy as np
 
 from engine.errors import ConfigError, GuestError
-from engine.ram.shm import (attach_segment, close_segment, create_segment, reserve,
-                            unlink_segment)
+from engine.ram.shm import (attach_segment, close_segment, create_segment,
+                            removed_on_error, reserve, unlink_segment)
 
 __all__ = ["RamBlockHandle", "RamBlock", "DEFAULT_PAGE_SIZE", "MAX_IDSTR_LEN"]
 
@@ -139,12 +139,8 @@ class RamBlock:
         if mem_path is None:
             shm = create_segment(size)
             handle = RamBlockHandle(idstr, size, page_size, shm.name, None)
-            try:
+            with removed_on_error(shm):
                 return cls(handle, owner=True, shm=shm, fresh=True)
-            except BaseException:
-                shm.close()
-                unlink_segment(shm)
-                raise
         mem_path = os.path.abspath(mem_path)
         handle = RamBlockHandle(idstr, size, page_size, None, mem_path)
         created = False

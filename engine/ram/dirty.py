@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.errors import ConfigError, GuestError
-from engine.ram.shm import attach_segment, close_segment, create_segment, unlink_segment
+from engine.ram.shm import (attach_segment, close_segment, create_segment, removed_on_error,
+                            unlink_segment)
 
 __all__ = ["DirtyLogHandle", "DirtyLog"]
 
@@ -67,13 +68,8 @@ class DirtyLog:
         if npages < 0:
             raise ConfigError(f"dirty log page count must be >= 0, not {npages}")
         # A zero-page block still gets a (one-byte) segment: shm cannot be empty.
-        shm = create_segment(max(npages, 1))
-        try:
+        with removed_on_error(create_segment(max(npages, 1))) as shm:
             return cls(shm, npages, owner=True)
-        except BaseException:
-            shm.close()
-            unlink_segment(shm)
-            raise
 
     @classmethod
     def attach(cls, handle: DirtyLogHandle) -> "DirtyLog":

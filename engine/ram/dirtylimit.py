@@ -39,7 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.errors import GuestError
-from engine.ram.shm import attach_segment, close_segment, create_segment, unlink_segment
+from engine.ram.shm import (attach_segment, close_segment, create_segment, removed_on_error,
+                            unlink_segment)
 from engine.ram.workloads import DIRTY_RATE_PAGE
 
 __all__ = ["DirtyAreaHandle", "DirtyArea", "DirtyLimiter", "DEFAULT_PERIOD_MS",
@@ -84,13 +85,8 @@ class DirtyArea:
 
     @classmethod
     def create(cls, nvcpus: int) -> "DirtyArea":
-        shm = create_segment((_HEADER_WORDS + nvcpus * _ROW_WORDS) * 8)
-        try:
+        with removed_on_error(create_segment((_HEADER_WORDS + nvcpus * _ROW_WORDS) * 8)) as shm:
             area = cls(shm, nvcpus, owner=True)
-        except BaseException:
-            shm.close()
-            unlink_segment(shm)
-            raise
         area.words[PERIOD_MS] = DEFAULT_PERIOD_MS
         return area
 
@@ -202,6 +198,10 @@ class DirtyLimiter:
         """Start afresh (the vCPU resumes after a pause)."""
         now = self._clock()
         self._due = self._started = now
+        self._new_window(now)
+
+    def _new_window(self, now: float) -> None:
+        """A rate-measuring period starts, as long as the coordinator says now."""
         self._window_start = now
         self._window_pages = 0
         self._window_slept = 0.0
@@ -233,11 +233,7 @@ class DirtyLimiter:
         elapsed = now - self._window_start
         row[RATE] = pages_to_mbps(self._window_pages, elapsed)
         row[ROUND_US] = self._window_slept * 1e6 / max(1, self._window_rounds)
-        self._window_start = now
-        self._window_pages = 0
-        self._window_slept = 0.0
-        self._window_rounds = 0
-        self._period = float(self.words[PERIOD_MS]) / 1000
+        self._new_window(now)
 
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)

@@ -21,10 +21,12 @@ fix its two traps on Python 3.11:
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
 import threading
+from collections.abc import Iterator
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 
@@ -40,6 +42,7 @@ __all__ = [
     "SHM_DIR",
     "SEGMENT_PREFIX",
     "create_segment",
+    "removed_on_error",
     "attach_segment",
     "unlink_segment",
     "close_segment",
@@ -124,13 +127,21 @@ def create_segment(size: int, prefix: str = SEGMENT_PREFIX) -> SharedMemory:
                 continue
             break
     setattr(shm, _TRACKED_ATTR, True)
-    try:
+    with removed_on_error(shm):
         reserve(shm._fd, size, f"shared memory segment {shm.name!r}")
+    return shm
+
+
+@contextlib.contextmanager
+def removed_on_error(shm: SharedMemory) -> Iterator[SharedMemory]:
+    """For a segment just created: closed and unlinked again if the block
+    raises, so that an owner that fails to take it on leaves nothing behind."""
+    try:
+        yield shm
     except BaseException:
         shm.close()
         unlink_segment(shm)
         raise
-    return shm
 
 
 def _no_register(name: object, rtype: str) -> None:

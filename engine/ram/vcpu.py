@@ -74,7 +74,8 @@ from engine.ram.dirtylimit import DirtyArea, DirtyAreaHandle, DirtyLimiter
 from engine.ram.dirtyrate import TeeLog
 from engine.ram.faults import (MODE_DETACH, STAGE_INTERNAL, FaultClient, FaultSetupError,
                                describe_error, error_code)
-from engine.ram.shm import attach_segment, close_segment, create_segment, unlink_segment
+from engine.ram.shm import (attach_segment, close_segment, create_segment, removed_on_error,
+                            unlink_segment)
 from engine.ram.workloads import NREGS, Pacer, WorkloadSpec, make_workload
 
 __all__ = ["ControlHandle", "Control", "Vcpus", "vcpu_main"]
@@ -133,13 +134,8 @@ class Control:
 
     @classmethod
     def create(cls, nvcpus: int) -> "Control":
-        shm = create_segment(_control_words(nvcpus) * 8)
-        try:
+        with removed_on_error(create_segment(_control_words(nvcpus) * 8)) as shm:
             return cls(shm, nvcpus, owner=True)
-        except BaseException:
-            shm.close()
-            unlink_segment(shm)
-            raise
 
     @classmethod
     def attach(cls, handle: ControlHandle) -> "Control":
@@ -222,8 +218,8 @@ def vcpu_main(index: int, nvcpus: int, control: ControlHandle,
 
     *dirty* is the guest's dirty area and measurement logs: the vCPU marks
     each page in its measurement log too, counts the pages it marks and keeps
-    under its dirty-rate quota (:mod:`engine.ram.dirtylimit`).  Ctrl-C belongs to the coordinator, so SIGINT is ignored; the process
-    dies with its parent.  Returns when QUIT is set.
+    under its dirty-rate quota (:mod:`engine.ram.dirtylimit`).  Ctrl-C belongs
+    to the coordinator, so SIGINT is ignored; the process dies with its parent.  Returns when QUIT is set.
     """
     child_setup(parent_pid)
     ctl = Control.attach(control)
