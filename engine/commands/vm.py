@@ -89,6 +89,4 @@ def run(args) -> int:
             server.close()
         if machine is not None:
             machine.close(CLOSE_SECONDS)    # idempotent; here for error paths
-            from engine.qmp import dirtyrate
-            dirtyrate.of(machine).close()   # a measurement reads the guest
         guest.close()

@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from engine.options import CAPABILITIES, PARAMETERS, ParameterSpec
-from engine.qmp import dirtylimit, dirtyrate
+from engine.qmp import dirtylimit
 from engine.qmp.channels import MIGRATION_CHANNEL
 from engine.qmp.errors import ERROR_CLASS_COMMAND_NOT_FOUND, ERROR_CLASS_GENERIC, QMPError
 from engine.qmp.machine import Machine
@@ -118,11 +118,11 @@ COMMANDS: Mapping[str, Command] = MappingProxyType({
     "calc-dirty-rate": Command((Arg("calc-time", INT), Arg("calc-time-unit", _TIME_UNIT, True),
                                 Arg("sample-pages", INT, True),
                                 Arg("mode", _DIRTY_RATE_MODE, True)),
-                               lambda m, a: dirtyrate.of(m).calc(
+                               lambda m, a: m.dirty_rate.calc(
                                    a["calc-time"], a.get("calc-time-unit"),
                                    a.get("sample-pages"), a.get("mode"))),
     "query-dirty-rate": Command((Arg("calc-time-unit", _TIME_UNIT, True),),
-                                lambda m, a: dirtyrate.of(m).query(a.get("calc-time-unit"))),
+                                lambda m, a: m.dirty_rate.query(a.get("calc-time-unit"))),
     "set-vcpu-dirty-limit": Command((Arg("cpu-index", INT, True), Arg("dirty-rate", INT)),
                                     lambda m, a: dirtylimit.set_vcpu_dirty_limit(
                                         m, a["dirty-rate"], a.get("cpu-index"))),

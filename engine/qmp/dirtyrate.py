@@ -7,36 +7,23 @@ texts), then measures in a background thread of the VM
 ``measured``) and, once measured, the rate: QEMU's DirtyRateInfo.  A new
 calculation may start once the previous one is measured; one measuring is
 refused.  Each :class:`~engine.qmp.machine.Machine` has one
-:class:`DirtyRateCalculation`, made on first use (:func:`of`).
+:class:`DirtyRateCalculation` (its ``dirty_rate``), ended by its ``close``.
 """
 from __future__ import annotations
 
 import threading
 import time
-import weakref
 
 from engine.errors import EngineError
 from engine.qmp.errors import ERROR_CLASS_GENERIC, QMPError
 from engine.ram.dirtyrate import (DEFAULT_SAMPLE_PAGES, MAX_CALC_TIME_MS, MAX_SAMPLE_PAGES,
                                   MIN_CALC_TIME_MS, MIN_SAMPLE_PAGES, measure_dirty_rate)
 
-__all__ = ["DirtyRateCalculation", "of", "UNSTARTED", "MEASURING", "MEASURED"]
+__all__ = ["DirtyRateCalculation", "UNSTARTED", "MEASURING", "MEASURED"]
 
 UNSTARTED, MEASURING, MEASURED = "unstarted", "measuring", "measured"
 #: QEMU's TimeUnit, in milliseconds
 _UNIT_MS = {"second": 1000, "millisecond": 1}
-
-_BY_MACHINE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_BY_MACHINE_LOCK = threading.Lock()
-
-
-def of(machine) -> "DirtyRateCalculation":
-    """The calculation of *machine*'s guest (made on first use)."""
-    with _BY_MACHINE_LOCK:
-        calc = _BY_MACHINE.get(machine)
-        if calc is None:
-            calc = _BY_MACHINE[machine] = DirtyRateCalculation(machine.guest)
-        return calc
 
 
 def _error(desc: str) -> QMPError:

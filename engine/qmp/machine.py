@@ -44,6 +44,7 @@ from engine.machine import MachineProfile
 from engine.migration import check_implemented
 from engine.options import MigrationOptions
 from engine.qmp.channels import migration_uri
+from engine.qmp.dirtyrate import DirtyRateCalculation
 from engine.qmp.errors import ERROR_CLASS_DEVICE_NOT_FOUND, ERROR_CLASS_GENERIC, QMPError
 from engine.qmp.runstate import RunState, RunStateMachine
 from engine.state import (ACTIVE_STATES, CANCELLABLE_STATES, POSTCOPY_STATES, TERMINAL_STATES,
@@ -252,6 +253,8 @@ class Machine:
         self.shutdown_requested = threading.Event()
         self.exit_code = 0
         self.shutdown_reason = "host-qmp-quit"
+        #: calc-dirty-rate's last (or current) measurement of the guest
+        self.dirty_rate = DirtyRateCalculation(guest)
         # The drivers are imported before the migration thread exists: a QMP
         # thread and the migration thread importing their shared modules at
         # once can trip importlib's deadlock detection (a KeyError from the
@@ -794,3 +797,4 @@ class Machine:
         if not self._thread.wait_idle(min(timeout, 5.0)) and inc is not None:
             inc.close()     # a paused postcopy waits for a recovery: end the wait
         self._thread.close(timeout)
+        self.dirty_rate.close()     # a measurement reads the guest, which goes next
