@@ -588,6 +588,14 @@ class QemuVM:
                                    f"after {timeout} s, wanted {statuses}: {info}")
             time.sleep(poll)
 
+    def completed_from(self, source: ManagedProcess, rc: int, timeout: float = 120.0) -> dict:
+        """An engine source into this VM ended well: ``rc`` (its exit status)
+        is 0, else the failure shows both sides; then this side completed."""
+        assert rc == 0, (f"engine migrate failed\n{source.describe()}\n"
+                         f"QEMU query-migrate: {self.query_migrate()}\n"
+                         f"QEMU log: {self.log_tail()}")
+        return self.wait_for_status("completed", timeout=timeout)
+
 
 def _as_bool(value: bool | str) -> bool:
     if isinstance(value, bool):

@@ -214,10 +214,7 @@ def _engine_to_qemu(qemu: Qemu, engine_cmd, engine_ram: Path, qemu_ram: Path,
                              *_engine_multifd(channels, codec), *zpd,
                              "--json", report], tmp_path, "engine-migrate") as src:
             rc = src.wait(timeout=WAIT_S)
-        assert rc == 0, (f"engine migrate failed\n{src.describe()}\n"
-                         f"QEMU query-migrate: {dst.query_migrate()}\n"
-                         f"QEMU log: {dst.log_tail()}")
-        dst.wait_for_status("completed", timeout=WAIT_S)
+        dst.completed_from(src, rc, timeout=WAIT_S)
         # The destination keeps the guest paused (-S) after loading.
         assert dst.query_status() in ("prelaunch", "paused")
     data = _read_json(report, src)

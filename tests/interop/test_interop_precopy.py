@@ -128,10 +128,7 @@ def test_engine_source_to_qemu_incoming(qemu, case, engine_cmd, tmp_shm_path, tm
                                  *_engine_caps(caps), "--json", report],
                                 tmp_path, "engine-migrate") as src:
                 rc = src.wait(timeout=WAIT_S)
-            assert rc == 0, (f"engine migrate failed\n{src.describe()}\n"
-                             f"QEMU query-migrate: {dst.query_migrate()}\n"
-                             f"QEMU log: {dst.log_tail()}")
-            dst.wait_for_status("completed", timeout=WAIT_S)
+            dst.completed_from(src, rc, timeout=WAIT_S)
             # The destination keeps the guest paused (-S) after loading.
             assert dst.query_status() in ("prelaunch", "paused")
             diff = image_differences(engine_ram, qemu_ram)

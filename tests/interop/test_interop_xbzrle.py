@@ -26,7 +26,7 @@ from engine.stream.decoder import StreamDecoder
 from tests import bootblock
 from tests.interop.test_bootblock_guest import wait_until_dirtying
 from tests.interop.test_interop_precopy import qemu_machine
-from tests.qemu import ManagedProcess, QemuVM, fill_image, parse_size
+from tests.qemu import ManagedProcess, QemuVM, fill_image, image_differences, parse_size
 
 pytestmark = pytest.mark.interop
 
@@ -53,15 +53,11 @@ def test_engine_xbzrle_source_to_qemu(qemu, engine_cmd, tmp_shm_path, tmp_path):
                                  "--param", "xbzrle-cache-size=16M", "--json", report],
                                 tmp_path, "engine-migrate") as src:
                 rc = src.wait(timeout=WAIT_S)
-            assert rc == 0, (f"engine migrate failed\n{src.describe()}\n"
-                             f"QEMU query-migrate: {dst.query_migrate()}\n"
-                             f"QEMU log: {dst.log_tail()}")
-            dst.wait_for_status("completed", timeout=WAIT_S)
+            dst.completed_from(src, rc, timeout=WAIT_S)
             # The engine's source stays stopped after switchover: its RAM file
             # is what the destination must hold.
-            with open(engine_ram, "rb") as a, open(qemu_ram, "rb") as b:
-                same = a.read() == b.read()
-            assert same, "QEMU's RAM differs from the engine's at switchover"
+            diff = image_differences(engine_ram, qemu_ram)
+            assert diff is None, f"QEMU's RAM differs from the engine's at switchover: {diff}"
         data = json.loads(report.read_text())
         x = data["migration"]["xbzrle-cache"]
         assert x["pages"] > 0, x
