@@ -219,7 +219,8 @@ def vcpu_main(index: int, nvcpus: int, control: ControlHandle,
     *dirty* is the guest's dirty area and measurement logs: the vCPU marks
     each page in its measurement log too, counts the pages it marks and keeps
     under its dirty-rate quota (:mod:`engine.ram.dirtylimit`).  Ctrl-C belongs
-    to the coordinator, so SIGINT is ignored; the process dies with its parent.  Returns when QUIT is set.
+    to the coordinator, so SIGINT is ignored; the process dies with its parent.
+    Returns when QUIT is set.
     """
     child_setup(parent_pid)
     ctl = Control.attach(control)
