@@ -38,14 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help=trace_help)
     sub = ap.add_subparsers(dest="command", required=True)
 
-    m = sub.add_parser("migrate", parents=[traced], help="migrate a live guest (to a local destination by default)")
+    m = sub.add_parser("migrate", parents=[traced],
+                       help="migrate a live guest (to a local destination by default)")
     add_guest_options(m, ram_default="1G")
     m.add_argument("--dst-mem-path", metavar="PATH", help="file-backed RAM for the local destination")
     m.add_argument("--to", type=uri, metavar="URI", help="migrate to a destination already listening "
                    "(engine or QEMU) instead of starting a local one")
     m.add_argument("--uri", type=uri, metavar="URI", help="transport for the local destination "
                    "(default: unix socket in a private directory)")
-    m.add_argument("--no-verify", action="store_true", help="skip checking the destination (memory digests, the ab pattern)")
+    m.add_argument("--no-verify", action="store_true",
+                   help="skip checking the destination (memory digests, the ab pattern)")
     m.add_argument("--postcopy-after", type=integer(0), default=None, metavar="N",
                    help="with --cap postcopy-ram=on: switch to postcopy after N dirty-bitmap "
                         "passes (QMP migrate-start-postcopy)")
@@ -56,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at --timeout: suspend = stop the guest and complete now (the default), "
                         "postcopy = switch to postcopy (needs --cap postcopy-ram=on), "
                         "cancel = cancel (the source keeps running)")
-    m.add_argument("--plot", type=output_file, metavar="FILE.png", help="draw throughput, dirty rate and remaining "
-                   "RAM over time, with passes and switchover (needs matplotlib: engine[bench])")
+    m.add_argument("--plot", type=output_file, metavar="FILE.png",
+                   help="draw throughput, dirty rate and remaining RAM over time, with passes "
+                        "and switchover (needs matplotlib: engine[bench])")
 
     i = sub.add_parser("incoming", parents=[traced], help="wait for one incoming migration")
     i.add_argument("uri", type=uri)
@@ -67,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--timeout", type=seconds, default=None, metavar="SECONDS",
                    help="seconds to wait for the source to connect (finite, > 0)")
 
-    ld = sub.add_parser("load", parents=[traced], help="load a migration stream file and report its sections")
+    ld = sub.add_parser("load", parents=[traced],
+                        help="load a migration stream file and report its sections")
     ld.add_argument("file")
     ld.add_argument("--machine", default=None, help="machine profile (default: from the stream)")
     add_vcpus_option(ld, default=None,

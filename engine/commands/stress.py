@@ -136,7 +136,8 @@ def run_converge(args) -> int:
     for r in results:
         o = r.observation
         slow = o.guest.get("slowdown")
+        downtime = o.downtime_ms if o.downtime_ms is not None else "-"
         print(f"{r.case.strategy:16} {r.verdict.value:18} {'yes' if r.expected else 'NO':8} "
-              f"{(o.total_ms or 0) / 1000:7.1f} {o.downtime_ms if o.downtime_ms is not None else '-':>11} "
+              f"{(o.total_ms or 0) / 1000:7.1f} {downtime:>11} "
               f"{o.throttle:>10} {f'{slow:.2f}x' if slow else '-':>10}")
     return 0 if all(r.expected for r in results) else 1

@@ -64,7 +64,8 @@ class Outbound:
         self.stats.add_bytes(sum(len(r) for r in records))
 
     def send_batch(self, batch: BatchResult) -> None:
-        """A batch of page records on the main channel, counted and charged to the phase's rate limit."""
+        """A batch of page records on the main channel, counted and charged to
+        the phase's rate limit."""
         self._main().send_views(batch.buffers)
         self.account_batch(batch)
         limiter = self.limiter

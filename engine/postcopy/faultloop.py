@@ -3,8 +3,8 @@
 The process waits, in one ``poll``, on the vCPUs' registration socket,
 each registered vCPU's userfaultfd (or its socket, in software mode), the
 control socket from the coordinator (:mod:`~engine.postcopy.control`) and
-the preempt channel (:mod:`~engine.postcopy.preempt`).  A fault on a page not received yet becomes one
-request on the return path (REQ_PAGES_ID / REQ_PAGES, written under the
+the preempt channel (:mod:`~engine.postcopy.preempt`).  A fault on a page
+not received yet becomes one request on the return path (REQ_PAGES_ID / REQ_PAGES, written under the
 shared lock); a fault on a page that was received as ZERO in precopy (still
 a hole) is served with a zero page.  When a page arrives, whoever placed it,
 every waiter is woken: ``UFFDIO_COPY`` wakes only waiters in the address

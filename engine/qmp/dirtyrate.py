@@ -69,7 +69,8 @@ class DirtyRateCalculation:
             self.dirty_rate = self.vcpu_rates = None
             self.start_time = int(time.time())
             self.status = MEASURING
-            self._thread = threading.Thread(target=self._measure, args=(mode, calc_ms, sample_pages),
+            self._thread = threading.Thread(target=self._measure,
+                                            args=(mode, calc_ms, sample_pages),
                                             name="dirtyrate", daemon=True)
             self._thread.start()
         return {}

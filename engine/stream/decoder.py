@@ -66,8 +66,9 @@ from .constants import (
 )
 from .events import (
     NEED_DATA, Configuration, DeviceState, EnableColo, Eof, Event, FileHeader,
-    OpenReturnPath, Packaged, Ping, PostcopyAdvise, PostcopyListen, PostcopyResume, PostcopyRun, RamBlockInfo, RamBlockList, RamEOS, RamFlush, RamPage,
-    RamPages, RamXbzrle, RamZero, RamZeros, RecvBitmap, SectionEnd, SectionFooter, SectionPart, SectionStart,
+    OpenReturnPath, Packaged, Ping, PostcopyAdvise, PostcopyListen, PostcopyResume, PostcopyRun,
+    RamBlockInfo, RamBlockList, RamEOS, RamFlush, RamPage, RamPages, RamXbzrle, RamZero,
+    RamZeros, RecvBitmap, SectionEnd, SectionFooter, SectionPart, SectionStart,
     SwitchoverStart, VMDescription,
 )
 from .payloads import parse_config_capabilities, parse_discard
